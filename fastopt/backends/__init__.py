@@ -1,0 +1,1 @@
+"""Engines that run an optimizer's step: ``cpu`` (fused Numba kernels) and ``reference`` (float64 NumPy)."""

@@ -1,0 +1,49 @@
+"""The reference backend: each tensor updated by the float64 NumPy reference, for debugging.
+
+Params and state stay in their own dtype between steps; each step computes in float64 and rounds once.
+"""
+import numpy as np
+
+from .. import schedules
+
+
+class ReferenceBackend:
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.steps = np.zeros(len(optimizer._params), dtype=np.int64)
+
+    def step(self, grads, step_count, groups_changed):
+        optimizer = self.optimizer
+        index = 0
+        for group in optimizer.param_groups:
+            lr = float(schedules.as_schedule(group["lr"])(step_count))
+            scales = group["lr_scale"] or [None] * len(group["params"])
+            for param, scale in zip(group["params"], scales):
+                grad = grads[index]
+                if grad is not None:
+                    self._step_tensor(index, param, grad, scale, group, lr)
+                index += 1
+
+    def _step_tensor(self, index, param, grad, scale, group, lr):
+        optimizer = self.optimizer
+        buffers = optimizer.state[index]
+        # SGD's step counts momentum steps: its buffer starts as the first gradient (torch's "None" buffer).
+        fresh = self.steps[index] == 0
+        state = {name: buffer.astype(np.float64) for name, buffer in buffers.items()
+                 if not (fresh and name == "momentum_buffer" and optimizer.KERNEL == "sgd_step")}
+        state["step"] = int(self.steps[index])
+        work = param.astype(np.float64)
+        optimizer.reference_step(work, grad.astype(np.float64), state, group, lr,
+                                 1.0 if scale is None else scale.astype(np.float64))
+        param[...] = work
+        for name, buffer in buffers.items():
+            if name in state:
+                buffer[...] = state[name]
+        if optimizer.KERNEL != "sgd_step" or "momentum_buffer" in buffers:
+            self.steps[index] += 1
+
+    def tensor_steps(self):
+        return self.steps.copy()
+
+    def set_tensor_steps(self, steps):
+        self.steps[:] = steps

@@ -1,0 +1,350 @@
+"""The optimizer base class: param groups, validation, state and the step.
+
+The class holds what torch.optim's ``Optimizer`` holds (``param_groups``, per-parameter ``state``) and leaves
+the arithmetic to a backend: the fused Numba kernels (``"cpu"``) or the float64 reference (``"reference"``).
+Every check runs before any backend work, so a step that raises leaves params and state untouched.
+"""
+import math
+import numbers
+
+import numpy as np
+
+from . import schedules
+
+_BACKENDS = ("cpu", "reference")
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _describe(array):
+    return f"{type(array).__module__}.{type(array).__name__}"
+
+
+def _check_param(param, where):
+    if not isinstance(param, np.ndarray):
+        if hasattr(param, "__cuda_array_interface__"):
+            raise TypeError(f"{where} is a GPU array ({_describe(param)}); the CPU backend needs NumPy arrays "
+                            "on the host, and all params of one optimizer must live on one device")
+        raise TypeError(f"{where} must be a numpy.ndarray, got {_describe(param)}")
+    if param.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{where} has dtype {param.dtype}; supported: float32, float64")
+    if not param.flags.c_contiguous:
+        raise ValueError(f"{where} is not C-contiguous (strides {param.strides}); pass np.ascontiguousarray(...) "
+                         "and keep that array, since updates happen in place")
+    if not param.flags.writeable:
+        raise ValueError(f"{where} is read-only; the optimizer updates params in place")
+
+
+def _allocate_state(param, ordinal):
+    """A zeroed buffer shaped like ``param``, its start staggered by a few cache lines per buffer: equal-sized
+    buffers that all begin at the same page offset alias in the cache and lose bandwidth."""
+    itemsize = param.dtype.itemsize
+    offset = (ordinal % 16) * 256 // itemsize
+    base = np.zeros(param.size + offset, dtype=param.dtype)
+    return base[offset:].reshape(param.shape)
+
+
+class Optimizer:
+    """Base of the fastopt optimizers.
+
+    Subclasses set ``DEFAULTS`` (torch's hyperparameters and defaults), ``validate_group`` and
+    ``state_names(group)`` (the state buffers a group's hyperparameters need, in torch's names), and the
+    backend ``kernel`` name and ``reference`` function.
+    """
+
+    DEFAULTS: dict = {}
+    STATE_SLOTS: tuple = ()
+
+    def __init__(self, params, defaults, *, backend="cpu"):
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {_BACKENDS}")
+        self.defaults = dict(defaults)
+        self.validate_hyperparameters(self.defaults, "defaults")
+        self.param_groups = []
+        self.state = []  # per param, in group order: dict of torch-named state buffers
+        self._params = []
+        self.step_count = 0
+        self._backend_name = backend
+        groups = self._parse_params(params)
+        for group in groups:
+            self._add_group(group)
+        self._backend = self._make_backend(backend)
+        self._group_snapshot = None
+
+    # ---------------------------------------------------------------- groups
+    @staticmethod
+    def _parse_params(params):
+        if isinstance(params, np.ndarray) or hasattr(params, "__cuda_array_interface__"):
+            raise TypeError("params must be a list of arrays or of param-group dicts, got a single array")
+        if isinstance(params, dict):
+            raise TypeError("params must be a list of param-group dicts, got a single dict; wrap it in a list")
+        params = list(params)
+        if not params:
+            raise ValueError("the optimizer got an empty parameter list")
+        if all(isinstance(p, dict) for p in params):
+            return [dict(group) for group in params]
+        if any(isinstance(p, dict) for p in params):
+            raise TypeError("params mixes arrays and param-group dicts; use one or the other")
+        return [{"params": params}]
+
+    def add_param_group(self, group):
+        """Add a param group (a dict with ``"params"`` and any hyperparameters), as torch's add_param_group."""
+        if not isinstance(group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(group).__name__}")
+        steps = self._backend.tensor_steps()
+        self._add_group(dict(group))
+        self._backend = self._make_backend(self._backend_name)
+        self._backend.set_tensor_steps(np.concatenate([steps, np.zeros(len(self._params) - steps.size, np.int64)]))
+        self._group_snapshot = None
+
+    def _add_group(self, group):
+        where = f"param_groups[{len(self.param_groups)}]"
+        if "params" not in group:
+            raise ValueError(f"{where} has no 'params' entry")
+        unknown = set(group) - set(self.DEFAULTS) - {"params", "lr_scale"}
+        if unknown:
+            raise ValueError(f"{where} has unknown hyperparameter(s) {sorted(unknown)} for "
+                             f"{type(self).__name__}; known: {sorted(self.DEFAULTS)} and 'lr_scale'")
+        params = group["params"]
+        if isinstance(params, np.ndarray):
+            params = [params]
+        params = list(params)
+        for index, param in enumerate(params):
+            _check_param(param, f"{where}['params'][{index}]")
+        known = {id(p) for p in self._params}
+        addresses = {p.__array_interface__["data"][0] for p in self._params if p.size}
+        for index, param in enumerate(params):
+            if id(param) in known or (param.size and param.__array_interface__["data"][0] in addresses):
+                raise ValueError(f"{where}['params'][{index}] appears more than once among the optimizer's "
+                                 "params (or shares its memory with another param)")
+            known.add(id(param))
+            if param.size:
+                addresses.add(param.__array_interface__["data"][0])
+        lr_scale = group.get("lr_scale")
+        if lr_scale is not None:
+            lr_scale = self._check_lr_scale(lr_scale, params, where)
+        full = {"params": params}
+        for key, default in self.defaults.items():
+            full[key] = group.get(key, default)
+        full["lr_scale"] = lr_scale
+        self.validate_hyperparameters(full, where)
+        self.param_groups.append(full)
+        for param in params:
+            self._params.append(param)
+            self.state.append({})
+
+    @staticmethod
+    def _check_lr_scale(lr_scale, params, where):
+        if isinstance(lr_scale, np.ndarray):
+            lr_scale = [lr_scale]
+        lr_scale = list(lr_scale)
+        if len(lr_scale) != len(params):
+            raise ValueError(f"{where}['lr_scale'] has {len(lr_scale)} arrays for {len(params)} params")
+        for index, (scale, param) in enumerate(zip(lr_scale, params)):
+            label = f"{where}['lr_scale'][{index}]"
+            if not isinstance(scale, np.ndarray):
+                raise TypeError(f"{label} must be a numpy.ndarray, got {_describe(scale)}")
+            if scale.shape != param.shape:
+                raise ValueError(f"{label} has shape {scale.shape}, its param has shape {param.shape}")
+            if scale.dtype != param.dtype:
+                raise TypeError(f"{label} has dtype {scale.dtype}, its param has dtype {param.dtype}")
+            if not scale.flags.c_contiguous:
+                raise ValueError(f"{label} is not C-contiguous")
+            if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+                raise ValueError(f"{label} must be finite and >= 0")
+        return lr_scale
+
+    # ---------------------------------------------------------------- hyperparameter checks
+    @staticmethod
+    def check_number(value, name, where, *, low=None, high=None, low_open=False, high_open=False):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{where}: {name} must be a real number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: {name} must be finite, got {value}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise ValueError(f"{where}: invalid {name} {value}; need {name} {'>' if low_open else '>='} {low}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise ValueError(f"{where}: invalid {name} {value}; need {name} {'<' if high_open else '<='} {high}")
+        return value
+
+    @staticmethod
+    def check_flag(value, name, where):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{where}: {name} must be a bool, got {value!r}")
+
+    def validate_hyperparameters(self, group, where):
+        lr = group["lr"]
+        if isinstance(lr, schedules.Schedule):
+            pass
+        else:
+            self.check_number(lr, "lr", where, low=0.0)
+        self.check_flag(group["maximize"], "maximize", where)
+        self.check_number(group["weight_decay"], "weight_decay", where, low=0.0)
+
+    def state_names(self, group):
+        """The state buffers (torch's names) that ``group``'s hyperparameters use."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- schedules
+    def current_lr(self):
+        """The learning rate of each group for the next step (its schedule at ``step_count``)."""
+        return [float(schedules.as_schedule(group["lr"])(self.step_count)) for group in self.param_groups]
+
+    # ---------------------------------------------------------------- the step
+    def _make_backend(self, name):
+        if name == "cpu":
+            from .backends.cpu import CpuBackend
+            return CpuBackend(self)
+        from .backends.reference import ReferenceBackend
+        return ReferenceBackend(self)
+
+    def _snapshot(self):
+        return [tuple((key, group[key]) for key in self.DEFAULTS) + (tuple(map(id, group["lr_scale"] or ())),)
+                for group in self.param_groups]
+
+    def _sync_groups(self):
+        """Re-validate groups whose hyperparameters changed since the last step (torch's schedulers write
+        ``group["lr"]``) and create the state buffers they now need. Returns True if anything changed."""
+        snapshot = self._snapshot()
+        if snapshot == self._group_snapshot:
+            return False
+        for index, group in enumerate(self.param_groups):
+            where = f"param_groups[{index}]"
+            unknown = set(group) - set(self.DEFAULTS) - {"params", "lr_scale"}
+            if unknown:
+                raise ValueError(f"{where} has unknown hyperparameter(s) {sorted(unknown)}")
+            self.validate_hyperparameters(group, where)
+            if group["lr_scale"] is not None:
+                group["lr_scale"] = self._check_lr_scale(group["lr_scale"], group["params"], where)
+        ordinal = sum(len(state) for state in self.state)
+        for group, states in self._group_states():
+            for param, state in states:
+                for name in self.state_names(group):
+                    if name not in state:
+                        state[name] = _allocate_state(param, ordinal)
+                        ordinal += 1
+        self._group_snapshot = snapshot
+        return True
+
+    def _group_states(self):
+        position = 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            yield group, list(zip(group["params"], self.state[position:position + count]))
+            position += count
+
+    def _check_grads(self, grads):
+        if isinstance(grads, np.ndarray):
+            grads = [grads]
+        grads = list(grads)
+        if len(grads) != len(self._params):
+            raise ValueError(f"step got {len(grads)} grads for {len(self._params)} params")
+        for index, (grad, param) in enumerate(zip(grads, self._params)):
+            if grad is None:
+                continue
+            where = f"grads[{index}]"
+            if not isinstance(grad, np.ndarray):
+                if hasattr(grad, "__cuda_array_interface__"):
+                    raise TypeError(f"{where} is a GPU array ({_describe(grad)}) but the params are NumPy arrays "
+                                    "on the host; params and grads must be on one device")
+                raise TypeError(f"{where} must be a numpy.ndarray or None, got {_describe(grad)}")
+            if grad.shape != param.shape:
+                raise ValueError(f"{where} has shape {grad.shape}, its param has shape {param.shape}")
+            if grad.dtype != param.dtype:
+                raise TypeError(f"{where} has dtype {grad.dtype}, its param has dtype {param.dtype}")
+            if not grad.flags.c_contiguous:
+                raise ValueError(f"{where} is not C-contiguous (strides {grad.strides})")
+            if not param.flags.writeable:
+                raise ValueError(f"param {index} has become read-only; the optimizer updates params in place")
+        return grads
+
+    def step(self, grads):
+        """Apply one update to every param from ``grads`` (a list aligned with the params in group order;
+        ``None`` skips a param, as torch skips params without ``.grad``). Params and state change in place."""
+        grads = self._check_grads(grads)
+        changed = self._sync_groups()
+        self._backend.step(grads, self.step_count, changed)
+        self.step_count += 1
+
+    # ---------------------------------------------------------------- state dict
+    def state_dict(self):
+        """Plain NumPy/Python contents in torch's layout: ``state`` keyed by param index with torch's names and
+        ``"step"``, ``param_groups`` with ``"params"`` as index lists, plus fastopt's ``step_count``."""
+        self._sync_groups()
+        steps = self._backend.tensor_steps()
+        state = {}
+        for index, buffers in enumerate(self.state):
+            entry = {name: buffer.copy() for name, buffer in buffers.items()}
+            if steps[index] or buffers:
+                entry["step"] = int(steps[index])
+            state[index] = entry
+        groups, position = [], 0
+        for group in self.param_groups:
+            saved = {key: group[key] for key in self.DEFAULTS}
+            saved["params"] = list(range(position, position + len(group["params"])))
+            position += len(group["params"])
+            groups.append(saved)
+        return {"state": state, "param_groups": groups, "step_count": self.step_count}
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict from :meth:`state_dict` (or :func:`fastopt.load`) into this optimizer, whose params
+        must match in number, shape and dtype group by group. Checked whole before anything is written."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(groups)} param groups, the optimizer has {len(self.param_groups)}")
+        for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {index}: state dict has {len(saved['params'])} params, "
+                                 f"the optimizer has {len(group['params'])}")
+            unknown = set(saved) - set(self.DEFAULTS) - {"params"}
+            if unknown:
+                raise ValueError(f"param group {index} of the state dict has unknown keys {sorted(unknown)}")
+            candidate = dict(group, **{k: v for k, v in saved.items() if k != "params"})
+            self.validate_hyperparameters(candidate, f"state dict param group {index}")
+        saved_state = state_dict["state"]
+        order = [index for group in groups for index in group["params"]]
+        for position, saved_index in enumerate(order):
+            entry = saved_state.get(saved_index, saved_state.get(str(saved_index), {}))
+            param = self._params[position]
+            for name, value in entry.items():
+                if name == "step":
+                    continue
+                if name not in self.STATE_SLOTS:
+                    raise ValueError(f"state of param {position} has unknown buffer {name!r}")
+                value = np.asarray(value)
+                if value.shape != param.shape:
+                    raise ValueError(f"state {name!r} of param {position} has shape {value.shape}, "
+                                     f"the param has shape {param.shape}")
+        step_count = int(state_dict.get("step_count", 0))
+        # Everything is checked: write.
+        for saved, group in zip(groups, self.param_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        steps = np.zeros(len(self._params), dtype=np.int64)
+        for position, saved_index in enumerate(order):
+            entry = saved_state.get(saved_index, saved_state.get(str(saved_index), {}))
+            param = self._params[position]
+            state = self.state[position]
+            for name in list(state):
+                if name not in entry:
+                    del state[name]
+            for name, value in entry.items():
+                if name == "step":
+                    steps[position] = int(value)
+                    continue
+                if name not in state:
+                    state[name] = _allocate_state(param, position * len(self.STATE_SLOTS) + len(state))
+                state[name][...] = np.asarray(value, dtype=param.dtype)
+        self.step_count = step_count
+        self._group_snapshot = None
+        self._sync_groups()
+        self._backend = self._make_backend(self._backend_name)
+        self._backend.set_tensor_steps(steps)
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} ("]
+        for index, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {index}")
+            for key in sorted(self.DEFAULTS):
+                lines.append(f"    {key}: {group[key]}")
+        lines.append(")")
+        return "\n".join(lines)

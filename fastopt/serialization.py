@@ -1,0 +1,73 @@
+"""``fastopt.save`` / ``fastopt.load``: an optimizer's state dict in a ``.npz`` file, without pickle.
+
+Arrays are stored as ``state/<param index>/<name>``; everything else (param groups with their schedules,
+steps, the step count) as one JSON document in the entry ``meta``. Schedules are written as their record
+type and fields, and rebuilt through :mod:`fastopt.schedules` on load.
+"""
+import dataclasses
+import json
+
+import numpy as np
+
+from . import schedules
+
+_FORMAT = "fastopt-state-1"
+
+
+def _encode(value):
+    if isinstance(value, schedules.Schedule):
+        fields = {field.name: _encode(getattr(value, field.name)) for field in dataclasses.fields(value)}
+        return {"schedule": type(value).__name__, "fields": fields}
+    if isinstance(value, (list, tuple)):
+        return {"tuple": [_encode(item) for item in value]} if isinstance(value, tuple) else \
+            [_encode(item) for item in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict) and "schedule" in value:
+        record = getattr(schedules, value["schedule"], None)
+        if not (isinstance(record, type) and issubclass(record, schedules.Schedule)):
+            raise ValueError(f"unknown schedule type {value['schedule']!r} in the saved state")
+        fields = {name: _decode(item) for name, item in value["fields"].items()}
+        return record(**fields)
+    if isinstance(value, dict) and "tuple" in value:
+        return tuple(_decode(item) for item in value["tuple"])
+    if isinstance(value, list):
+        return [_decode(item) for item in value]
+    return value
+
+
+def save(path, optimizer):
+    """Write ``optimizer.state_dict()`` to ``path`` (a ``.npz``)."""
+    state_dict = optimizer.state_dict()
+    arrays, steps = {}, {}
+    for index, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if name == "step":
+                steps[str(index)] = value
+            else:
+                arrays[f"state/{index}/{name}"] = value
+    meta = {"format": _FORMAT, "optimizer": type(optimizer).__name__, "step_count": state_dict["step_count"],
+            "steps": steps, "param_groups": [{key: _encode(value) for key, value in group.items()}
+                                             for group in state_dict["param_groups"]]}
+    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def load(path, optimizer):
+    """Load a file written by :func:`save` into ``optimizer`` (same optimizer type and param layout)."""
+    with np.load(path, allow_pickle=False) as archive:
+        meta = json.loads(str(archive["meta"]))
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a fastopt state file (format {meta.get('format')!r})")
+        if meta["optimizer"] != type(optimizer).__name__:
+            raise ValueError(f"{path} holds the state of a {meta['optimizer']}, not of a {type(optimizer).__name__}")
+        state = {int(index): {"step": step} for index, step in meta["steps"].items()}
+        for key in archive.files:
+            if key.startswith("state/"):
+                _, index, name = key.split("/")
+                state.setdefault(int(index), {})[name] = archive[key]
+    groups = [{key: _decode(value) for key, value in group.items()} for group in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups, "step_count": meta["step_count"]})

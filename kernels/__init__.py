@@ -1,0 +1,1 @@
+"""Kernel sources shipped inside fastopt: Numba CPU kernels (``cpu``) and CUDA sources (``cuda``)."""

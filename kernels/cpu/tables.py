@@ -1,0 +1,32 @@
+"""Layouts of the small tables the fused CPU kernels read (numba-free, so the Python side can import it cheaply).
+
+Per optimizer step the host passes:
+- ``addresses`` int64 [tensors, slots]: the data address of each tensor's param, grad, lr_scale and state
+  buffers; 0 marks an absent buffer (no lr_scale, no grad this step, a state the group does not use).
+- ``chunk_tensor``, ``chunk_start``, ``chunk_length`` int64 [chunks]: the work split, at most CHUNK elements each.
+- ``tensor_group`` int64 [tensors] and ``tensor_step`` int64 [tensors] (steps taken, advanced by the kernel).
+- ``group_hyper`` float64 [groups, columns] below, plus the packed schedules (see schedule_codes).
+- ``coefficients`` [tensors, COEFFICIENTS] in the param dtype: workspace the kernel fills with each tensor's
+  step scalars, computed in float64 and rounded once to the param dtype, as torch passes Python floats.
+"""
+
+# Elements per unit of parallel work: 64K float32 = 256 KiB per stream, large enough to amortise the
+# per-chunk set-up, small enough to balance two threads over a list of tensors of mixed sizes.
+CHUNK = 1 << 16
+
+# Address-table slots shared by all optimizers.
+PARAM, GRAD, LR_SCALE, STATE0, STATE1, STATE2 = range(6)
+SLOTS = 6
+
+# State slots per optimizer, in torch's state names.
+SGD_STATES = ("momentum_buffer",)
+RMSPROP_STATES = ("square_avg", "momentum_buffer", "grad_avg")
+ADAM_STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+# Per-group hyperparameter columns; booleans are stored as 0.0 / 1.0.
+SGD_COLUMNS = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
+RMSPROP_COLUMNS = ("alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
+ADAM_COLUMNS = ("beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+
+# Width of the per-tensor coefficient workspace (the widest optimizer's need).
+COEFFICIENTS = 10

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from fastopt.kernels.cpu.tables import CHUNK
+
+# Awkward sizes: empty, one element, an odd prime, and more than one kernel chunk.
+SIZES = (0, 1, 13, 2 * CHUNK + 7)
+
+
+def tolerance(dtype, steps):
+    """rtol for a float computation against the float64 reference: each step rounds every quantity a few
+    times in ``dtype``, and the rounding errors of a param add up over the steps."""
+    return 4 * np.finfo(dtype).eps * max(steps, 1)
+
+
+def assert_close(actual, expected, rtol, what):
+    """|actual - expected| <= atol + rtol |expected| elementwise, with atol = rtol * max|expected|: quantities
+    formed by cancellation (moments of gradients that change sign) carry an absolute error of the size of
+    their inputs, not of themselves."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{what}: NaNs in different places"
+    if expected.size == 0:
+        return
+    finite = np.abs(expected[np.isfinite(expected)])
+    atol = rtol * float(finite.max()) if finite.size else 0.0
+    with np.errstate(invalid="ignore"):
+        error = np.abs(actual - expected)
+    bound = atol + rtol * np.abs(expected)
+    ok = (actual == expected) | (error <= bound) | np.isnan(expected)
+    if not ok.all():
+        worst = int(np.argmax(np.where(ok, -np.inf, error - bound)))
+        raise AssertionError(f"{what}: element {worst} is {actual.flat[worst]!r}, reference {expected.flat[worst]!r}"
+                             f" (error {error.flat[worst]:.3g} > bound {bound.flat[worst]:.3g}, rtol {rtol:.3g})")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
