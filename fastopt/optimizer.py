@@ -199,7 +199,7 @@ class Optimizer:
         return ReferenceBackend(self)
 
     def _snapshot(self):
-        return [tuple((key, group[key]) for key in self.DEFAULTS) + (tuple(map(id, group["lr_scale"] or ())),)
+        return [(tuple(group), tuple(group.get(key) for key in self.DEFAULTS), tuple(map(id, group["lr_scale"] or ())))
                 for group in self.param_groups]
 
     def _sync_groups(self):
@@ -270,7 +270,6 @@ class Optimizer:
     def state_dict(self):
         """Plain NumPy/Python contents in torch's layout: ``state`` keyed by param index with torch's names and
         ``"step"``, ``param_groups`` with ``"params"`` as index lists, plus fastopt's ``step_count``."""
-        self._sync_groups()
         steps = self._backend.tensor_steps()
         state = {}
         for index, buffers in enumerate(self.state):

@@ -12,9 +12,9 @@ One table of cases drives both parity tests. Tolerances are in float64 eps:
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,10 +38,7 @@ def torch_lrs(lr: float, make_scheduler, steps: int) -> np.ndarray:
     for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        with warnings.catch_warnings():
-            # SequentialLR restarts a child with the deprecated scheduler.step(epoch) path.
-            warnings.filterwarnings("ignore", message=".*epoch parameter", category=UserWarning)
-            scheduler.step()
+        scheduler.step()
     return np.array(lrs, dtype=np.float64)
 
 
@@ -193,8 +190,9 @@ def test_vectorised_equals_scalar(case):
     assert vectorised.dtype == np.float64 and vectorised.shape == t.shape
     assert all(type(value) is float for value in scalars)
     np.testing.assert_array_equal(vectorised, scalars)
-    assert case.schedule(np.int32(5)) == scalars[5]
-    np.testing.assert_array_equal(case.schedule(t[:6].reshape(2, 3).astype(np.int32)), vectorised[:6].reshape(2, 3))
+    assert case.schedule(np.int32(case.steps - 1)) == scalars[-1]
+    grid = t[: case.steps // 2 * 2].reshape(2, -1)
+    np.testing.assert_array_equal(case.schedule(grid.astype(np.int32)), vectorised[grid])
     assert case.schedule(np.arange(0)).shape == (0,)
 
 
@@ -305,7 +303,7 @@ BAD_ARGUMENTS = [
     ("milestones", lambda: S.sequential([S.constant(0.1), S.constant(0.2)], [0])),
     ("schedules", lambda: S.sequential([], [])),
     ("schedules", lambda: S.sequential(S.constant(0.1), [])),
-    (r"schedules\[1\]", lambda: S.sequential([S.constant(0.1), 0.2], [10])),
+    ("schedules[1]", lambda: S.sequential([S.constant(0.1), 0.2], [10])),
     ("schedule", lambda: S.warmup(_not_a_schedule(), 10)),
     ("warmup_steps", lambda: S.warmup(S.constant(0.1), 0)),
     ("start_factor", lambda: S.warmup(S.constant(0.1), 10, start_factor=2.0)),
@@ -314,7 +312,7 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize("argument, make", BAD_ARGUMENTS, ids=[f"{name}-{i}" for i, (name, _) in enumerate(BAD_ARGUMENTS)])
 def test_bad_argument_raises_value_error_naming_it(argument, make):
-    with pytest.raises(ValueError, match=rf"^{argument}\b"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(argument)}(?!\w)"):
         make()
 
 

@@ -1,0 +1,163 @@
+"""Bad input gets a clear error naming the problem, and leaves params and state untouched."""
+import numpy as np
+import pytest
+
+import fastopt as fo
+
+
+def make(cls=fo.Adam, **kwargs):
+    params = [np.ones((2, 3), np.float32), np.ones(5, np.float32)]
+    optimizer = cls(params, lr=0.1, **kwargs)
+    optimizer.step([np.ones((2, 3), np.float32), np.ones(5, np.float32)])
+    return params, optimizer
+
+
+def snapshot(params, optimizer):
+    state = optimizer.state_dict()
+    return [p.copy() for p in params], state
+
+
+def assert_untouched(params, optimizer, before):
+    saved_params, saved_state = before
+    for param, saved in zip(params, saved_params):
+        np.testing.assert_array_equal(param, saved)
+    state = optimizer.state_dict()
+    assert state["step_count"] == saved_state["step_count"]
+    for index, entry in saved_state["state"].items():
+        for name, value in entry.items():
+            np.testing.assert_array_equal(state["state"][index][name], value)
+
+
+GOOD = [np.ones((2, 3), np.float32), np.ones(5, np.float32)]
+BAD_GRADS = [
+    ([GOOD[0]], ValueError, "1 grads for 2 params"),
+    ([GOOD[0], np.ones(4, np.float32)], ValueError, r"grads\[1\] has shape \(4,\)"),
+    ([GOOD[0], np.ones(5, np.float64)], TypeError, r"grads\[1\] has dtype float64"),
+    ([GOOD[0], np.ones(10, np.float32)[::2]], ValueError, r"grads\[1\] is not C-contiguous"),
+    ([GOOD[0], [1.0] * 5], TypeError, r"grads\[1\] must be a numpy.ndarray"),
+    ([np.ones((3, 2), np.float32), GOOD[1]], ValueError, r"grads\[0\] has shape \(3, 2\)"),
+]
+
+
+@pytest.mark.parametrize("grads,error,message", BAD_GRADS)
+@pytest.mark.parametrize("cls", [fo.SGD, fo.RMSprop, fo.Adam, fo.AdamW])
+def test_bad_grads(cls, grads, error, message):
+    params, optimizer = make(cls)
+    before = snapshot(params, optimizer)
+    with pytest.raises(error, match=message):
+        optimizer.step(grads)
+    assert_untouched(params, optimizer, before)
+
+
+def test_gpu_array_grad_is_a_device_error():
+    class FakeCupyArray:
+        __cuda_array_interface__ = {}
+        shape = (5,)
+
+    params, optimizer = make()
+    before = snapshot(params, optimizer)
+    with pytest.raises(TypeError, match="GPU array"):
+        optimizer.step([GOOD[0], FakeCupyArray()])
+    assert_untouched(params, optimizer, before)
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (dict(lr=-0.1), ValueError, "invalid lr"),
+    (dict(lr=float("nan")), ValueError, "lr must be finite"),
+    (dict(betas=(1.0, 0.9)), ValueError, "beta1"),
+    (dict(betas=(0.9, -0.1)), ValueError, "beta2"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+    (dict(amsgrad="yes"), TypeError, "amsgrad must be a bool"),
+    (dict(momentum=0.9), ValueError, r"unknown hyperparameter\(s\) \['momentum'\]"),
+])
+def test_bad_group_change_between_steps(change, error, message):
+    """A group edited into an invalid state fails at the next step, before anything is written."""
+    params, optimizer = make()
+    before = snapshot(params, optimizer)
+    optimizer.param_groups[0].update(change)
+    with pytest.raises(error, match=message):
+        optimizer.step(GOOD)
+    assert_untouched(params, optimizer, before)
+
+
+@pytest.mark.parametrize("cls,kwargs,error,message", [
+    (fo.Adam, dict(lr=-1.0), ValueError, "invalid lr"),
+    (fo.Adam, dict(betas=(0.9,)), TypeError, "betas must be a pair"),
+    (fo.Adam, dict(eps=-1e-8), ValueError, "eps"),
+    (fo.AdamW, dict(weight_decay=float("inf")), ValueError, "weight_decay must be finite"),
+    (fo.SGD, dict(nesterov=True), ValueError, "Nesterov momentum requires a momentum > 0"),
+    (fo.SGD, dict(momentum=0.9, dampening=0.1, nesterov=True), ValueError, "zero dampening"),
+    (fo.SGD, dict(momentum=-0.5), ValueError, "momentum"),
+    (fo.RMSprop, dict(alpha=1.5), ValueError, "alpha"),
+    (fo.RMSprop, dict(eps=0.0), ValueError, "eps"),
+    (fo.RMSprop, dict(centered=1), TypeError, "centered must be a bool"),
+    (fo.Adam, dict(backend="gpu"), ValueError, "unknown backend"),
+])
+def test_bad_hyperparameters(cls, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cls([np.ones(3, np.float32)], **kwargs)
+
+
+def test_unknown_keyword_is_an_error():
+    with pytest.raises(TypeError, match="momentum"):
+        fo.Adam([np.ones(3)], momentum=0.9)
+
+
+@pytest.mark.parametrize("params,error,message", [
+    (np.ones(3, np.float32), TypeError, "got a single array"),
+    ([], ValueError, "empty parameter list"),
+    ([np.ones(3, np.int32)], TypeError, "dtype int32"),
+    ([np.ones(6, np.float32)[::2]], ValueError, "not C-contiguous"),
+    ([np.ones((3, 4), np.float32).T], ValueError, "not C-contiguous"),
+    ([[1.0, 2.0]], TypeError, "must be a numpy.ndarray"),
+    ([{"params": [np.ones(3)], "lr": 0.1, "betas2": 0.9}], ValueError, r"unknown hyperparameter\(s\) \['betas2'\]"),
+    ([{"lr": 0.1}], ValueError, "no 'params'"),
+    ([np.ones(3), {"params": [np.ones(2)]}], TypeError, "mixes arrays and param-group dicts"),
+])
+def test_bad_params(params, error, message):
+    with pytest.raises(error, match=message):
+        fo.Adam(params)
+
+
+def test_read_only_param():
+    param = np.ones(3)
+    param.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fo.SGD([param])
+
+
+def test_param_made_read_only_after_construction():
+    params, optimizer = make()
+    before = snapshot(params, optimizer)
+    params[1].flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        optimizer.step(GOOD)
+    params[1].flags.writeable = True
+    assert_untouched(params, optimizer, before)
+
+
+def test_duplicate_and_aliased_params():
+    param = np.ones(4)
+    with pytest.raises(ValueError, match="more than once"):
+        fo.SGD([param, param])
+    with pytest.raises(ValueError, match="more than once"):
+        fo.SGD([param, param.reshape(2, 2)])
+
+
+@pytest.mark.parametrize("lr_scale,error,message", [
+    ([np.ones(3)], ValueError, "1 arrays for 2 params"),
+    ([np.ones(3), np.ones(5)], ValueError, r"lr_scale'\]\[1\] has shape \(5,\)"),
+    ([np.ones(3), np.ones(4, np.float32)], TypeError, "dtype float32"),
+    ([np.ones(3), -np.ones(4)], ValueError, "finite and >= 0"),
+    ([np.ones(3), np.full(4, np.nan)], ValueError, "finite and >= 0"),
+    ([np.ones(3), np.ones(8)[::2]], ValueError, "not C-contiguous"),
+])
+def test_bad_lr_scale(lr_scale, error, message):
+    with pytest.raises(error, match=message):
+        fo.Adam([{"params": [np.ones(3), np.ones(4)], "lr_scale": lr_scale}])
+
+
+def test_bad_schedule_lr():
+    with pytest.raises(TypeError):
+        fo.SGD([np.ones(3)], lr="0.1")

@@ -1,0 +1,104 @@
+"""State dicts, save/load without pickle, and bit-exact resumption."""
+import numpy as np
+import pytest
+
+import fastopt as fo
+from test_optimizers import CONFIG_IDS, CONFIGS
+
+
+def training_run(cls, kwargs, steps, rng_seed=7):
+    rng = np.random.default_rng(rng_seed)
+    params = [rng.standard_normal(shape).astype(np.float32) for shape in [(0,), (1,), (13,), (70_001,)]]
+    scale = [rng.uniform(0, 2, p.shape).astype(np.float32) for p in params[2:]]
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in params] for _ in range(steps)]
+    groups = [{"params": params[:2], "lr": fo.schedules.onecycle(0.05, total_steps=steps)},
+              {"params": params[2:], "lr": 0.01, "lr_scale": scale}]
+    return params, groups, grads
+
+
+@pytest.mark.parametrize("cls,kwargs", CONFIGS, ids=CONFIG_IDS)
+def test_resume_from_file_is_bit_exact(cls, kwargs, tmp_path):
+    """100 steps equal 50 steps + save + load into a fresh optimizer + 50 steps, bit for bit."""
+    params, groups, grads = training_run(cls, kwargs, 100)
+    straight = cls(groups, **kwargs)
+    for t in range(100):
+        straight.step(grads[t])
+
+    resumed_params, groups, _ = training_run(cls, kwargs, 100)
+    first = cls(groups, **kwargs)
+    for t in range(50):
+        first.step(grads[t])
+    path = tmp_path / "state.npz"
+    fo.save(path, first)
+    fresh_groups = [dict(group) for group in groups]
+    fresh_groups[0]["lr"] = 0.5  # the file's schedule must replace this
+    second = cls(fresh_groups, **kwargs)
+    fo.load(path, second)
+    assert second.step_count == 50
+    for t in range(50, 100):
+        second.step(grads[t])
+
+    for ours, theirs in zip(resumed_params, params):
+        np.testing.assert_array_equal(ours, theirs)
+    expected, actual = straight.state_dict()["state"], second.state_dict()["state"]
+    assert expected.keys() == actual.keys()
+    for index in expected:
+        assert expected[index].keys() == actual[index].keys()
+        for name in expected[index]:
+            np.testing.assert_array_equal(actual[index][name], expected[index][name])
+
+
+def test_saved_file_needs_no_pickle(tmp_path):
+    params = [np.ones(3, np.float32)]
+    optimizer = fo.AdamW([{"params": params, "lr": fo.schedules.warmup(
+        fo.schedules.sequential([fo.schedules.constant(0.1), fo.schedules.cosine(0.1, t_max=5)], [3]), 2)}])
+    optimizer.step([np.ones(3, np.float32)])
+    fo.save(tmp_path / "s.npz", optimizer)
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as archive:
+        assert sorted(archive.files) == ["meta", "state/0/exp_avg", "state/0/exp_avg_sq"]
+    other = fo.AdamW([np.ones(3, np.float32)])
+    fo.load(tmp_path / "s.npz", other)
+    assert other.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert other.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_state_dict_layout_follows_torch():
+    params = [np.ones(3), np.ones(2)]
+    optimizer = fo.Adam([{"params": params[:1]}, {"params": params[1:], "lr": 0.5}], amsgrad=True)
+    optimizer.step([np.ones(3), None])
+    state = optimizer.state_dict()
+    assert state["param_groups"][0]["params"] == [0] and state["param_groups"][1]["params"] == [1]
+    assert state["param_groups"][1]["lr"] == 0.5
+    assert set(state["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert state["state"][0]["step"] == 1 and state["state"][1]["step"] == 0
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda s: s["param_groups"].pop(), "param groups"),
+    (lambda s: s["param_groups"][0]["params"].append(9), "params"),
+    (lambda s: s["state"][0].update(exp_avg=np.ones(4)), "shape"),
+    (lambda s: s["state"][0].update(velocity=np.ones(3)), "unknown buffer"),
+    (lambda s: s["param_groups"][0].update(lr=-1.0), "invalid lr"),
+    (lambda s: s["param_groups"][0].update(momentum=0.9), "unknown keys"),
+])
+def test_bad_state_dict_leaves_optimizer_untouched(mutate, message):
+    params = [np.ones(3)]
+    optimizer = fo.Adam(params)
+    optimizer.step([np.ones(3)])
+    state = optimizer.state_dict()
+    bad = optimizer.state_dict()
+    mutate(bad)
+    with pytest.raises(ValueError, match=message):
+        optimizer.load_state_dict(bad)
+    after = optimizer.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    for name, value in state["state"][0].items():
+        np.testing.assert_array_equal(after["state"][0][name], value)
+
+
+def test_load_rejects_other_optimizer(tmp_path):
+    sgd = fo.SGD([np.ones(3)], momentum=0.9)
+    sgd.step([np.ones(3)])
+    fo.save(tmp_path / "sgd.npz", sgd)
+    with pytest.raises(ValueError, match="state of a SGD"):
+        fo.load(tmp_path / "sgd.npz", fo.Adam([np.ones(3)]))
