@@ -80,6 +80,8 @@ class Schedule(ABC):
             raise TypeError(f"step t must be an integer or an array of integers, got {t!r}")
         if steps.size and steps.min() < 0:
             raise ValueError(f"step t must be >= 0, got {steps.min()}")
+        if steps.size and steps.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"step t must fit in int64, got {steps.max()}")
         values = self._values(steps.astype(np.int64).ravel())
         if steps.ndim == 0:
             return float(values[0])
@@ -148,7 +150,7 @@ def _schedule(name: str, value) -> Schedule:
 
 
 def _choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
@@ -620,7 +622,8 @@ class Warmup(Schedule):
 
     def _pack(self, offset):
         child_offset = offset + 4
-        return [codes.WARMUP, self.warmup_steps, self.start_factor, child_offset] + self.schedule._pack(child_offset)
+        node = [codes.WARMUP, self.warmup_steps, self.start_factor, child_offset]
+        return node + self.schedule._pack(child_offset)
 
 
 def as_schedule(lr) -> Schedule:

@@ -6,8 +6,8 @@ One table of cases drives both parity tests. Tolerances are in float64 eps:
   round once per step, so their relative error grows with ``t``; ``peak`` (the largest value of the
   case) covers one rounding of the largest term in a closed form, which is what remains when a
   cosine nearly cancels (``1 + cos(x)`` near ``x = pi``).
-- kernel vs host: ``4 eps (peak + |host|)``: the same formulas in the same order, apart from how
-  NumPy and libm round ``cos`` and ``pow``.
+- kernel vs host: ``4 eps |host|``: the same formulas in the same order, so they differ only where
+  NumPy rounds ``pow`` differently from libm (by an ulp; both use libm's ``cos``).
 """
 import dataclasses
 import math
@@ -59,11 +59,12 @@ class Case:
         return self.name
 
 
-def torch_case(name, schedule, lr, make_scheduler, steps=STEPS):
+def torch_case(name, schedule, make_scheduler, lr=0.1, steps=STEPS):
+    """``schedule`` against torch's ``make_scheduler(L, optimizer)`` on an optimizer with ``lr``."""
     return Case(name, schedule, lambda n: torch_lrs(lr, make_scheduler, n), steps)
 
 
-def warmup_case(name, child, lr, make_child, warmup_steps, start_factor):
+def warmup_case(name, child, make_child, warmup_steps, start_factor, lr=0.1):
     """warmup(child) against torch's child times the ramp, computed directly."""
     def reference(n):
         return torch_lrs(lr, make_child, n) * warmup_ramp(n, warmup_steps, start_factor)
@@ -71,82 +72,106 @@ def warmup_case(name, child, lr, make_child, warmup_steps, start_factor):
     return Case(name, S.warmup(child, warmup_steps, start_factor), reference)
 
 
+def one_cycle(L, optimizer, **arguments):
+    return L.OneCycleLR(optimizer, cycle_momentum=False, **arguments)
+
+
+def cyclic_lr(L, optimizer, *arguments, **keywords):
+    return L.CyclicLR(optimizer, *arguments, cycle_momentum=False, **keywords)
+
+
 CASES = [
-    torch_case("constant", S.constant(0.1), 0.1, lambda L, o: L.LambdaLR(o, lambda t: 1.0)),
-    torch_case("step_decay", S.step_decay(0.1, step_size=30, gamma=0.5), 0.1,
+    torch_case("constant", S.constant(0.1), lambda L, o: L.LambdaLR(o, lambda t: 1.0)),
+    torch_case("step_decay", S.step_decay(0.1, step_size=30, gamma=0.5),
                lambda L, o: L.StepLR(o, step_size=30, gamma=0.5)),
-    torch_case("step_decay_default_gamma", S.step_decay(0.3, step_size=7), 0.3,
-               lambda L, o: L.StepLR(o, step_size=7)),
-    torch_case("multistep_repeated_milestone", S.multistep(0.1, [50, 120, 120, 200], gamma=0.3), 0.1,
+    torch_case("step_decay_default_gamma", S.step_decay(0.3, step_size=7),
+               lambda L, o: L.StepLR(o, step_size=7), lr=0.3),
+    torch_case("multistep_repeated_milestone", S.multistep(0.1, [50, 120, 120, 200], gamma=0.3),
                lambda L, o: L.MultiStepLR(o, milestones=[50, 120, 120, 200], gamma=0.3)),
-    torch_case("exponential", S.exponential(0.1, gamma=0.99), 0.1,
+    torch_case("exponential", S.exponential(0.1, gamma=0.99),
                lambda L, o: L.ExponentialLR(o, gamma=0.99)),
-    torch_case("exponential_growing", S.exponential(0.01, gamma=1.01), 0.01,
-               lambda L, o: L.ExponentialLR(o, gamma=1.01)),
-    torch_case("linear_default", S.linear(0.1), 0.1, lambda L, o: L.LinearLR(o)),
-    torch_case("linear_decay", S.linear(0.1, start_factor=0.9, end_factor=0.05, total_iters=100), 0.1,
+    torch_case("exponential_growing", S.exponential(0.01, gamma=1.01),
+               lambda L, o: L.ExponentialLR(o, gamma=1.01), lr=0.01),
+    torch_case("linear_default", S.linear(0.1), lambda L, o: L.LinearLR(o)),
+    torch_case("linear_decay", S.linear(0.1, start_factor=0.9, end_factor=0.05, total_iters=100),
                lambda L, o: L.LinearLR(o, start_factor=0.9, end_factor=0.05, total_iters=100)),
-    torch_case("polynomial_default", S.polynomial(0.1), 0.1, lambda L, o: L.PolynomialLR(o)),
-    torch_case("polynomial_square", S.polynomial(0.1, total_iters=200, power=2.0), 0.1,
+    torch_case("polynomial_default", S.polynomial(0.1), lambda L, o: L.PolynomialLR(o)),
+    torch_case("polynomial_square", S.polynomial(0.1, total_iters=200, power=2.0),
                lambda L, o: L.PolynomialLR(o, total_iters=200, power=2.0)),
-    torch_case("polynomial_sqrt", S.polynomial(0.1, total_iters=150, power=0.5), 0.1,
+    torch_case("polynomial_sqrt", S.polynomial(0.1, total_iters=150, power=0.5),
                lambda L, o: L.PolynomialLR(o, total_iters=150, power=0.5)),
-    torch_case("cosine_past_t_max", S.cosine(0.1, t_max=100), 0.1,
+    torch_case("cosine_past_t_max", S.cosine(0.1, t_max=100),
                lambda L, o: L.CosineAnnealingLR(o, T_max=100)),
-    torch_case("cosine_eta_min", S.cosine(0.1, t_max=70, eta_min=0.01), 0.1,
+    torch_case("cosine_eta_min", S.cosine(0.1, t_max=70, eta_min=0.01),
                lambda L, o: L.CosineAnnealingLR(o, T_max=70, eta_min=0.01)),
-    torch_case("cosine_restarts_t_mult_1", S.cosine_restarts(0.1, t_0=30), 0.1,
+    torch_case("cosine_restarts_t_mult_1", S.cosine_restarts(0.1, t_0=30),
                lambda L, o: L.CosineAnnealingWarmRestarts(o, T_0=30)),
-    torch_case("cosine_restarts_t_mult_2", S.cosine_restarts(0.1, t_0=10, t_mult=2, eta_min=0.001), 0.1,
+    torch_case("cosine_restarts_t_mult_2", S.cosine_restarts(0.1, t_0=10, t_mult=2, eta_min=0.001),
                lambda L, o: L.CosineAnnealingWarmRestarts(o, T_0=10, T_mult=2, eta_min=0.001)),
-    torch_case("cosine_restarts_t_mult_3", S.cosine_restarts(0.1, t_0=3, t_mult=3), 0.1,
+    torch_case("cosine_restarts_t_mult_3", S.cosine_restarts(0.1, t_0=3, t_mult=3),
                lambda L, o: L.CosineAnnealingWarmRestarts(o, T_0=3, T_mult=3)),
-    torch_case("onecycle_cos", S.onecycle(0.1, total_steps=300), 0.1,
-               lambda L, o: L.OneCycleLR(o, max_lr=0.1, total_steps=300, cycle_momentum=False)),
-    torch_case("onecycle_linear", S.onecycle(0.1, total_steps=250, pct_start=0.25, anneal_strategy="linear"), 0.1,
-               lambda L, o: L.OneCycleLR(o, max_lr=0.1, total_steps=250, pct_start=0.25,
-                                         anneal_strategy="linear", cycle_momentum=False), steps=250),
+    torch_case("onecycle_cos", S.onecycle(0.1, total_steps=300),
+               lambda L, o: one_cycle(L, o, max_lr=0.1, total_steps=300)),
+    torch_case("onecycle_linear",
+               S.onecycle(0.1, total_steps=250, pct_start=0.25, anneal_strategy="linear"),
+               lambda L, o: one_cycle(L, o, max_lr=0.1, total_steps=250, pct_start=0.25,
+                                      anneal_strategy="linear"),
+               steps=250),
     torch_case("onecycle_three_phase_cos",
-               S.onecycle(0.1, total_steps=277, pct_start=0.35, div_factor=10.0, final_div_factor=100.0,
-                          three_phase=True), 0.1,
-               lambda L, o: L.OneCycleLR(o, max_lr=0.1, total_steps=277, pct_start=0.35, div_factor=10.0,
-                                         final_div_factor=100.0, three_phase=True, cycle_momentum=False),
+               S.onecycle(0.1, total_steps=277, pct_start=0.35, div_factor=10.0,
+                          final_div_factor=100.0, three_phase=True),
+               lambda L, o: one_cycle(L, o, max_lr=0.1, total_steps=277, pct_start=0.35,
+                                      div_factor=10.0, final_div_factor=100.0, three_phase=True),
                steps=277),
     torch_case("onecycle_three_phase_linear",
-               S.onecycle(0.1, total_steps=300, anneal_strategy="linear", three_phase=True), 0.1,
-               lambda L, o: L.OneCycleLR(o, max_lr=0.1, total_steps=300, anneal_strategy="linear",
-                                         three_phase=True, cycle_momentum=False)),
+               S.onecycle(0.1, total_steps=300, anneal_strategy="linear", three_phase=True),
+               lambda L, o: one_cycle(L, o, max_lr=0.1, total_steps=300, anneal_strategy="linear",
+                                      three_phase=True)),
     # pct_start * total_steps < 1: the first phase ends before step 0, so step 0 is in phase 2.
-    torch_case("onecycle_short", S.onecycle(0.1, total_steps=3), 0.1,
-               lambda L, o: L.OneCycleLR(o, max_lr=0.1, total_steps=3, cycle_momentum=False), steps=3),
-    torch_case("cyclic_triangular", S.cyclic(0.01, 0.1, step_size_up=20), 0.01,
-               lambda L, o: L.CyclicLR(o, 0.01, 0.1, step_size_up=20, cycle_momentum=False)),
-    torch_case("cyclic_triangular2", S.cyclic(0.01, 0.1, step_size_up=15, step_size_down=25, mode="triangular2"),
-               0.01,
-               lambda L, o: L.CyclicLR(o, 0.01, 0.1, step_size_up=15, step_size_down=25, mode="triangular2",
-                                       cycle_momentum=False)),
-    torch_case("cyclic_exp_range", S.cyclic(0.01, 0.1, step_size_up=20, mode="exp_range", gamma=0.99), 0.01,
-               lambda L, o: L.CyclicLR(o, 0.01, 0.1, step_size_up=20, mode="exp_range", gamma=0.99,
-                                       cycle_momentum=False)),
-    torch_case("sequential_2", S.sequential([S.linear(0.1, 0.1, 1.0, 10), S.cosine(0.1, t_max=90)], [10]), 0.1,
-               lambda L, o: L.SequentialLR(o, [L.LinearLR(o, 0.1, 1.0, 10), L.CosineAnnealingLR(o, 90)], [10])),
+    torch_case("onecycle_short", S.onecycle(0.1, total_steps=3),
+               lambda L, o: one_cycle(L, o, max_lr=0.1, total_steps=3), steps=3),
+    torch_case("cyclic_triangular", S.cyclic(0.01, 0.1, step_size_up=20),
+               lambda L, o: cyclic_lr(L, o, 0.01, 0.1, step_size_up=20)),
+    torch_case("cyclic_triangular2",
+               S.cyclic(0.01, 0.1, step_size_up=15, step_size_down=25, mode="triangular2"),
+               lambda L, o: cyclic_lr(L, o, 0.01, 0.1, step_size_up=15, step_size_down=25,
+                                      mode="triangular2")),
+    torch_case("cyclic_exp_range", S.cyclic(0.01, 0.1, step_size_up=20, mode="exp_range", gamma=0.99),
+               lambda L, o: cyclic_lr(L, o, 0.01, 0.1, step_size_up=20, mode="exp_range", gamma=0.99)),
+    torch_case("sequential_2",
+               S.sequential([S.linear(0.1, 0.1, 1.0, 10), S.cosine(0.1, t_max=90)], [10]),
+               lambda L, o: L.SequentialLR(
+                   o, [L.LinearLR(o, 0.1, 1.0, 10), L.CosineAnnealingLR(o, 90)], [10])),
     torch_case("sequential_3",
                S.sequential([S.linear(0.1, 0.5, 1.0, 20), S.step_decay(0.1, 40, 0.5),
-                             S.cosine_restarts(0.1, 25, 2)], [20, 100]), 0.1,
-               lambda L, o: L.SequentialLR(o, [L.LinearLR(o, 0.5, 1.0, 20), L.StepLR(o, 40, 0.5),
-                                               L.CosineAnnealingWarmRestarts(o, 25, 2)], [20, 100])),
-    torch_case("warmup_exponential_chained", S.warmup(S.exponential(0.1, 0.99), 20, start_factor=0.1), 0.1,
-               lambda L, o: L.ChainedScheduler([L.LinearLR(o, 0.1, 1.0, 20), L.ExponentialLR(o, 0.99)])),
-    warmup_case("warmup_cosine", S.cosine(0.1, t_max=200), 0.1,
+                             S.cosine_restarts(0.1, 25, 2)], [20, 100]),
+               lambda L, o: L.SequentialLR(
+                   o, [L.LinearLR(o, 0.5, 1.0, 20), L.StepLR(o, 40, 0.5),
+                       L.CosineAnnealingWarmRestarts(o, 25, 2)], [20, 100])),
+    torch_case("warmup_exponential_chained", S.warmup(S.exponential(0.1, 0.99), 20, start_factor=0.1),
+               lambda L, o: L.ChainedScheduler(
+                   [L.LinearLR(o, 0.1, 1.0, 20), L.ExponentialLR(o, 0.99)])),
+    warmup_case("warmup_cosine", S.cosine(0.1, t_max=200),
                 lambda L, o: L.CosineAnnealingLR(o, 200), warmup_steps=25, start_factor=0.0),
-    warmup_case("warmup_step_decay", S.step_decay(0.1, 50, 0.5), 0.1,
+    warmup_case("warmup_step_decay", S.step_decay(0.1, 50, 0.5),
                 lambda L, o: L.StepLR(o, 50, 0.5), warmup_steps=7, start_factor=0.25),
-    warmup_case("warmup_sequential", S.sequential([S.linear(0.1, 0.2, 1.0, 30), S.cosine(0.1, 100)], [40]), 0.1,
-                lambda L, o: L.SequentialLR(o, [L.LinearLR(o, 0.2, 1.0, 30), L.CosineAnnealingLR(o, 100)], [40]),
+    warmup_case("warmup_sequential",
+                S.sequential([S.linear(0.1, 0.2, 1.0, 30), S.cosine(0.1, 100)], [40]),
+                lambda L, o: L.SequentialLR(
+                    o, [L.LinearLR(o, 0.2, 1.0, 30), L.CosineAnnealingLR(o, 100)], [40]),
                 warmup_steps=50, start_factor=0.0),
     Case("sequential_of_warmups",
-         S.sequential([S.warmup(S.cosine(0.1, 80), 10), S.warmup(S.sequential([S.constant(0.02), S.exponential(0.05, 0.98)],
-                                                                              [30]), 5, 0.5)], [100]),
+         S.sequential([S.warmup(S.cosine(0.1, 80), 10),
+                       S.warmup(S.sequential([S.constant(0.02), S.exponential(0.05, 0.98)], [30]),
+                                5, 0.5)],
+                      [100]),
+         None),
+    Case("sequential_of_onecycle_cyclic_multistep",
+         S.warmup(S.sequential([S.onecycle(0.1, 100, three_phase=True),
+                                S.cyclic(0.001, 0.01, 10, mode="exp_range", gamma=0.995),
+                                S.multistep(0.01, [20, 40])],
+                               [120, 200]),
+                  15, 0.2),
          None),
     Case("warmup_of_warmup", S.warmup(S.warmup(S.polynomial(0.2, 250, 1.5), 40, 0.3), 20), None),
 ]
@@ -177,8 +202,9 @@ def test_kernel_matches_host(case):
     expected = case.schedule(t)
     got = schedule_values(case.schedule.program(), 0, t)
     assert got.dtype == np.float64
-    tolerance = 4 * EPS * (peak(expected) + np.abs(expected))
-    np.testing.assert_array_less(np.abs(got - expected), tolerance + np.finfo(np.float64).tiny)
+    error = np.abs(got - expected)
+    worst = int(np.argmax(error / np.maximum(np.abs(expected), np.finfo(np.float64).tiny)))
+    assert np.all(error <= 4 * EPS * np.abs(expected)), f"t={worst}: kernel {got[worst]!r} host {expected[worst]!r}"
     assert schedule_value(case.schedule.program(), 0, np.int64(case.steps - 1)) == got[-1]
 
 
@@ -230,7 +256,7 @@ def test_cosine_restarts_is_exact_at_period_boundaries_and_far_out():
     # Steps near 2**62 with periods that do not fit in int64 once multiplied.
     huge = S.cosine_restarts(1.0, t_0=2**40, t_mult=2**20)
     steps = np.array([2**62, 2**62 + 12345, 2**40 - 1, 2**40, 2**60 + 2**40], dtype=np.int64)
-    np.testing.assert_allclose(schedule_values(huge.program(), 0, steps), huge(steps), rtol=4 * EPS, atol=4 * EPS)
+    np.testing.assert_allclose(schedule_values(huge.program(), 0, steps), huge(steps), rtol=4 * EPS)
 
 
 def test_onecycle_holds_its_final_value():
@@ -310,7 +336,8 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize("argument, make", BAD_ARGUMENTS, ids=[f"{name}-{i}" for i, (name, _) in enumerate(BAD_ARGUMENTS)])
+@pytest.mark.parametrize("argument, make", BAD_ARGUMENTS,
+                         ids=[f"{name}-{index}" for index, (name, _) in enumerate(BAD_ARGUMENTS)])
 def test_bad_argument_raises_value_error_naming_it(argument, make):
     with pytest.raises(ValueError, match=rf"^{re.escape(argument)}(?!\w)"):
         make()
@@ -321,7 +348,8 @@ def test_records_are_immutable_hashable_and_equal_by_value():
     assert schedule.milestones == (10, 20)
     with pytest.raises(dataclasses.FrozenInstanceError):
         schedule.lr = 0.2
-    assert schedule == S.multistep(0.1, (10, 20), 0.5) and hash(schedule) == hash(S.multistep(0.1, (10, 20), 0.5))
+    same = S.multistep(0.1, (10, 20), 0.5)
+    assert schedule == same and hash(schedule) == hash(same)
     assert schedule != S.multistep(0.1, [10, 21], 0.5)
     assert S.constant(1) == S.constant(1.0) and isinstance(S.constant(1).lr, float)
     assert S.cyclic(0.01, 0.1, 20) == S.cyclic(0.01, 0.1, 20, step_size_down=20)

@@ -1,0 +1,224 @@
+"""One optimizer step on the CPU: fastopt beside torch.optim and a memory-bandwidth ceiling, float32.
+
+Every row is one (optimizer, size, threads, variant). The bytes of a row are the least traffic one fused pass
+needs (every param, grad and state buffer read once, every updated one written once; plus the lr_scale read
+where one is used), the same for every implementation of the update, so GB/s reads against the ``ceiling`` row:
+a prange kernel with the optimizer's read/write pattern and trivial math. See bench/README.md.
+
+    python -m pytest bench/bench_cpu.py -k "Adam-16M" --benchmark-json=bench/cpu.json
+"""
+import gc
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+import fastopt as fo
+
+FLOAT32_BYTES = 4
+SIZES = {"1M": 1 << 20, "16M": 1 << 24, "64M": 1 << 26, "GPT2": None}  # GPT2: the list below
+
+
+def gpt2_small_shapes():
+    """The 148 parameter tensors of GPT-2 small (124,439,808 params), in the model's order."""
+    width, vocabulary, context = 768, 50257, 1024
+    layer = [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,),  # ln_1, attn
+             (width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]  # ln_2, mlp
+    return [(vocabulary, width), (context, width)] + 12 * layer + [(width,), (width,)]
+
+
+GPT2_SHAPES = gpt2_small_shapes()
+GPT2_PARAMS = sum(int(np.prod(shape)) for shape in GPT2_SHAPES)
+assert len(GPT2_SHAPES) == 148 and GPT2_PARAMS == 124_439_808
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    fastopt: type
+    torch: type
+    kwargs: dict
+    states: int  # state buffers per param
+    torch_fused: bool  # torch.optim has a fused CPU implementation
+
+    @property
+    def bytes_per_param(self):  # reads: param, grad, states; writes: param, states
+        return FLOAT32_BYTES * (3 + 2 * self.states)
+
+
+OPTIMIZERS = {
+    "SGD": OptimizerSpec(fo.SGD, torch.optim.SGD, dict(lr=1e-3), 0, True),
+    "SGD_momentum": OptimizerSpec(fo.SGD, torch.optim.SGD, dict(lr=1e-3, momentum=0.9), 1, True),
+    "RMSprop": OptimizerSpec(fo.RMSprop, torch.optim.RMSprop, dict(lr=1e-3), 1, False),
+    "Adam": OptimizerSpec(fo.Adam, torch.optim.Adam, dict(lr=1e-3), 2, True),
+    "AdamW": OptimizerSpec(fo.AdamW, torch.optim.AdamW, dict(lr=1e-3), 2, True),
+}
+TORCH_FLAGS = {"torch_forloop": dict(foreach=False), "torch_foreach": dict(foreach=True),
+               "torch_fused": dict(fused=True)}
+
+
+def variants(optimizer, size):
+    """The rows of one optimizer/size/threads group, ceiling first (it is the yardstick of the others)."""
+    spec = OPTIMIZERS[optimizer]
+    rows = ["ceiling", "fastopt"]
+    if size == "GPT2":
+        rows.append("fastopt_flat")
+    if optimizer in ("Adam", "AdamW") and size in ("16M", "GPT2"):
+        rows.append("fastopt_lr_scale")
+    if size == "1M":
+        rows.append("reference")
+    rows += ["torch_forloop", "torch_foreach"] + (["torch_fused"] if spec.torch_fused else [])
+    return rows
+
+
+def cases():
+    """Size outermost, so the params and grads of one size are built once; ids like ``Adam-16M-2t-fastopt``."""
+    for size in SIZES:
+        for optimizer in OPTIMIZERS:
+            for threads in (1, 2):
+                for variant in variants(optimizer, size):
+                    yield pytest.param(optimizer, size, threads, variant,
+                                       id=f"{optimizer}-{size}-{threads}t-{variant}")
+
+
+# ---------------------------------------------------------------- buffers
+def staggered(shape, ordinal):
+    """An uninitialised float32 array whose start is moved 128 + 256 * ordinal bytes (mod 4 KiB) into its
+    allocation: equal-size buffers at one page offset lose bandwidth. fastopt staggers its state buffers by
+    multiples of 256 bytes, so these never share a page offset with them."""
+    offset = (128 + 256 * (ordinal % 16)) // FLOAT32_BYTES
+    return np.empty(int(np.prod(shape)) + offset, dtype=np.float32)[offset:].reshape(shape)
+
+
+def random_arrays(shapes, rng, first_ordinal):
+    arrays = []
+    for index, shape in enumerate(shapes):
+        array = staggered(shape, first_ordinal + index)
+        array[...] = rng.standard_normal(shape, dtype=np.float32)
+        arrays.append(array)
+    return arrays
+
+
+_ARRAYS = {}  # the params and grads of the current size only: (size, layout) -> (params, grads)
+
+
+def params_and_grads(size, layout):
+    """Params and grads shared by all rows of a size (each row's optimizer allocates its own state).
+    ``layout`` is "list" (GPT2: its 148 tensors) or "flat" (one array); the other sizes are one array."""
+    if any(key[0] != size for key in _ARRAYS):
+        _ARRAYS.clear()
+        gc.collect()
+    key = (size, layout if size == "GPT2" else "flat")
+    if key not in _ARRAYS:
+        shapes = GPT2_SHAPES if key == ("GPT2", "list") else [(SIZES[size] or GPT2_PARAMS,)]
+        rng = np.random.default_rng(0)
+        _ARRAYS[key] = (random_arrays(shapes, rng, 0), random_arrays(shapes, rng, 1))
+    return _ARRAYS[key]
+
+
+# ---------------------------------------------------------------- the ceiling kernels
+@numba.njit(parallel=True, cache=True)
+def ceiling_read2_write1(param, grad, rate):
+    """Plain SGD's traffic, 12 B/param: read param, grad; write param."""
+    for i in numba.prange(param.size):
+        param[i] = param[i] + rate * grad[i]
+
+
+@numba.njit(parallel=True, cache=True)
+def ceiling_read3_write2(param, grad, state, decay, rate):
+    """SGD momentum's and RMSprop's traffic, 20 B/param: read param, grad, state; write param, state."""
+    for i in numba.prange(param.size):
+        s = state[i] * decay + grad[i]
+        state[i] = s
+        param[i] = param[i] + rate * s
+
+
+@numba.njit(parallel=True, cache=True)
+def ceiling_read4_write3(param, grad, state1, state2, decay, rate):
+    """Adam's traffic, 28 B/param: read param, grad, two states; write param, two states."""
+    for i in numba.prange(param.size):
+        g = grad[i]
+        m = state1[i] * decay + g
+        v = state2[i] * decay + g * g
+        state1[i] = m
+        state2[i] = v
+        param[i] = param[i] + rate * m * v
+
+
+def ceiling_step(spec, size):
+    (param,), (grad,) = params_and_grads(size, "flat")
+    states = [staggered(param.shape, 2 + index) for index in range(spec.states)]
+    for state in states:
+        state[...] = 0
+    kernel = (ceiling_read2_write1, ceiling_read3_write2, ceiling_read4_write3)[spec.states]
+    scalars = () if spec.states == 0 else (np.float32(0.5),)
+    arguments = (param, grad, *states, *scalars, np.float32(-1e-6))
+    return lambda: kernel(*arguments)
+
+
+# ---------------------------------------------------------------- the rows
+def fastopt_step(spec, size, variant):
+    params, grads = params_and_grads(size, "flat" if variant == "fastopt_flat" else "list")
+    backend = "reference" if variant == "reference" else "cpu"
+    groups = params
+    if variant == "fastopt_lr_scale":
+        rng = np.random.default_rng(1)
+        scales = [staggered(param.shape, 2 + index) for index, param in enumerate(params)]
+        for scale in scales:
+            scale[...] = rng.uniform(0.5, 1.5, scale.shape).astype(np.float32)
+        groups = [{"params": params, "lr_scale": scales}]
+    optimizer = spec.fastopt(groups, **spec.kwargs, backend=backend)
+    return lambda: optimizer.step(grads)
+
+
+def torch_step(spec, size, variant):
+    params, grads = params_and_grads(size, "list")
+    tensors = []
+    for param, grad in zip(params, grads):
+        tensor = torch.from_numpy(param).requires_grad_()
+        tensor.grad = torch.from_numpy(grad)
+        tensors.append(tensor)
+    optimizer = spec.torch(tensors, **spec.kwargs, **TORCH_FLAGS[variant])
+    return optimizer.step
+
+
+def row_bytes(spec, size, variant):
+    per_param = spec.bytes_per_param + (FLOAT32_BYTES if variant == "fastopt_lr_scale" else 0)
+    return per_param * (SIZES[size] or GPT2_PARAMS)
+
+
+_CEILING_GBPS = {}  # (optimizer, size, threads) -> GB/s of the ceiling row in this session
+
+
+@pytest.mark.parametrize("optimizer, size, threads, variant", list(cases()))
+def test_step(benchmark, optimizer, size, threads, variant):
+    spec = OPTIMIZERS[optimizer]
+    numba.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    if variant == "ceiling":
+        step = ceiling_step(spec, size)
+    elif variant.startswith("torch"):
+        step = torch_step(spec, size, variant)
+    else:
+        step = fastopt_step(spec, size, variant)
+    try:
+        step()  # compiles (or loads the cache), allocates state, faults pages in
+        step()
+        benchmark.group = f"{optimizer} {size} {threads} thread{'s' if threads > 1 else ''}"
+        benchmark(step)
+    finally:
+        del step  # the optimizer and its state go now, not when pytest lets go of the frame
+        gc.collect()
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+    median = benchmark.stats.stats.median
+    moved = row_bytes(spec, size, variant)
+    gbps = moved / median / 1e9
+    key = (optimizer, size, threads)
+    if variant == "ceiling":
+        _CEILING_GBPS[key] = gbps
+    benchmark.extra_info.update(optimizer=optimizer, variant=variant, size=size, params=SIZES[size] or GPT2_PARAMS,
+                                threads=threads, bytes_per_step=moved, ms_per_step=median * 1e3, gb_per_s=gbps)
+    if key in _CEILING_GBPS:
+        benchmark.extra_info["fraction_of_ceiling"] = gbps / _CEILING_GBPS[key]
