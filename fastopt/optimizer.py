@@ -9,38 +9,13 @@ import numbers
 
 import numpy as np
 
-from . import schedules
+from . import backends, schedules
 
-_BACKENDS = ("cpu", "reference")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _describe(array):
-    return f"{type(array).__module__}.{type(array).__name__}"
-
-
-def _check_param(param, where):
-    if not isinstance(param, np.ndarray):
-        if hasattr(param, "__cuda_array_interface__"):
-            raise TypeError(f"{where} is a GPU array ({_describe(param)}); the CPU backend needs NumPy arrays "
-                            "on the host, and all params of one optimizer must live on one device")
-        raise TypeError(f"{where} must be a numpy.ndarray, got {_describe(param)}")
-    if param.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{where} has dtype {param.dtype}; supported: float32, float64")
-    if not param.flags.c_contiguous:
-        raise ValueError(f"{where} is not C-contiguous (strides {param.strides}); pass np.ascontiguousarray(...) "
-                         "and keep that array, since updates happen in place")
-    if not param.flags.writeable:
-        raise ValueError(f"{where} is read-only; the optimizer updates params in place")
-
-
-def _allocate_state(param, ordinal):
-    """A zeroed buffer shaped like ``param``, its start staggered by a few cache lines per buffer: equal-sized
-    buffers that all begin at the same page offset alias in the cache and lose bandwidth."""
-    itemsize = param.dtype.itemsize
-    offset = (ordinal % 16) * 256 // itemsize
-    base = np.zeros(param.size + offset, dtype=param.dtype)
-    return base[offset:].reshape(param.shape)
+def _is_array(value):
+    return isinstance(value, np.ndarray) or hasattr(value, "__cuda_array_interface__")
 
 
 class Optimizer:
@@ -54,26 +29,25 @@ class Optimizer:
     DEFAULTS: dict = {}
     STATE_SLOTS: tuple = ()
 
-    def __init__(self, params, defaults, *, backend="cpu"):
-        if backend not in _BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {_BACKENDS}")
+    def __init__(self, params, defaults, *, backend="auto"):
+        groups = self._parse_params(params)
+        first = groups[0].get("params", ())
+        self._engine = backends.select(backend, [first] if _is_array(first) else first)
         self.defaults = dict(defaults)
         self.validate_hyperparameters(self.defaults, "defaults")
         self.param_groups = []
         self.state = []  # per param, in group order: dict of torch-named state buffers
         self._params = []
         self.step_count = 0
-        self._backend_name = backend
-        groups = self._parse_params(params)
         for group in groups:
             self._add_group(group)
-        self._backend = self._make_backend(backend)
+        self._backend = self._engine(self)
         self._group_snapshot = None
 
     # ---------------------------------------------------------------- groups
     @staticmethod
     def _parse_params(params):
-        if isinstance(params, np.ndarray) or hasattr(params, "__cuda_array_interface__"):
+        if _is_array(params):
             raise TypeError("params must be a list of arrays or of param-group dicts, got a single array")
         if isinstance(params, dict):
             raise TypeError("params must be a list of param-group dicts, got a single dict; wrap it in a list")
@@ -92,7 +66,7 @@ class Optimizer:
             raise TypeError(f"a param group must be a dict, got {type(group).__name__}")
         steps = self._backend.tensor_steps()
         self._add_group(dict(group))
-        self._backend = self._make_backend(self._backend_name)
+        self._backend = self._engine(self)
         self._backend.set_tensor_steps(np.concatenate([steps, np.zeros(len(self._params) - steps.size, np.int64)]))
         self._group_snapshot = None
 
@@ -105,20 +79,20 @@ class Optimizer:
             raise ValueError(f"{where} has unknown hyperparameter(s) {sorted(unknown)} for "
                              f"{type(self).__name__}; known: {sorted(self.DEFAULTS)} and 'lr_scale'")
         params = group["params"]
-        if isinstance(params, np.ndarray):
+        if _is_array(params):
             params = [params]
         params = list(params)
         for index, param in enumerate(params):
-            _check_param(param, f"{where}['params'][{index}]")
+            self._check_array(param, f"{where}['params'][{index}]", param=True)
         known = {id(p) for p in self._params}
-        addresses = {p.__array_interface__["data"][0] for p in self._params if p.size}
+        addresses = {self._engine.address(p) for p in self._params if p.size}
         for index, param in enumerate(params):
-            if id(param) in known or (param.size and param.__array_interface__["data"][0] in addresses):
+            if id(param) in known or (param.size and self._engine.address(param) in addresses):
                 raise ValueError(f"{where}['params'][{index}] appears more than once among the optimizer's "
                                  "params (or shares its memory with another param)")
             known.add(id(param))
             if param.size:
-                addresses.add(param.__array_interface__["data"][0])
+                addresses.add(self._engine.address(param))
         lr_scale = group.get("lr_scale")
         if lr_scale is not None:
             lr_scale = self._check_lr_scale(lr_scale, params, where)
@@ -132,24 +106,28 @@ class Optimizer:
             self._params.append(param)
             self.state.append({})
 
-    @staticmethod
-    def _check_lr_scale(lr_scale, params, where):
-        if isinstance(lr_scale, np.ndarray):
+    def _check_array(self, array, where, *, param=False, like=None):
+        """Type, device, dtype, layout (and for params, writability) of one array, against its param ``like``."""
+        self._engine.check_array(array, where, writable=param)
+        if param:
+            if array.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"{where} has dtype {array.dtype}; supported: float32, float64")
+            return
+        if array.shape != like.shape:
+            raise ValueError(f"{where} has shape {array.shape}, its param has shape {like.shape}")
+        if array.dtype != like.dtype:
+            raise TypeError(f"{where} has dtype {array.dtype}, its param has dtype {like.dtype}")
+
+    def _check_lr_scale(self, lr_scale, params, where):
+        if _is_array(lr_scale):
             lr_scale = [lr_scale]
         lr_scale = list(lr_scale)
         if len(lr_scale) != len(params):
             raise ValueError(f"{where}['lr_scale'] has {len(lr_scale)} arrays for {len(params)} params")
         for index, (scale, param) in enumerate(zip(lr_scale, params)):
             label = f"{where}['lr_scale'][{index}]"
-            if not isinstance(scale, np.ndarray):
-                raise TypeError(f"{label} must be a numpy.ndarray, got {_describe(scale)}")
-            if scale.shape != param.shape:
-                raise ValueError(f"{label} has shape {scale.shape}, its param has shape {param.shape}")
-            if scale.dtype != param.dtype:
-                raise TypeError(f"{label} has dtype {scale.dtype}, its param has dtype {param.dtype}")
-            if not scale.flags.c_contiguous:
-                raise ValueError(f"{label} is not C-contiguous")
-            if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+            self._check_array(scale, label, like=param)
+            if not self._engine.all_finite_nonnegative(scale):
                 raise ValueError(f"{label} must be finite and >= 0")
         return lr_scale
 
@@ -191,13 +169,6 @@ class Optimizer:
         return [float(schedules.as_schedule(group["lr"])(self.step_count)) for group in self.param_groups]
 
     # ---------------------------------------------------------------- the step
-    def _make_backend(self, name):
-        if name == "cpu":
-            from .backends.cpu import CpuBackend
-            return CpuBackend(self)
-        from .backends.reference import ReferenceBackend
-        return ReferenceBackend(self)
-
     def _snapshot(self):
         return [(tuple(group), tuple(group.get(key) for key in self.DEFAULTS), tuple(map(id, group["lr_scale"] or ())))
                 for group in self.param_groups]
@@ -221,7 +192,7 @@ class Optimizer:
             for param, state in states:
                 for name in self.state_names(group):
                     if name not in state:
-                        state[name] = _allocate_state(param, ordinal)
+                        state[name] = self._engine.allocate_state(param, ordinal)
                         ordinal += 1
         self._group_snapshot = snapshot
         return True
@@ -234,7 +205,7 @@ class Optimizer:
             position += count
 
     def _check_grads(self, grads):
-        if isinstance(grads, np.ndarray):
+        if _is_array(grads):
             grads = [grads]
         grads = list(grads)
         if len(grads) != len(self._params):
@@ -242,20 +213,9 @@ class Optimizer:
         for index, (grad, param) in enumerate(zip(grads, self._params)):
             if grad is None:
                 continue
-            where = f"grads[{index}]"
-            if not isinstance(grad, np.ndarray):
-                if hasattr(grad, "__cuda_array_interface__"):
-                    raise TypeError(f"{where} is a GPU array ({_describe(grad)}) but the params are NumPy arrays "
-                                    "on the host; params and grads must be on one device")
-                raise TypeError(f"{where} must be a numpy.ndarray or None, got {_describe(grad)}")
-            if grad.shape != param.shape:
-                raise ValueError(f"{where} has shape {grad.shape}, its param has shape {param.shape}")
-            if grad.dtype != param.dtype:
-                raise TypeError(f"{where} has dtype {grad.dtype}, its param has dtype {param.dtype}")
-            if not grad.flags.c_contiguous:
-                raise ValueError(f"{where} is not C-contiguous (strides {grad.strides})")
-            if not param.flags.writeable:
-                raise ValueError(f"param {index} has become read-only; the optimizer updates params in place")
+            self._check_array(grad, f"grads[{index}]", like=param)
+        for index, param in enumerate(self._params):
+            self._engine.check_array(param, f"param {index}", writable=True)
         return grads
 
     def step(self, grads):
@@ -273,7 +233,7 @@ class Optimizer:
         steps = self._backend.tensor_steps()
         state = {}
         for index, buffers in enumerate(self.state):
-            entry = {name: buffer.copy() for name, buffer in buffers.items()}
+            entry = {name: self._engine.to_numpy(buffer) for name, buffer in buffers.items()}
             if steps[index] or buffers:
                 entry["step"] = int(steps[index])
             state[index] = entry
@@ -331,12 +291,12 @@ class Optimizer:
                     steps[position] = int(value)
                     continue
                 if name not in state:
-                    state[name] = _allocate_state(param, position * len(self.STATE_SLOTS) + len(state))
-                state[name][...] = np.asarray(value, dtype=param.dtype)
+                    state[name] = self._engine.allocate_state(param, position * len(self.STATE_SLOTS) + len(state))
+                self._engine.copy_from_numpy(state[name], np.asarray(value, dtype=param.dtype))
         self.step_count = step_count
         self._group_snapshot = None
         self._sync_groups()
-        self._backend = self._make_backend(self._backend_name)
+        self._backend = self._engine(self)
         self._backend.set_tensor_steps(steps)
 
     def __repr__(self):

@@ -393,8 +393,9 @@ class OneCycle(Schedule):
     ``end + (start - end) / 2 * (cos(pi pct) + 1)`` ("cos") or ``(end - start) pct + start``
     ("linear"). torch: ``OneCycleLR`` (these are its boundaries and formulas exactly).
 
-    Deliberate difference: torch raises once stepped past ``total_steps``; here the final value
-    ``min_lr`` holds for every ``t >= total_steps - 1``. ``pct_start * total_steps == 1`` is
+    Deliberate difference: torch raises when stepped more than ``total_steps`` times (and its lr
+    after exactly ``total_steps`` steps extrapolates the last phase past ``pct = 1``, back up the
+    cosine); here the final value ``min_lr`` holds for every ``t >= total_steps - 1``. ``pct_start * total_steps == 1`` is
     rejected: the first phase would span zero steps and torch divides by zero at step 0.
     """
 

@@ -7,6 +7,7 @@ changed.
 import numpy as np
 
 from .. import schedules
+from . import HostArrays
 from ..kernels.cpu import fused, tables
 
 
@@ -42,7 +43,7 @@ class _DtypeBucket:
         self.chunk_length = np.asarray(length, dtype=np.int64)
 
 
-class CpuBackend:
+class CpuBackend(HostArrays):
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.kernel = getattr(fused, optimizer.KERNEL)

@@ -5,9 +5,10 @@ Params and state stay in their own dtype between steps; each step computes in fl
 import numpy as np
 
 from .. import schedules
+from . import HostArrays
 
 
-class ReferenceBackend:
+class ReferenceBackend(HostArrays):
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.steps = np.zeros(len(optimizer._params), dtype=np.int64)
