@@ -5,9 +5,10 @@
     opt.step(grads)   # one fused pass over every param, grad and state buffer, in place
 """
 from . import reference, schedules
+from .guard import Guard
 from .optimizer import Optimizer
 from .optimizers import SGD, Adam, AdamW, RMSprop
 from .serialization import load, save
 
 __version__ = "0.1.0"
-__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Optimizer", "schedules", "reference", "save", "load"]
+__all__ = ["Guard", "SGD", "RMSprop", "Adam", "AdamW", "Optimizer", "schedules", "reference", "save", "load"]

@@ -10,6 +10,7 @@ import numbers
 import numpy as np
 
 from . import backends, schedules
+from .guard import Guard
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -29,7 +30,11 @@ class Optimizer:
     DEFAULTS: dict = {}
     STATE_SLOTS: tuple = ()
 
-    def __init__(self, params, defaults, *, backend="auto"):
+    def __init__(self, params, defaults, *, backend="auto", guard=None):
+        if guard is not None and not isinstance(guard, Guard):
+            raise TypeError(f"guard must be a fastopt.Guard or None, got {type(guard).__name__}")
+        self.guard = guard
+        self.last_grad_norm = None
         groups = self._parse_params(params)
         first = groups[0].get("params", ())
         self._engine = backends.select(backend, [first] if _is_array(first) else first)
@@ -220,10 +225,20 @@ class Optimizer:
 
     def step(self, grads):
         """Apply one update to every param from ``grads`` (a list aligned with the params in group order;
-        ``None`` skips a param, as torch skips params without ``.grad``). Params and state change in place."""
+        ``None`` skips a param, as torch skips params without ``.grad``). Params and state change in place.
+
+        With a :class:`~fastopt.Guard`, grads holding NaN/inf skip the whole step (nothing changes, the step
+        count included) and ``last_grad_norm`` holds the grads' global L2 norm."""
         grads = self._check_grads(grads)
         changed = self._sync_groups()
-        self._backend.step(grads, self.step_count, changed)
+        lr_factor = 1.0
+        if self.guard is not None:
+            sum_of_squares, nonfinite = self._backend.grad_stats(grads)
+            self.last_grad_norm = math.sqrt(sum_of_squares)
+            if not self.guard.admit(nonfinite):
+                return
+            lr_factor = self.guard.lr_factor
+        self._backend.step(grads, self.step_count, changed, lr_factor)
         self.step_count += 1
 
     # ---------------------------------------------------------------- state dict
@@ -243,7 +258,10 @@ class Optimizer:
             saved["params"] = list(range(position, position + len(group["params"])))
             position += len(group["params"])
             groups.append(saved)
-        return {"state": state, "param_groups": groups, "step_count": self.step_count}
+        state_dict = {"state": state, "param_groups": groups, "step_count": self.step_count}
+        if self.guard is not None:
+            state_dict["guard"] = self.guard.state_dict()
+        return state_dict
 
     def load_state_dict(self, state_dict):
         """Load a state dict from :meth:`state_dict` (or :func:`fastopt.load`) into this optimizer, whose params
@@ -275,6 +293,8 @@ class Optimizer:
                     raise ValueError(f"state {name!r} of param {position} has shape {value.shape}, "
                                      f"the param has shape {param.shape}")
         step_count = int(state_dict.get("step_count", 0))
+        if self.guard is not None and "guard" in state_dict:
+            Guard().load_state_dict(state_dict["guard"])  # validates
         # Everything is checked: write.
         for saved, group in zip(groups, self.param_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
@@ -294,6 +314,8 @@ class Optimizer:
                     state[name] = self._engine.allocate_state(param, position * len(self.STATE_SLOTS) + len(state))
                 self._engine.copy_from_numpy(state[name], np.asarray(value, dtype=param.dtype))
         self.step_count = step_count
+        if self.guard is not None and "guard" in state_dict:
+            self.guard.load_state_dict(state_dict["guard"])
         self._group_snapshot = None
         self._sync_groups()
         self._backend = self._engine(self)

@@ -27,9 +27,9 @@ class SGD(Optimizer):
     KERNEL = "sgd_step"
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, backend="auto"):
+                 maximize=False, backend="auto", guard=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize), backend=backend)
+                                      nesterov=nesterov, maximize=maximize), backend=backend, guard=guard)
 
     def validate_hyperparameters(self, group, where):
         super().validate_hyperparameters(group, where)
@@ -71,9 +71,9 @@ class RMSprop(Optimizer):
     KERNEL = "rmsprop_step"
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, *,
-                 maximize=False, backend="auto"):
+                 maximize=False, backend="auto", guard=None):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                                      centered=centered, maximize=maximize), backend=backend)
+                                      centered=centered, maximize=maximize), backend=backend, guard=guard)
 
     def validate_hyperparameters(self, group, where):
         super().validate_hyperparameters(group, where)
@@ -116,9 +116,9 @@ class Adam(Optimizer):
     DECOUPLED_WEIGHT_DECAY = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, backend="auto"):
+                 maximize=False, backend="auto", guard=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                                      maximize=maximize), backend=backend)
+                                      maximize=maximize), backend=backend, guard=guard)
 
     def validate_hyperparameters(self, group, where):
         super().validate_hyperparameters(group, where)
@@ -157,6 +157,6 @@ class AdamW(Adam):
     DECOUPLED_WEIGHT_DECAY = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, backend="auto"):
+                 maximize=False, backend="auto", guard=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, backend=backend)
+                         maximize=maximize, backend=backend, guard=guard)

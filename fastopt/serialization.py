@@ -50,7 +50,7 @@ def save(path, optimizer):
                 steps[str(index)] = value
             else:
                 arrays[f"state/{index}/{name}"] = value
-    meta = {"format": _FORMAT, "optimizer": type(optimizer).__name__, "step_count": state_dict["step_count"],
+    meta = {"guard": state_dict.get("guard"), "format": _FORMAT, "optimizer": type(optimizer).__name__, "step_count": state_dict["step_count"],
             "steps": steps, "param_groups": [{key: _encode(value) for key, value in group.items()}
                                              for group in state_dict["param_groups"]]}
     np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
@@ -70,4 +70,7 @@ def load(path, optimizer):
                 _, index, name = key.split("/")
                 state.setdefault(int(index), {})[name] = archive[key]
     groups = [{key: _decode(value) for key, value in group.items()} for group in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups, "step_count": meta["step_count"]})
+    loaded = {"state": state, "param_groups": groups, "step_count": meta["step_count"]}
+    if meta.get("guard") is not None:
+        loaded["guard"] = meta["guard"]
+    optimizer.load_state_dict(loaded)

@@ -84,18 +84,34 @@ class CpuBackend(HostArrays):
                     buffer = state.get(name)
                     bucket.addresses[position, tables.STATE0 + slot] = 0 if buffer is None else _address(buffer)
 
-    def step(self, grads, step_count, groups_changed):
+    @staticmethod
+    def _set_grads(bucket, grads):
+        column = bucket.addresses[:, tables.GRAD]
+        for position, index in enumerate(bucket.indices):
+            grad = grads[index]
+            # An empty tensor has no address; mark it present with a dummy so its step still counts.
+            column[position] = 0 if grad is None else (_address(grad) or -1)
+
+    def grad_stats(self, grads):
+        """(sum of squares, number of non-finite values) over all grads, one parallel read."""
+        sum_of_squares, nonfinite = 0.0, 0
+        for bucket in self.buckets:
+            self._set_grads(bucket, grads)
+            total, count = fused.grad_stats(bucket.addresses, bucket.chunk_tensor, bucket.chunk_start,
+                                            bucket.chunk_length, bucket.scratch)
+            sum_of_squares += total
+            nonfinite += count
+        return sum_of_squares, nonfinite
+
+    def step(self, grads, step_count, groups_changed, lr_factor=1.0):
         if groups_changed or self.group_hyper is None:
             self._refresh_groups()
         for bucket in self.buckets:
-            column = bucket.addresses[:, tables.GRAD]
-            for position, index in enumerate(bucket.indices):
-                grad = grads[index]
-                # An empty tensor has no address; mark it present with a dummy so its step still counts.
-                column[position] = 0 if grad is None else (_address(grad) or -1)
+            self._set_grads(bucket, grads)
             self.kernel(bucket.addresses, bucket.chunk_tensor, bucket.chunk_start, bucket.chunk_length,
                         bucket.tensor_group, bucket.tensor_step, self.group_hyper, self.schedule_program,
-                        self.schedule_base, np.int64(step_count), bucket.coefficients, bucket.scratch)
+                        self.schedule_base, np.int64(step_count), np.float64(lr_factor), bucket.coefficients,
+                        bucket.scratch)
 
     def tensor_steps(self):
         steps = np.zeros(len(self.optimizer._params), dtype=np.int64)

@@ -13,11 +13,17 @@ class ReferenceBackend(HostArrays):
         self.optimizer = optimizer
         self.steps = np.zeros(len(optimizer._params), dtype=np.int64)
 
-    def step(self, grads, step_count, groups_changed):
+    @staticmethod
+    def grad_stats(grads):
+        present = [grad.astype(np.float64) for grad in grads if grad is not None]
+        return (sum(float(np.sum(grad * grad)) for grad in present),
+                sum(int(np.count_nonzero(~np.isfinite(grad))) for grad in present))
+
+    def step(self, grads, step_count, groups_changed, lr_factor=1.0):
         optimizer = self.optimizer
         index = 0
         for group in optimizer.param_groups:
-            lr = float(schedules.as_schedule(group["lr"])(step_count))
+            lr = float(schedules.as_schedule(group["lr"])(step_count)) * lr_factor
             scales = group["lr_scale"] or [None] * len(group["params"])
             for param, scale in zip(group["params"], scales):
                 grad = grads[index]

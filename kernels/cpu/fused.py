@@ -66,11 +66,41 @@ def stream(addresses, tensor, slot, start, length, scratch):
 
 
 @jit
-def group_learning_rates(schedule_program, schedule_base, optimizer_step):
+def group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor):
+    """Each group's schedule at the optimizer step, times ``lr_factor`` (the divergence guard's back-off; 1.0
+    leaves the rate exactly as scheduled)."""
     learning_rates = np.empty(schedule_base.shape[0])
     for group in range(schedule_base.shape[0]):
-        learning_rates[group] = schedule_value(schedule_program, schedule_base[group], optimizer_step)
+        learning_rates[group] = schedule_value(schedule_program, schedule_base[group], optimizer_step) * lr_factor
     return learning_rates
+
+
+@jit
+def chunk_grad_stats(grad):
+    """Sum of squares and count of non-finite values of one chunk, in float64 (no fastmath: NaN must count)."""
+    total = 0.0
+    nonfinite = 0
+    for i in range(grad.shape[0]):
+        value = np.float64(grad[i])
+        total += value * value
+        nonfinite += not np.isfinite(value)
+    return total, nonfinite
+
+
+@parallel_jit
+def grad_stats(addresses, chunk_tensor, chunk_start, chunk_length, scratch):
+    """One read of every grad: the global sum of squares (for the L2 norm) and the number of non-finite values."""
+    total = 0.0
+    nonfinite = 0
+    for chunk in prange(chunk_tensor.shape[0]):
+        tensor = chunk_tensor[chunk]
+        if addresses[tensor, GRAD] == 0:
+            continue
+        chunk_total, chunk_nonfinite = chunk_grad_stats(
+            stream(addresses, tensor, GRAD, chunk_start[chunk], chunk_length[chunk], scratch))
+        total += chunk_total
+        nonfinite += chunk_nonfinite
+    return total, nonfinite
 
 
 @jit
@@ -93,9 +123,9 @@ def sgd_chunk(param, grad, lr_scale, momentum_buffer, coefficients, has_lr_scale
 
 @parallel_jit
 def sgd_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
-             schedule_program, schedule_base, optimizer_step, coefficients, scratch):
+             schedule_program, schedule_base, optimizer_step, lr_factor, coefficients, scratch):
     """One SGD step over all tensors; ``tensor_step`` counts momentum steps (0: the buffer starts as the grad)."""
-    learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step)
+    learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor)
     for tensor in range(tensor_group.shape[0]):
         if addresses[tensor, GRAD] == 0:
             continue
@@ -151,9 +181,9 @@ def rmsprop_chunk(param, grad, lr_scale, square_avg, momentum_buffer, grad_avg, 
 
 @parallel_jit
 def rmsprop_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
-                 schedule_program, schedule_base, optimizer_step, coefficients, scratch):
+                 schedule_program, schedule_base, optimizer_step, lr_factor, coefficients, scratch):
     """One RMSprop step over all tensors (state slots: square_avg, momentum_buffer, grad_avg)."""
-    learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step)
+    learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor)
     for tensor in range(tensor_group.shape[0]):
         if addresses[tensor, GRAD] == 0:
             continue
@@ -218,9 +248,9 @@ def adam_chunk(param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coeff
 
 @parallel_jit
 def adam_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
-              schedule_program, schedule_base, optimizer_step, coefficients, scratch):
+              schedule_program, schedule_base, optimizer_step, lr_factor, coefficients, scratch):
     """One Adam/AdamW step over all tensors (state slots: exp_avg, exp_avg_sq, max_exp_avg_sq)."""
-    learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step)
+    learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor)
     for tensor in range(tensor_group.shape[0]):
         if addresses[tensor, GRAD] == 0:
             continue
