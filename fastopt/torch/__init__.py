@@ -1,0 +1,1 @@
+"""Drop-in torch.optim optimizers backed by fastopt kernels (imports torch; `import fastopt` does not)."""
