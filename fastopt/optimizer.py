@@ -1,8 +1,9 @@
 """The optimizer base class: param groups, validation, state and the step.
 
 The class holds what torch.optim's ``Optimizer`` holds (``param_groups``, per-parameter ``state``) and leaves
-the arithmetic to a backend: the fused Numba kernels (``"cpu"``) or the float64 reference (``"reference"``).
-Every check runs before any backend work, so a step that raises leaves params and state untouched.
+the arithmetic to an engine from :mod:`fastopt.backends` (fused Numba kernels, fused CUDA kernels, or the
+float64 reference). Every check runs before any engine work, so a step that raises leaves params and state
+untouched.
 """
 import math
 import numbers
@@ -22,9 +23,10 @@ def _is_array(value):
 class Optimizer:
     """Base of the fastopt optimizers.
 
-    Subclasses set ``DEFAULTS`` (torch's hyperparameters and defaults), ``validate_group`` and
-    ``state_names(group)`` (the state buffers a group's hyperparameters need, in torch's names), and the
-    backend ``kernel`` name and ``reference`` function.
+    Subclasses set ``DEFAULTS`` (torch's hyperparameters and defaults), ``STATE_SLOTS`` (torch's state names in
+    the kernels' slot order), ``COLUMNS`` and ``group_row`` (the kernels' per-group table), ``KERNEL`` (the fused
+    kernel's name), and implement ``validate_hyperparameters``, ``state_names(group)`` (the buffers a group's
+    hyperparameters use) and ``reference_step`` (the float64 reference update of one tensor).
     """
 
     DEFAULTS: dict = {}
