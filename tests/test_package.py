@@ -1,0 +1,28 @@
+"""Packaging promises: what `import fastopt` pulls in, and that a second process loads kernels from the cache."""
+import json
+import subprocess
+import sys
+
+PROBE = """
+import json, sys
+import numpy as np
+import fastopt as fo
+heavy = sorted(name for name in ("torch", "matplotlib", "cupy", "sklearn") if name in sys.modules)
+from fastopt.kernels.cpu import fused
+params = [np.ones(100, np.float32)]
+fo.Adam(params).step([np.ones(100, np.float32)])
+print(json.dumps({"heavy": heavy, "hits": sum(fused.adam_step.stats.cache_hits.values()),
+                  "misses": sum(fused.adam_step.stats.cache_misses.values())}))
+"""
+
+
+def run_probe():
+    output = subprocess.run([sys.executable, "-c", PROBE], check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def test_import_is_light_and_second_process_uses_the_kernel_cache():
+    run_probe()  # compiles (or loads) and fills the cache
+    result = run_probe()
+    assert result["heavy"] == [], f"import fastopt pulled in {result['heavy']}"
+    assert result["hits"] == 1 and result["misses"] == 0, result
