@@ -5,7 +5,9 @@ needs (every param, grad and state buffer read once, every updated one written o
 where one is used), the same for every implementation of the update, so GB/s reads against the ``ceiling`` row:
 a prange kernel with the optimizer's read/write pattern and trivial math. See bench/README.md.
 
-    python -m pytest bench/bench_cpu.py -k "Adam-16M" --benchmark-json=bench/cpu.json
+    python -m pytest bench/bench_cpu.py --benchmark-json=bench/cpu.json     # all 220 rows, ~10 minutes
+    python -m pytest bench/bench_cpu.py -k "16M and not 1t"                  # quick: 16M, 2 threads
+    python -m pytest bench/bench_cpu.py -k "Adam-16M"                        # row ids: Adam-16M-2t-torch_fused
 """
 import gc
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import torch
 import fastopt as fo
 
 FLOAT32_BYTES = 4
+PAGE = 4096
 SIZES = {"1M": 1 << 20, "16M": 1 << 24, "64M": 1 << 26, "GPT2": None}  # GPT2: the list below
 
 
@@ -84,11 +87,14 @@ def cases():
 
 # ---------------------------------------------------------------- buffers
 def staggered(shape, ordinal):
-    """An uninitialised float32 array whose start is moved 128 + 256 * ordinal bytes (mod 4 KiB) into its
-    allocation: equal-size buffers at one page offset lose bandwidth. fastopt staggers its state buffers by
-    multiples of 256 bytes, so these never share a page offset with them."""
-    offset = (128 + 256 * (ordinal % 16)) // FLOAT32_BYTES
-    return np.empty(int(np.prod(shape)) + offset, dtype=np.float32)[offset:].reshape(shape)
+    """An uninitialised float32 array that starts 128 + 256 * ordinal bytes (mod 4 KiB) into a page: 64-byte
+    aligned (NumPy's large arrays start 16 bytes past a line, and AVX-512 loads across lines cost up to 20% here)
+    and staggered (equal-size buffers at one page offset lose bandwidth). fastopt shifts its state buffers by
+    multiples of 256 bytes from NumPy's allocation, so they never share a page offset with these."""
+    count = int(np.prod(shape))
+    base = np.empty(count + PAGE // FLOAT32_BYTES, dtype=np.float32)
+    start = (128 + 256 * (ordinal % 16) - base.ctypes.data) % PAGE // FLOAT32_BYTES
+    return base[start:start + count].reshape(shape)
 
 
 def random_arrays(shapes, rng, first_ordinal):

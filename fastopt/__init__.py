@@ -6,9 +6,11 @@
 """
 from . import reference, schedules
 from .guard import Guard
+from .lr_find import lr_find
 from .optimizer import Optimizer
 from .optimizers import SGD, Adam, AdamW, RMSprop
 from .serialization import load, save
 
 __version__ = "0.1.0"
-__all__ = ["Guard", "SGD", "RMSprop", "Adam", "AdamW", "Optimizer", "schedules", "reference", "save", "load"]
+__all__ = ["Guard", "SGD", "RMSprop", "Adam", "AdamW", "Optimizer", "schedules", "reference", "save", "load",
+           "lr_find"]

@@ -62,6 +62,7 @@ __all__ = [
     "sequential",
     "Warmup",
     "warmup",
+    "plot",
 ]
 
 # Programs are float64, which holds every integer up to 2**53 exactly.
@@ -636,6 +637,14 @@ def as_schedule(lr) -> Schedule:
     if not isinstance(lr, numbers.Real):
         raise TypeError(f"lr must be a number or a Schedule, got {type(lr).__name__} {lr!r}")
     return Constant(lr)
+
+
+def plot(sched_or_list, steps, path, labels=None):
+    """Draw a schedule, or a list of them, over ``steps`` (``N`` for steps ``0..N-1``, or an array of steps) to
+    the PNG ``path``; returns ``path``. Needs matplotlib, imported only here (see :mod:`fastopt.plotting`)."""
+    from .plotting import plot_schedules
+
+    return plot_schedules(sched_or_list, steps, path, labels=labels)
 
 
 # The snake_case names follow torch's argument names; the records are the classes above.

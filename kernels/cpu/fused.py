@@ -104,8 +104,8 @@ def grad_stats(addresses, chunk_tensor, chunk_start, chunk_length, scratch):
 
 
 @jit
-def sgd_chunk(param, grad, lr_scale, momentum_buffer, coefficients, has_lr_scale, maximize, use_weight_decay,
-              use_momentum, first_momentum_step, nesterov):
+def sgd_loop(has_lr_scale, use_momentum, first_momentum_step, param, grad, lr_scale, momentum_buffer, coefficients,
+             maximize, use_weight_decay, nesterov):
     rate = coefficients[SGD_RATE]
     weight_decay = coefficients[SGD_WEIGHT_DECAY]
     momentum = coefficients[SGD_MOMENTUM]
@@ -119,6 +119,34 @@ def sgd_chunk(param, grad, lr_scale, momentum_buffer, coefficients, has_lr_scale
         param[i] = p
         if use_momentum:
             momentum_buffer[i] = buffer
+
+
+@jit
+def sgd_chunk(param, grad, lr_scale, momentum_buffer, coefficients, has_lr_scale, maximize, use_weight_decay,
+              use_momentum, first_momentum_step, nesterov):
+    """sgd_loop with the flags that decide which streams are read or written passed as literals: Numba compiles
+    one loop per combination with the unused streams absent, and each vectorises (LLVM does not reliably
+    unswitch a loop on five run-time flags, and a conditional load blocks vectorisation)."""
+    if has_lr_scale:
+        if not use_momentum:
+            sgd_loop(True, False, False, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov)
+        elif first_momentum_step:
+            sgd_loop(True, True, True, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov)
+        else:
+            sgd_loop(True, True, False, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov)
+    else:
+        if not use_momentum:
+            sgd_loop(False, False, False, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov)
+        elif first_momentum_step:
+            sgd_loop(False, True, True, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov)
+        else:
+            sgd_loop(False, True, False, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov)
 
 
 @parallel_jit
@@ -154,8 +182,8 @@ def sgd_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, t
 
 
 @jit
-def rmsprop_chunk(param, grad, lr_scale, square_avg, momentum_buffer, grad_avg, coefficients, has_lr_scale,
-                  maximize, use_weight_decay, use_momentum, centered):
+def rmsprop_loop(has_lr_scale, use_momentum, centered, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
+                 coefficients, maximize, use_weight_decay):
     rate = coefficients[RMSPROP_RATE]
     alpha = coefficients[RMSPROP_ALPHA]
     alpha_complement = coefficients[RMSPROP_ALPHA_COMPLEMENT]
@@ -177,6 +205,40 @@ def rmsprop_chunk(param, grad, lr_scale, square_avg, momentum_buffer, grad_avg, 
             momentum_buffer[i] = buffer
         if centered:
             grad_avg[i] = average
+
+
+@jit
+def rmsprop_chunk(param, grad, lr_scale, square_avg, momentum_buffer, grad_avg, coefficients, has_lr_scale,
+                  maximize, use_weight_decay, use_momentum, centered):
+    """rmsprop_loop with the stream-selecting flags as literals (see sgd_chunk)."""
+    if has_lr_scale:
+        if use_momentum:
+            if centered:
+                rmsprop_loop(True, True, True, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
+                             coefficients, maximize, use_weight_decay)
+            else:
+                rmsprop_loop(True, True, False, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
+                             coefficients, maximize, use_weight_decay)
+        elif centered:
+            rmsprop_loop(True, False, True, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
+                         coefficients, maximize, use_weight_decay)
+        else:
+            rmsprop_loop(True, False, False, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
+                         coefficients, maximize, use_weight_decay)
+    else:
+        if use_momentum:
+            if centered:
+                rmsprop_loop(False, True, True, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
+                             coefficients, maximize, use_weight_decay)
+            else:
+                rmsprop_loop(False, True, False, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
+                             coefficients, maximize, use_weight_decay)
+        elif centered:
+            rmsprop_loop(False, False, True, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
+                         coefficients, maximize, use_weight_decay)
+        else:
+            rmsprop_loop(False, False, False, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
+                         coefficients, maximize, use_weight_decay)
 
 
 @parallel_jit
@@ -214,8 +276,8 @@ def rmsprop_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_grou
 
 
 @jit
-def adam_chunk(param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, has_lr_scale, maximize,
-               use_weight_decay, decoupled_weight_decay, amsgrad):
+def adam_loop(has_lr_scale, amsgrad, param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, maximize,
+              use_weight_decay, decoupled_weight_decay):
     step_rate = coefficients[ADAM_STEP_RATE]
     decay_factor = coefficients[ADAM_DECAY_FACTOR]
     rate_weight_decay = coefficients[ADAM_RATE_WEIGHT_DECAY]
@@ -244,6 +306,26 @@ def adam_chunk(param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coeff
         exp_avg_sq[i] = v
         if amsgrad:
             max_exp_avg_sq[i] = v_max
+
+
+@jit
+def adam_chunk(param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, has_lr_scale, maximize,
+               use_weight_decay, decoupled_weight_decay, amsgrad):
+    """adam_loop with the stream-selecting flags as literals (see sgd_chunk)."""
+    if has_lr_scale:
+        if amsgrad:
+            adam_loop(True, True, param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
+                      maximize, use_weight_decay, decoupled_weight_decay)
+        else:
+            adam_loop(True, False, param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
+                      maximize, use_weight_decay, decoupled_weight_decay)
+    else:
+        if amsgrad:
+            adam_loop(False, True, param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
+                      maximize, use_weight_decay, decoupled_weight_decay)
+        else:
+            adam_loop(False, False, param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
+                      maximize, use_weight_decay, decoupled_weight_decay)
 
 
 @parallel_jit

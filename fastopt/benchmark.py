@@ -1,0 +1,255 @@
+"""``fastopt bench``: one optimizer step on the CPU, fastopt beside torch.optim and a memory-bandwidth ceiling.
+
+An optimizer step does almost no arithmetic per byte, so its speed limit is memory bandwidth. Each row's bytes
+are the least traffic one fused pass needs in float32 (every param, grad and state buffer read once, every
+updated one written once: Adam 28 B/param, SGD with momentum and RMSprop 20, plain SGD 12), the same count for
+every implementation, so GB/s reads directly against the ``ceiling`` row: a parallel Numba kernel with the
+optimizer's read/write pattern and trivial math, measured in the same run. Host bandwidth drifts by tens of
+percent over minutes, so the variants of one (optimizer, size) are timed in interleaved rounds and each row
+reports its median; compare ratios within one run, not GB/s across runs.
+
+The pytest-benchmark suite in the repository's ``bench/`` covers more variants and sizes; this module is the
+installed, self-contained version behind the command line.
+"""
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from . import optimizers
+from .kernels.cpu.jit import parallel_jit
+
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class OptimizerCase:
+    fastopt: str  # class name in fastopt and in torch.optim
+    kwargs: dict
+    states: int  # state buffers per param
+    torch_fused: bool  # torch.optim has a fused CPU implementation
+
+    @property
+    def bytes_per_param(self):  # reads: param, grad, states; writes: param, states
+        return FLOAT32_BYTES * (3 + 2 * self.states)
+
+
+CASES = {
+    "SGD": OptimizerCase("SGD", dict(lr=1e-3), 0, True),
+    "SGD_momentum": OptimizerCase("SGD", dict(lr=1e-3, momentum=0.9), 1, True),
+    "RMSprop": OptimizerCase("RMSprop", dict(lr=1e-3), 1, False),
+    "Adam": OptimizerCase("Adam", dict(lr=1e-3), 2, True),
+    "AdamW": OptimizerCase("AdamW", dict(lr=1e-3), 2, True),
+}
+QUICK = dict(sizes=(4 << 20,), repeats=5, sample_seconds=0.02)
+FULL = dict(sizes=(1 << 20, 16 << 20), repeats=9, sample_seconds=0.05)
+
+
+# ---------------------------------------------------------------- the ceiling kernels
+@parallel_jit
+def ceiling_read2_write1(param, grad, rate):
+    """Plain SGD's traffic, 12 B/param: read param, grad; write param."""
+    for i in numba.prange(param.size):
+        param[i] = param[i] + rate * grad[i]
+
+
+@parallel_jit
+def ceiling_read3_write2(param, grad, state, decay, rate):
+    """SGD momentum's and RMSprop's traffic, 20 B/param: read param, grad, state; write param, state."""
+    for i in numba.prange(param.size):
+        s = state[i] * decay + grad[i]
+        state[i] = s
+        param[i] = param[i] + rate * s
+
+
+@parallel_jit
+def ceiling_read4_write3(param, grad, state1, state2, decay, rate):
+    """Adam's traffic, 28 B/param: read param, grad, two states; write param, two states."""
+    for i in numba.prange(param.size):
+        g = grad[i]
+        m = state1[i] * decay + g
+        v = state2[i] * decay + g * g
+        state1[i] = m
+        state2[i] = v
+        param[i] = param[i] + rate * m * v
+
+
+# ---------------------------------------------------------------- buffers and steps
+def staggered(size, ordinal):
+    """A float32 array whose start sits 128 + 256 * ordinal bytes (mod 4 KiB) into its allocation: equal-size
+    buffers that all start at the same page offset alias in the cache and lose bandwidth."""
+    offset = (128 + 256 * (ordinal % 16)) // FLOAT32_BYTES
+    return np.empty(size + offset, dtype=np.float32)[offset:]
+
+
+def ceiling_step(case, param, grad):
+    states = [staggered(param.size, 2 + index) for index in range(case.states)]
+    for state in states:
+        state.fill(0)
+    kernel = (ceiling_read2_write1, ceiling_read3_write2, ceiling_read4_write3)[case.states]
+    # float32 scalars: a Python float would turn the whole kernel into float64 arithmetic.
+    arguments = (param, grad, *states, *((np.float32(0.5),) if case.states else ()), np.float32(-1e-6))
+    return lambda: kernel(*arguments)
+
+
+def fastopt_step(case, param, grad):
+    optimizer = getattr(optimizers, case.fastopt)([param], **case.kwargs)
+    return lambda: optimizer.step([grad])
+
+
+def torch_step(case, param, grad, torch, **flags):
+    tensor = torch.from_numpy(param).requires_grad_()  # shares memory with param: no copy
+    tensor.grad = torch.from_numpy(grad)
+    optimizer = getattr(torch.optim, case.fastopt)([tensor], **case.kwargs, **flags)
+    return optimizer.step
+
+
+def parse_size(text):
+    """``"4M"`` -> 4 * 2**20, ``"64K"`` -> 65536, ``"1000"`` -> 1000."""
+    text = str(text).strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    number = text[:-1] if scale > 1 else text
+    try:
+        size = int(float(number) * scale)
+    except ValueError:
+        raise ValueError(f"cannot read the size {text!r}; use a number of params such as 65536, 64K or 4M") from None
+    if size < 1:
+        raise ValueError(f"size must be at least 1 param, got {text!r}")
+    return size
+
+
+def size_label(size):
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, one line per update otherwise)."""
+
+    def __init__(self, total, stream=None, enabled=True):
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.stream = stream or sys.stderr
+        self.terminal = getattr(self.stream, "isatty", lambda: False)()
+
+    def update(self, label, advance=1):
+        self.done += advance
+        if not self.enabled:
+            return
+        filled = round(30 * self.done / self.total)
+        line = f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label}"
+        self.stream.write(f"\r{line:<80}" if self.terminal else line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.enabled and self.terminal:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _time_steps(step, count):
+    start = time.perf_counter()
+    for _ in range(count):
+        step()
+    return (time.perf_counter() - start) / count
+
+
+def run(optimizer_names=None, sizes=None, threads=None, repeats=None, sample_seconds=None, quick=False,
+        use_torch=True, progress=True):
+    """Measure every (optimizer, size) group and return ``{"machine": ..., "settings": ..., "rows": [...]}``.
+
+    A group's variants are ``ceiling``, ``fastopt`` and, with torch installed, ``torch`` (torch.optim's CPU
+    default, the for-loop implementation) and ``torch-fused`` (``fused=True``, where torch has one). Each is
+    warmed up by two steps (the first compiles or loads Numba's cache and allocates state), then timed in
+    ``repeats`` interleaved rounds of about ``sample_seconds`` each. ``threads`` (default: Numba's default) is
+    set for both Numba and torch for the run and restored afterwards. Rows hold ms_per_step (the median),
+    gb_per_s, fraction_of_ceiling and, on torch rows, ``fastopt_speedup`` (their time over fastopt's).
+    """
+    defaults = QUICK if quick else FULL
+    optimizer_names = list(optimizer_names or CASES)
+    for name in optimizer_names:
+        if name not in CASES:
+            raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(CASES)}")
+    sizes = [parse_size(size) for size in (sizes or defaults["sizes"])]
+    repeats = repeats or defaults["repeats"]
+    sample_seconds = sample_seconds or defaults["sample_seconds"]
+    torch = None
+    if use_torch:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+    previous_threads = numba.get_num_threads(), torch.get_num_threads() if torch else None
+    threads = threads or numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(threads)
+    if torch:
+        torch.set_num_threads(threads)
+    groups = [(name, size) for size in sizes for name in optimizer_names]
+    bar = Progress(len(groups) * (repeats + 1), enabled=progress)
+    rows = []
+    try:
+        for name, size in groups:
+            rows += _measure_group(name, size, threads, repeats, sample_seconds, torch, bar)
+    finally:
+        bar.close()
+        numba.set_num_threads(previous_threads[0])
+        if torch:
+            torch.set_num_threads(previous_threads[1])
+    machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                   cpus=numba.config.NUMBA_NUM_THREADS, python=platform.python_version(), numpy=np.__version__,
+                   numba=numba.__version__, torch=torch.__version__ if torch else None)
+    settings = dict(threads=threads, repeats=repeats, sample_seconds=sample_seconds, dtype="float32", quick=quick)
+    return {"machine": machine, "settings": settings, "rows": rows}
+
+
+def _measure_group(name, size, threads, repeats, sample_seconds, torch, bar):
+    case = CASES[name]
+    label = f"{name} {size_label(size)}"
+    rng = np.random.default_rng(0)
+    param, grad = staggered(size, 0), staggered(size, 1)
+    param[...] = rng.standard_normal(size, dtype=np.float32)
+    grad[...] = rng.standard_normal(size, dtype=np.float32)
+    steps = {"ceiling": ceiling_step(case, param, grad), "fastopt": fastopt_step(case, param, grad)}
+    if torch:
+        steps["torch"] = torch_step(case, param, grad, torch)
+        if case.torch_fused:
+            steps["torch-fused"] = torch_step(case, param, grad, torch, fused=True)
+    counts = {}
+    for variant, step in steps.items():
+        step(), step()  # compile or load, allocate state
+        counts[variant] = max(1, min(100, math.ceil(sample_seconds / max(_time_steps(step, 1), 1e-7))))
+    bar.update(f"{label}: warmed up")
+    samples = {variant: [] for variant in steps}
+    for round_number in range(repeats):
+        for variant, step in steps.items():  # interleaved: drifts in bandwidth hit every variant alike
+            samples[variant].append(_time_steps(step, counts[variant]))
+        bar.update(f"{label}: round {round_number + 1}/{repeats}")
+    bytes_per_step = case.bytes_per_param * size
+    seconds = {variant: statistics.median(values) for variant, values in samples.items()}
+    rows = []
+    for variant, median in seconds.items():
+        gb_per_s = bytes_per_step / median / 1e9
+        rows.append(dict(optimizer=name, size=size_label(size), params=size, backend=variant, threads=threads,
+                         bytes_per_step=bytes_per_step, ms_per_step=median * 1e3, gb_per_s=gb_per_s,
+                         fraction_of_ceiling=seconds["ceiling"] / median,
+                         fastopt_speedup=median / seconds["fastopt"] if variant.startswith("torch") else None,
+                         samples_ms=[value * 1e3 for value in samples[variant]]))
+    return rows
+
+
+def format_table(result):
+    """The rows as a fixed-width text table."""
+    header = (f"{'optimizer':<13} {'size':>5} {'backend':<12} {'ms/step':>9} {'GB/s':>7} {'of ceiling':>10} "
+              f"{'fastopt speed-up':>16}")
+    lines = [header, "-" * len(header)]
+    for row in result["rows"]:
+        speedup = f"{row['fastopt_speedup']:.2f}x" if row["fastopt_speedup"] is not None else ""
+        lines.append(f"{row['optimizer']:<13} {row['size']:>5} {row['backend']:<12} {row['ms_per_step']:>9.3f} "
+                     f"{row['gb_per_s']:>7.1f} {row['fraction_of_ceiling']:>10.2f} {speedup:>16}")
+    return "\n".join(lines)
