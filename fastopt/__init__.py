@@ -5,12 +5,13 @@
     opt.step(grads)   # one fused pass over every param, grad and state buffer, in place
 """
 from . import reference, schedules
+from .backends.cuda import gpu_available
 from .guard import Guard
-from .lr_find import lr_find
+from .lr_finder import lr_find
 from .optimizer import Optimizer
 from .optimizers import SGD, Adam, AdamW, RMSprop
 from .serialization import load, save
 
 __version__ = "0.1.0"
 __all__ = ["Guard", "SGD", "RMSprop", "Adam", "AdamW", "Optimizer", "schedules", "reference", "save", "load",
-           "lr_find"]
+           "lr_find", "gpu_available"]

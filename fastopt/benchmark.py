@@ -12,6 +12,7 @@ The pytest-benchmark suite in the repository's ``bench/`` covers more variants a
 installed, self-contained version behind the command line.
 """
 import math
+import os
 import platform
 import statistics
 import sys
@@ -25,11 +26,12 @@ from . import optimizers
 from .kernels.cpu.jit import parallel_jit
 
 FLOAT32_BYTES = 4
+PAGE = 4096
 
 
 @dataclass(frozen=True)
 class OptimizerCase:
-    fastopt: str  # class name in fastopt and in torch.optim
+    class_name: str  # the same in fastopt and in torch.optim
     kwargs: dict
     states: int  # state buffers per param
     torch_fused: bool  # torch.optim has a fused CPU implementation
@@ -81,10 +83,13 @@ def ceiling_read4_write3(param, grad, state1, state2, decay, rate):
 
 # ---------------------------------------------------------------- buffers and steps
 def staggered(size, ordinal):
-    """A float32 array whose start sits 128 + 256 * ordinal bytes (mod 4 KiB) into its allocation: equal-size
-    buffers that all start at the same page offset alias in the cache and lose bandwidth."""
-    offset = (128 + 256 * (ordinal % 16)) // FLOAT32_BYTES
-    return np.empty(size + offset, dtype=np.float32)[offset:]
+    """An uninitialised float32 array that starts 128 + 256 * ordinal bytes (mod 4 KiB) into a page: 64-byte
+    aligned (NumPy's large arrays start 16 bytes past a cache line, and vector loads across lines cost up to 20%)
+    and staggered (equal-size buffers that all start at the same page offset alias in the cache and lose
+    bandwidth). fastopt shifts its state buffers by multiples of 256 bytes, so they never share these offsets."""
+    base = np.empty(size + PAGE // FLOAT32_BYTES, dtype=np.float32)
+    start = (128 + 256 * (ordinal % 16) - base.ctypes.data) % PAGE // FLOAT32_BYTES
+    return base[start:start + size]
 
 
 def ceiling_step(case, param, grad):
@@ -98,14 +103,14 @@ def ceiling_step(case, param, grad):
 
 
 def fastopt_step(case, param, grad):
-    optimizer = getattr(optimizers, case.fastopt)([param], **case.kwargs)
+    optimizer = getattr(optimizers, case.class_name)([param], **case.kwargs)
     return lambda: optimizer.step([grad])
 
 
 def torch_step(case, param, grad, torch, **flags):
     tensor = torch.from_numpy(param).requires_grad_()  # shares memory with param: no copy
     tensor.grad = torch.from_numpy(grad)
-    optimizer = getattr(torch.optim, case.fastopt)([tensor], **case.kwargs, **flags)
+    optimizer = getattr(torch.optim, case.class_name)([tensor], **case.kwargs, **flags)
     return optimizer.step
 
 
@@ -190,6 +195,7 @@ def run(optimizer_names=None, sizes=None, threads=None, repeats=None, sample_sec
     numba.set_num_threads(threads)
     if torch:
         torch.set_num_threads(threads)
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # before we add to it
     groups = [(name, size) for size in sizes for name in optimizer_names]
     bar = Progress(len(groups) * (repeats + 1), enabled=progress)
     rows = []
@@ -203,7 +209,7 @@ def run(optimizer_names=None, sizes=None, threads=None, repeats=None, sample_sec
             torch.set_num_threads(previous_threads[1])
     machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                    cpus=numba.config.NUMBA_NUM_THREADS, python=platform.python_version(), numpy=np.__version__,
-                   numba=numba.__version__, torch=torch.__version__ if torch else None)
+                   numba=numba.__version__, torch=torch.__version__ if torch else None, load_average=load_average)
     settings = dict(threads=threads, repeats=repeats, sample_seconds=sample_seconds, dtype="float32", quick=quick)
     return {"machine": machine, "settings": settings, "rows": rows}
 
@@ -241,6 +247,18 @@ def _measure_group(name, size, threads, repeats, sample_seconds, torch, bar):
                          fastopt_speedup=median / seconds["fastopt"] if variant.startswith("torch") else None,
                          samples_ms=[value * 1e3 for value in samples[variant]]))
     return rows
+
+
+def busy_warning(result):
+    """A warning when other processes were keeping the cores busy as the run began, else None. A parallel step
+    waits for its slowest thread, and a thread that has lost its core waits a whole scheduler time slice (about
+    8 ms here): every variant then takes about the same few ms and the table measures the scheduler."""
+    load, cpus, threads = result["machine"]["load_average"], result["machine"]["cpus"], result["settings"]["threads"]
+    if load is None or load <= max(cpus - threads, 0) + 0.5:
+        return None
+    return (f"warning: the load average was {load:.1f} on {cpus} cores when the run began; with {threads} "
+            "thread(s) the timings may show waits for a core rather than memory bandwidth. Run on an idle machine "
+            "or with fewer --threads.")
 
 
 def format_table(result):

@@ -44,21 +44,27 @@ def bench(arguments):
                                progress=not arguments.no_progress)
     except ValueError as error:
         return _error(error)
+    warning = benchmark.busy_warning(result)
+    if warning:
+        print(warning, file=sys.stderr)
     machine, settings = result["machine"], result["settings"]
     print(f"{machine['processor']}, {settings['threads']} thread(s) of {machine['cpus']}; numpy {machine['numpy']}, "
           f"numba {machine['numba']}, torch {machine['torch'] or 'not installed'}; float32, median of "
           f"{settings['repeats']} interleaved rounds")
     print(benchmark.format_table(result))
-    print("GB/s counts the bytes one fused pass must move (Adam 28 B/param, SGD momentum and RMSprop 20, SGD 12);"
-          " 'of ceiling' is against a kernel with the same traffic and trivial math; 'fastopt speed-up' is the"
-          " torch row's time over fastopt's. Compare ratios, not GB/s across runs: host bandwidth drifts.")
+    print("GB/s: the bytes one fused pass must move (Adam 28 B/param, SGD momentum and RMSprop 20, SGD 12).\n"
+          "of ceiling: against a kernel with the same traffic and trivial math. fastopt speed-up: the torch row's\n"
+          "time over fastopt's. Compare ratios within a run, not GB/s across runs: host bandwidth drifts.")
     with open(arguments.json, "w") as file:
         json.dump(result, file, indent=1)
     print(f"wrote {arguments.json}")
-    def draw(path):
+
+    def draw(path):  # matplotlib is imported only here
         from .plotting import plot_bench
 
-        plot_bench(result["rows"], path)
+        threads = f"{settings['threads']} thread" + ("s" if settings["threads"] > 1 else "")
+        plot_bench(result["rows"], path, title="one float32 optimizer step against the memory-bandwidth ceiling\n"
+                   f"{threads}, median of {settings['repeats']} interleaved rounds")
 
     _save_plot(draw, arguments.plot, "benchmark")
     return 0
@@ -70,15 +76,18 @@ def demo(arguments):
 
     try:
         result = demo_module.train(arguments.optimizer, arguments.schedule, lr=arguments.lr, epochs=arguments.epochs,
-                                   batch_size=arguments.batch_size, hidden=arguments.hidden, seed=arguments.seed)
-    except ImportError as error:
+                                   batch_size=arguments.batch_size, hidden=arguments.hidden, seed=arguments.seed,
+                                   threads=arguments.threads)
+    except (ImportError, ValueError) as error:
         return _error(error)
     print(f"test accuracy {result['test_accuracy']:.3f} after {result['steps']} steps of {arguments.optimizer} "
           f"with a {arguments.schedule} schedule")
-    other = result["total_seconds"] - result["step_seconds"] - result["first_step_seconds"]
-    print(f"time: {result['total_seconds']:.2f} s in all; optimizer.step {result['step_seconds'] * 1e3:.1f} ms "
-          f"({result['step_seconds'] / result['total_seconds']:.0%}) plus {result['first_step_seconds'] * 1e3:.0f} ms "
-          f"for the first step (loads or compiles the kernel); model and evaluation {other:.2f} s")
+    total, steps, first = result["total_seconds"], result["step_seconds"], result["first_step_seconds"]
+    print(f"time: {total:.2f} s in all")
+    per_step = steps / max(result["steps"] - 1, 1)
+    print(f"  optimizer.step  {steps * 1e3:7.1f} ms  ({steps / total:.0%}; {per_step * 1e6:.0f} us per step)")
+    print(f"  first step      {first * 1e3:7.1f} ms  (loads the kernel from Numba's cache, or compiles it)")
+    print(f"  model           {(total - steps - first) * 1e3:7.1f} ms  (forward, backward, evaluation)")
     return 0
 
 
@@ -88,7 +97,8 @@ def lr_find(arguments):
     try:
         result = demo_module.range_test(arguments.optimizer, start_lr=arguments.start_lr, end_lr=arguments.end_lr,
                                         num_steps=arguments.num_steps, mode=arguments.mode,
-                                        batch_size=arguments.batch_size, seed=arguments.seed)
+                                        batch_size=arguments.batch_size, seed=arguments.seed,
+                                        threads=arguments.threads)
     except (ImportError, ValueError) as error:
         return _error(error)
     print(f"range test of {arguments.optimizer} on the digits MLP: {len(result.lrs)} steps from "
@@ -152,6 +162,8 @@ def build_schedule(name, pairs):
 def schedule(arguments):
     import numpy as np
 
+    from . import schedules
+
     try:
         built = build_schedule(arguments.name, arguments.args)
     except ValueError as error:
@@ -163,8 +175,6 @@ def schedule(arguments):
     print(f"{built}")
     print(f"steps 0..{arguments.steps - 1}: first {values[0]:.4g}, max {values[peak]:.4g} at step {peak}, "
           f"last {values[-1]:.4g}")
-    from . import schedules
-
     _save_plot(lambda path: schedules.plot(built, arguments.steps, path), arguments.output, "schedule")
     return 0
 
@@ -212,6 +222,7 @@ def parser():
     demo_parser.add_argument("--batch-size", type=int, default=64)
     demo_parser.add_argument("--hidden", type=int, default=128, help="hidden units")
     demo_parser.add_argument("--seed", type=int, default=0)
+    demo_parser.add_argument("--threads", type=int, help="the optimizer's Numba threads (default: all cores)")
     demo_parser.set_defaults(run=demo)
 
     find_parser = commands.add_parser("lr-find", help="learning-rate range test on the demo MLP",
@@ -224,6 +235,7 @@ def parser():
     find_parser.add_argument("--mode", choices=("exp", "linear"), default="exp")
     find_parser.add_argument("--batch-size", type=int, default=64)
     find_parser.add_argument("--seed", type=int, default=0)
+    find_parser.add_argument("--threads", type=int, help="the optimizer's Numba threads (default: all cores)")
     find_parser.add_argument("-o", "--output", default="fastopt-lr-find.png", help="PNG (default: %(default)s)")
     find_parser.set_defaults(run=lr_find)
 

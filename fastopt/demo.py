@@ -109,21 +109,29 @@ def make_optimizer(name, params, lr, **extra):
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
     if name == "sgd":
-        extra = dict(dict(momentum=0.9, nesterov=True), **extra)
+        extra = {"momentum": 0.9, "nesterov": True, **extra}
     return getattr(optimizers, OPTIMIZERS[name])(params, lr=lr, **extra)
 
 
 @contextlib.contextmanager
-def single_threaded_blas():
-    """Run the model's matmuls on one BLAS thread. They are tiny (64x128), so BLAS threads gain nothing, and
-    after each matmul they spin on the cores the optimizer's parallel kernel is about to use: on a 2-core
-    machine that made each ``optimizer.step`` 10x slower. threadpoolctl comes with scikit-learn."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
+def thread_limits(optimizer_threads=None):
+    """Run the model's matmuls on one BLAS thread, and the optimizer on ``optimizer_threads`` Numba threads
+    (None: Numba's default, all cores). The matmuls are tiny (64x128), so BLAS threads gain nothing, and after
+    each matmul they spin on the cores the optimizer's parallel kernel is about to use: on a 2-core machine
+    that made each ``optimizer.step`` 10x slower. threadpoolctl comes with scikit-learn."""
+    with contextlib.ExitStack() as stack:
+        try:
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+        except ImportError:
+            pass
+        if optimizer_threads:
+            import numba
+
+            previous = numba.get_num_threads()
+            numba.set_num_threads(optimizer_threads)
+            stack.callback(numba.set_num_threads, previous)
         yield
 
 
@@ -134,10 +142,11 @@ def batches(count, batch_size, rng):
 
 
 def train(optimizer_name="adamw", schedule_name="onecycle", lr=None, epochs=20, batch_size=64, hidden=128,
-          seed=0, log=print, guard=None):
+          seed=0, log=print, guard=None, threads=None):
     """Train the MLP and return a dict with the per-epoch history, the final test accuracy, the seconds spent in
     ``optimizer.step`` (``first_step_seconds``, which loads or compiles the kernel, and ``step_seconds``, all the
-    others) and ``total_seconds`` for the whole run. ``log`` gets one line per epoch (None: silent)."""
+    others) and ``total_seconds`` for the whole run. ``log`` gets one line per epoch (None: silent); ``threads``
+    is the optimizer's Numba thread count (None: all cores)."""
     data = load_digits_split(seed=seed)
     model = MLP(hidden=hidden, seed=seed)
     lr = DEFAULT_LR[optimizer_name] if lr is None else lr
@@ -147,7 +156,7 @@ def train(optimizer_name="adamw", schedule_name="onecycle", lr=None, epochs=20, 
     rng = np.random.default_rng(seed + 1)
     history, step_times = [], []
     start = time.perf_counter()
-    with single_threaded_blas():
+    with thread_limits(threads):
         for epoch in range(1, epochs + 1):
             losses = []
             for batch in batches(len(data.y_train), batch_size, rng):
@@ -171,9 +180,9 @@ def train(optimizer_name="adamw", schedule_name="onecycle", lr=None, epochs=20, 
 
 
 def range_test(optimizer_name="adamw", start_lr=1e-6, end_lr=10.0, num_steps=100, mode="exp", batch_size=64,
-               hidden=128, seed=0):
+               hidden=128, seed=0, threads=None):
     """``fastopt.lr_find`` on a fresh MLP with a new random training batch per step; returns the result."""
-    from .lr_find import lr_find
+    from .lr_finder import lr_find
 
     data = load_digits_split(seed=seed)
     model = MLP(hidden=hidden, seed=seed)
@@ -184,5 +193,5 @@ def range_test(optimizer_name="adamw", start_lr=1e-6, end_lr=10.0, num_steps=100
         batch = rng.integers(0, len(data.y_train), batch_size)
         return model.loss_and_grads(data.x_train[batch], data.y_train[batch])
 
-    with single_threaded_blas():
+    with thread_limits(threads):
         return lr_find(optimizer, step_fn, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, mode=mode)

@@ -91,15 +91,7 @@ class Optimizer:
         params = list(params)
         for index, param in enumerate(params):
             self._check_array(param, f"{where}['params'][{index}]", param=True)
-        known = {id(p) for p in self._params}
-        addresses = {self._engine.address(p) for p in self._params if p.size}
-        for index, param in enumerate(params):
-            if id(param) in known or (param.size and self._engine.address(param) in addresses):
-                raise ValueError(f"{where}['params'][{index}] appears more than once among the optimizer's "
-                                 "params (or shares its memory with another param)")
-            known.add(id(param))
-            if param.size:
-                addresses.add(self._engine.address(param))
+        self._check_disjoint(params, where)
         lr_scale = group.get("lr_scale")
         if lr_scale is not None:
             lr_scale = self._check_lr_scale(lr_scale, params, where)
@@ -112,6 +104,18 @@ class Optimizer:
         for param in params:
             self._params.append(param)
             self.state.append({})
+
+    def _check_disjoint(self, params, where):
+        """No param may appear twice or overlap another's memory: each would be updated twice per step."""
+        spans = sorted((self._engine.address(p), self._engine.address(p) + p.nbytes, position)
+                       for position, p in enumerate(self._params + params) if p.size)
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                index = max(first, second) - len(self._params)
+                raise ValueError(f"{where}['params'][{index}] appears more than once among the optimizer's "
+                                 "params (or shares its memory with another param)")
+        if len({id(p) for p in self._params + params}) != len(self._params) + len(params):
+            raise ValueError(f"{where} holds a param that appears more than once among the optimizer's params")
 
     def _check_array(self, array, where, *, param=False, like=None):
         """Type, device, dtype, layout (and for params, writability) of one array, against its param ``like``."""
@@ -186,13 +190,15 @@ class Optimizer:
         snapshot = self._snapshot()
         if snapshot == self._group_snapshot:
             return False
-        for index, group in enumerate(self.param_groups):
+        previous = self._group_snapshot or [None] * len(snapshot)
+        for index, (group, now, before) in enumerate(zip(self.param_groups, snapshot, previous)):
             where = f"param_groups[{index}]"
             unknown = set(group) - set(self.DEFAULTS) - {"params", "lr_scale"}
             if unknown:
                 raise ValueError(f"{where} has unknown hyperparameter(s) {sorted(unknown)}")
             self.validate_hyperparameters(group, where)
-            if group["lr_scale"] is not None:
+            # Checking values is a reduction (a device sync on the GPU): only for lr_scale arrays that are new.
+            if group["lr_scale"] is not None and (before is None or now[2] != before[2]):
                 group["lr_scale"] = self._check_lr_scale(group["lr_scale"], group["params"], where)
         ordinal = sum(len(state) for state in self.state)
         for group, states in self._group_states():
@@ -246,14 +252,16 @@ class Optimizer:
     # ---------------------------------------------------------------- state dict
     def state_dict(self):
         """Plain NumPy/Python contents in torch's layout: ``state`` keyed by param index with torch's names and
-        ``"step"``, ``param_groups`` with ``"params"`` as index lists, plus fastopt's ``step_count``."""
+        ``"step"``, ``param_groups`` with ``"params"`` as index lists, plus fastopt's ``step_count``.
+
+        As in torch, a param has an entry once it has been updated (for SGD: once it took a momentum step); a
+        param without one loads back as fresh (zero buffers, step 0)."""
         steps = self._backend.tensor_steps()
         state = {}
         for index, buffers in enumerate(self.state):
-            entry = {name: self._engine.to_numpy(buffer) for name, buffer in buffers.items()}
-            if steps[index] or buffers:
-                entry["step"] = int(steps[index])
-            state[index] = entry
+            if steps[index]:
+                state[index] = {name: self._engine.to_numpy(buffer) for name, buffer in buffers.items()}
+                state[index]["step"] = int(steps[index])
         groups, position = [], 0
         for group in self.param_groups:
             saved = {key: group[key] for key in self.DEFAULTS}

@@ -127,7 +127,7 @@ def plot_bench(rows, path, title="one optimizer step against the memory-bandwidt
                         label="ceiling (same traffic, trivial math)" if position == 0 else None)
     axes.set_xticks(range(len(groups)), [f"{optimizer}\n{size}" for optimizer, size in groups], fontsize="small")
     axes.set_ylabel("GB/s (bytes one fused pass must move)")
-    axes.set_title(title, fontsize="medium")
+    figure.suptitle(title, fontsize="medium")  # over the whole figure: the legend sits beside the axes
     axes.grid(alpha=0.3, axis="y")
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(figure, path)

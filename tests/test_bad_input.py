@@ -143,6 +143,11 @@ def test_duplicate_and_aliased_params():
         fo.SGD([param, param])
     with pytest.raises(ValueError, match="more than once"):
         fo.SGD([param, param.reshape(2, 2)])
+    with pytest.raises(ValueError, match="more than once"):
+        fo.SGD([param[:3], param[2:]])  # overlapping views that start at different addresses
+    with pytest.raises(ValueError, match="more than once"):
+        fo.SGD([np.zeros(0), np.zeros(0)] * 2)
+    fo.SGD([param[:2], param[2:]])  # adjacent, not overlapping
 
 
 @pytest.mark.parametrize("lr_scale,error,message", [

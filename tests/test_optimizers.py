@@ -74,7 +74,8 @@ def test_matches_reference(cls, kwargs, dtype, backend, rng):
     assert optimizer.step_count == STEPS
 
     rtol = tolerance(dtype, STEPS)
-    state = optimizer.state_dict()["state"]
+    saved = optimizer.state_dict()["state"]
+    state = {index: saved.get(index, {}) for index in range(len(expected_params))}  # plain SGD saves nothing
     for index, param in enumerate(params0 + params1):
         assert param.dtype == dtype
         assert_close(param, expected_params[index], rtol, f"param {index}")
@@ -99,7 +100,7 @@ def test_skipped_grads_leave_tensor_alone(cls, kwargs, rng):
     np.testing.assert_array_equal(params[0], reference[0])
     assert not np.array_equal(params[1], reference[1])
     steps = optimizer.state_dict()["state"]
-    assert steps[0].get("step", 0) == 0
+    assert 0 not in steps
 
 
 def test_one_pass_per_dtype_mixed_dtypes(rng):

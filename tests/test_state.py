@@ -70,7 +70,22 @@ def test_state_dict_layout_follows_torch():
     assert state["param_groups"][0]["params"] == [0] and state["param_groups"][1]["params"] == [1]
     assert state["param_groups"][1]["lr"] == 0.5
     assert set(state["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
-    assert state["state"][0]["step"] == 1 and state["state"][1]["step"] == 0
+    assert state["state"][0]["step"] == 1 and 1 not in state["state"]  # never updated: no entry, as in torch
+
+
+def test_fresh_state_round_trips():
+    """A state dict taken before any step loads back as a fresh optimizer, bit for bit in later steps."""
+    params, twin = [np.ones(5)], [np.ones(5)]
+    optimizer, reference = fo.SGD(params, lr=0.1, momentum=0.9), fo.SGD(twin, lr=0.1, momentum=0.9)
+    fresh = optimizer.state_dict()
+    assert fresh["state"] == {}
+    optimizer.step([np.full(5, 3.0)])
+    optimizer.load_state_dict(fresh)
+    params[0][...] = 1.0
+    for grad in (np.full(5, 2.0), np.full(5, -1.0)):
+        optimizer.step([grad])
+        reference.step([grad])
+    np.testing.assert_array_equal(params[0], twin[0])
 
 
 @pytest.mark.parametrize("mutate,message", [

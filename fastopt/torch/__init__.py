@@ -1,1 +1,16 @@
-"""Drop-in torch.optim optimizers backed by fastopt kernels (imports torch; `import fastopt` does not)."""
+"""Drop-in torch.optim optimizers backed by fastopt kernels (imports torch; `import fastopt` does not).
+
+    from fastopt.torch import AdamW          # instead of: from torch.optim import AdamW
+    optimizer = AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+
+``SGD``, ``RMSprop``, ``Adam`` and ``AdamW`` are ``torch.optim.Optimizer`` subclasses with torch's signatures and
+defaults: param groups, ``zero_grad``, ``step(closure)``, torch's lr schedulers, ``torch.amp.GradScaler`` and
+``state_dict`` checkpoints (interchangeable with ``torch.optim``'s) work as with torch. The step is one fused
+fastopt kernel over zero-copy views of the params: Numba on CPU tensors, CUDA through CuPy on CUDA tensors
+(float32 and float64, contiguous, one device per optimizer). See :class:`fastopt.torch.adapter.TorchOptimizer`
+for what goes beyond torch (fastopt schedules as ``lr``, per-element ``lr_scale``).
+"""
+from .adapter import TorchOptimizer
+from .optimizers import SGD, Adam, AdamW, RMSprop
+
+__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "TorchOptimizer"]

@@ -145,8 +145,8 @@ FASTOPT_HOST_DEVICE AdamCoefficients<T> adam_coefficients(const double* hyper, d
     c.beta1_complement = T(1.0 - hyper[ADAM_H_BETA1]);
     c.beta2 = T(hyper[ADAM_H_BETA2]);
     c.beta2_complement = T(1.0 - hyper[ADAM_H_BETA2]);
-    // Numba computes bias_correction2 ** 0.5, which glibc's pow rounds correctly, as sqrt does (pow on the
-    // device would be within 2 ulp only).
+    // Numba computes bias_correction2 ** 0.5 with glibc's pow (within 0.52 ulp); sqrt rounds correctly, where
+    // the device's pow would be within 2 ulp only.
     c.bias_correction2_sqrt = T(sqrt(bias_correction2));
     c.eps = T(hyper[ADAM_H_EPS]);
     c.weight_decay = T(hyper[ADAM_H_WEIGHT_DECAY]);

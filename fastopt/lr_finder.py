@@ -10,6 +10,7 @@ sits where the loss falls fastest, or about a tenth of the rate at the loss mini
 """
 import copy
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +27,9 @@ class LRFinderResult:
     ``lrs`` are the rates applied (of the group with the largest rate, see :func:`lr_find`), ``losses`` the
     raw losses ``step_fn`` returned at them and ``smoothed`` their bias-corrected moving average.
     ``suggestion`` is the rate where the smoothed loss falls fastest (against log lr in ``"exp"`` mode, against
-    lr in ``"linear"`` mode), looked for up to the loss minimum; ``suggestion_min10`` is the rate at the
-    minimum of the smoothed loss divided by 10. Either is None when the curve never falls.
+    lr in ``"linear"`` mode), looked for between the first ``0.5 / smooth`` steps (still noisy averages) and the
+    loss minimum; ``suggestion_min10`` is the rate at the minimum of the smoothed loss divided by 10. Both are
+    None when the smoothed loss never falls below its first value.
     ``stopped_early`` says whether the sweep stopped before ``num_steps`` (divergence, a non-finite loss, or
     a step the optimizer's guard skipped); ``stop_reason`` says why.
     """
@@ -65,17 +67,20 @@ def smooth_losses(losses, smooth):
     return np.array(smoothed)
 
 
-def suggestions(lrs, smoothed, mode):
+def suggestions(lrs, smoothed, mode, smooth):
     """(steepest-descent rate, minimum rate / 10) of a smoothed curve; see :class:`LRFinderResult`."""
     if len(smoothed) < 2:
         return None, None
     lowest = int(np.argmin(smoothed))
-    if lowest == 0:
+    if smoothed[lowest] >= smoothed[0] - 1e-9 * abs(smoothed[0]):  # flat but for rounding, or only rising
         return None, None
     # Only the descent counts: past the minimum the curve rises, and the fall after a spike is not progress.
-    x = np.log10(lrs[:lowest + 1]) if mode == "exp" else lrs[:lowest + 1]
-    slope = np.gradient(smoothed[:lowest + 1], x)
-    return float(lrs[int(np.argmin(slope))]), float(lrs[lowest] / 10.0)
+    # The first 0.5 / smooth points (10 by default) are skipped where possible: there the average is still the
+    # mean of a few noisy losses, and its first differences are noise.
+    first = max(0, min(int(round(0.5 / smooth)), lowest - 2))
+    x = np.log10(lrs[first:lowest + 1]) if mode == "exp" else lrs[first:lowest + 1]
+    slope = np.gradient(smoothed[first:lowest + 1], x)
+    return float(lrs[first + int(np.argmin(slope))]), float(lrs[lowest] / 10.0)
 
 
 # ---------------------------------------------------------------- the two kinds of optimizer
@@ -87,7 +92,6 @@ class _FastoptSweep:
         # .copy() and [...] = work alike on NumPy and CuPy arrays, so GPU params need no special case.
         self.params = [param.copy() for param in optimizer._params]
         self.state_dict = optimizer.state_dict()  # buffers copied to host; groups' values kept by reference
-        self.buffer_names = [set(state) for state in optimizer.state]
         self.last_grad_norm = optimizer.last_grad_norm
         self.base_lrs = optimizer.current_lr()
         guard = optimizer.guard
@@ -111,15 +115,6 @@ class _FastoptSweep:
         optimizer = self.optimizer
         # Buffers, per-tensor step counts, step_count, the guard and every group's values (the same lr objects).
         optimizer.load_state_dict(self.state_dict)
-        # load_state_dict allocates the buffers the groups need; a param that had none before the sweep (a fresh
-        # optimizer) must have none after it, so its first real step starts its buffers as torch does.
-        dropped = False
-        for state, names in zip(optimizer.state, self.buffer_names):
-            for name in set(state) - names:
-                del state[name]
-                dropped = True
-        if dropped:
-            optimizer._group_snapshot = None  # the next step re-creates them and re-reads the buffer addresses
         for param, saved in zip(optimizer._params, self.params):
             param[...] = saved
         optimizer.last_grad_norm = self.last_grad_norm
@@ -138,7 +133,9 @@ class _TorchSweep:
         self.values = [param.detach().clone() for param in self.params]
         self.grads = [None if param.grad is None else param.grad.detach().clone() for param in self.params]
         self.state_dict = copy.deepcopy(optimizer.state_dict())
-        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        # fastopt.torch's optimizers take fastopt schedules as lr and say what rate they give now.
+        current_lr = getattr(optimizer, "current_lr", None)
+        self.base_lrs = current_lr() if current_lr else [float(group["lr"]) for group in optimizer.param_groups]
 
     def set_lr(self, lrs):
         for group, lr in zip(self.optimizer.param_groups, lrs):
@@ -148,7 +145,7 @@ class _TorchSweep:
         self.optimizer.zero_grad()
         loss = step_fn()
         self.optimizer.step()
-        return loss, False
+        return (loss.detach() if hasattr(loss, "detach") else loss), False
 
     def restore(self):
         self.optimizer.load_state_dict(self.state_dict)
@@ -162,13 +159,13 @@ def _check(start_lr, end_lr, num_steps, mode, smooth, diverge_factor):
     if mode not in ("exp", "linear"):
         raise ValueError(f"lr_find: mode must be 'exp' or 'linear', got {mode!r}")
     for name, value in (("start_lr", start_lr), ("end_lr", end_lr), ("diverge_factor", diverge_factor)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
             raise ValueError(f"lr_find: {name} must be a finite number > 0, got {value!r}")
     if end_lr <= start_lr:
         raise ValueError(f"lr_find: end_lr ({end_lr}) must be greater than start_lr ({start_lr})")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"lr_find: num_steps must be an int >= 2, got {num_steps!r}")
-    if not (isinstance(smooth, (int, float)) and 0.0 < smooth <= 1.0):
+    if isinstance(smooth, bool) or not isinstance(smooth, numbers.Real) or not 0.0 < smooth <= 1.0:
         raise ValueError(f"lr_find: smooth must be in (0, 1], got {smooth!r}")
 
 
@@ -197,7 +194,8 @@ def lr_find(opt, step_fn, start_lr=1e-7, end_lr=10.0, num_steps=100, mode="exp",
     Afterwards, also when ``step_fn`` raises, params and the optimizer are restored exactly: param values,
     state buffers, per-param and global step counts, every group's hyperparameters (the same lr objects,
     schedules included), the guard's counters and factor (torch: the state dict, the params and their ``.grad``).
-    ``step_fn``'s own state (a data iterator, a random generator) is not restored.
+    For that the finder holds a copy of the params and of the optimizer's state (on the host for fastopt's
+    buffers) during the sweep. ``step_fn``'s own state (a data iterator, a random generator) is not restored.
 
     Returns a :class:`LRFinderResult`.
     """
@@ -230,6 +228,6 @@ def lr_find(opt, step_fn, start_lr=1e-7, end_lr=10.0, num_steps=100, mode="exp",
         sweep.restore()
     lrs, losses = np.array(lrs), np.array(losses)
     smoothed = smooth_losses(losses, smooth)
-    suggestion, suggestion_min10 = suggestions(lrs, smoothed, mode)
+    suggestion, suggestion_min10 = suggestions(lrs, smoothed, mode, smooth)
     return LRFinderResult(lrs=lrs, losses=losses, smoothed=smoothed, mode=mode, suggestion=suggestion,
                           suggestion_min10=suggestion_min10, stopped_early=len(lrs) < num_steps, stop_reason=reason)

@@ -1,0 +1,408 @@
+"""The bridge between ``torch.optim.Optimizer`` and a fastopt core optimizer.
+
+torch's side is inherited unchanged: ``param_groups`` (the source of truth for hyperparameters, which torch's
+schedulers write), ``state`` keyed by param, step hooks, ``zero_grad``, and the ``state_dict`` layout. The
+arithmetic is one fastopt core optimizer over zero-copy views of the params: NumPy views for CPU tensors,
+CuPy views through DLPack for CUDA tensors. The core's state buffers are shown to torch as tensors sharing
+their memory, under torch's names, so ``optimizer.state[p]["exp_avg"]`` is the live buffer.
+
+Per step the adapter does work proportional to the number of tensors, never to their size: it checks that the
+params are still the ones the views were made of, copies each group's hyperparameters into the core's group
+(the core re-validates only what changed), makes a view of each ``.grad`` and advances torch's ``step``
+counters, which all live in one array.
+"""
+import contextlib
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from .. import schedules
+from ..serialization import _decode, _encode
+
+# Keywords of torch's signatures that choose an implementation rather than the math. fastopt always runs one
+# fused multi-tensor kernel, so foreach and fused are accepted whatever their value; capturable and
+# differentiable promise things fastopt cannot do and are rejected when True.
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def _plain(value):
+    """A hyperparameter as the core takes it: one-element tensors (torch allows a tensor lr or betas) as floats."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, tuple) and any(isinstance(item, torch.Tensor) for item in value):
+        return tuple(_plain(item) for item in value)
+    return value
+
+
+class _HostViews:
+    """CPU tensors: NumPy arrays sharing the tensor's memory; the core runs its Numba kernels on them."""
+
+    device = torch.device("cpu")
+
+    @staticmethod
+    def view(tensor):
+        # .numpy() refuses tensors that require grad; detach() costs a tensor object, so only where needed.
+        return tensor.detach().numpy() if tensor.requires_grad else tensor.numpy()
+
+    @staticmethod
+    def expose(buffer):
+        return torch.from_numpy(buffer)
+
+    @staticmethod
+    def to_host(tensor):
+        return tensor.detach().cpu().numpy()
+
+    @staticmethod
+    def on_device():
+        return contextlib.nullcontext()
+
+    stream = on_device
+
+
+class _CudaViews:
+    """CUDA tensors: CuPy arrays sharing the tensor's memory (DLPack); the core picks its CUDA engine for them
+    and its kernels run on torch's current stream, ordered with torch's own work without a synchronisation."""
+
+    def __init__(self, device):
+        import cupy  # here only: fastopt.torch on CPU tensors never needs CuPy
+
+        self.cupy = cupy
+        self.device = device
+        self._stream = (None, None)  # (torch stream handle, CuPy ExternalStream) of the last step
+
+    def view(self, tensor):
+        return self.cupy.from_dlpack(tensor.detach() if tensor.requires_grad else tensor)
+
+    @staticmethod
+    def expose(buffer):
+        return torch.from_dlpack(buffer)
+
+    @staticmethod
+    def to_host(tensor):
+        return tensor.detach().cpu().numpy()
+
+    def on_device(self):
+        """CuPy's current device set to the params' (the core's CUDA engine works on the current device)."""
+        return self.cupy.cuda.Device(self.device.index)
+
+    def stream(self):
+        """The params' device, and torch's current stream on it as CuPy's current stream."""
+        handle = torch.cuda.current_stream(self.device).cuda_stream
+        if self._stream[0] != handle:
+            self._stream = (handle, self.cupy.cuda.ExternalStream(handle, device_id=self.device.index))
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.on_device())
+        stack.enter_context(self._stream[1])
+        return stack
+
+
+class TorchOptimizer(torch.optim.Optimizer):
+    """Base of the ``fastopt.torch`` optimizers: a ``torch.optim.Optimizer`` whose step is a fastopt kernel.
+
+    Subclasses give torch's signature and ``defaults``, and set ``CORE`` (the fastopt optimizer class) and
+    ``STEP_IN_STATE`` (whether torch keeps a ``step`` tensor per param: Adam and RMSprop do, SGD does not).
+
+    Behaviour beyond torch's:
+
+    - ``lr`` may be a :mod:`fastopt.schedules` schedule, evaluated inside the kernel at the optimizer's step
+      count (the number of ``step()`` calls that ran). A schedule and a torch lr scheduler on the same group do
+      not combine: the first step raises. ``param_groups[i]["lr"]`` then holds the schedule; :meth:`current_lr`
+      gives the rates as floats.
+    - A param group may hold ``"lr_scale"``: a list of tensors like its params (finite, >= 0); element ``j`` of a
+      param learns at ``lr * lr_scale[j]``.
+    - Params must be float32 or float64, contiguous, and all on one device (the CPU or one CUDA device).
+    - ``state[p]`` holds views of fastopt's buffers: change them in place (``.copy_()``, ``.zero_()``), not by
+      assigning other tensors (use :meth:`load_state_dict` for that).
+    """
+
+    CORE: type = None
+    STEP_IN_STATE = True
+    _core = None  # also the marker for "build before the next step" (after unpickling, say)
+    _layout_changed = False
+    _saved_step_count = 0
+
+    def __init__(self, params, defaults):
+        self._check_flags(defaults, f"{type(self).__name__}")
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's check and message
+        super().__init__(params, defaults)  # calls add_param_group per group
+        self._rebuild(step_count=0)
+
+    # ---------------------------------------------------------------- checks of torch-side input
+    @staticmethod
+    def _check_flags(group, where):
+        if group.get("differentiable"):
+            raise ValueError(f"{where}: differentiable=True is not supported: fastopt updates params in place in "
+                             "a fused kernel outside autograd; use torch.optim for a differentiable step")
+        if group.get("capturable"):
+            raise ValueError(f"{where}: capturable=True is not supported: fastopt keeps step counts on the host "
+                             "and cannot be captured in a CUDA graph")
+
+    @staticmethod
+    def _check_tensor(tensor, where, device):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{where} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{where} has dtype {tensor.dtype}; fastopt.torch supports torch.float32 and "
+                            "torch.float64 (keep float32 master weights and use torch.autocast for mixed precision)")
+        if tensor.layout != torch.strided:
+            raise TypeError(f"{where} has layout {tensor.layout}; fastopt.torch supports dense (strided) tensors")
+        if tensor.device.type not in ("cpu", "cuda"):
+            raise TypeError(f"{where} is on {tensor.device}; fastopt.torch runs on CPU and CUDA tensors")
+        if tensor.device != device:
+            raise ValueError(f"{where} is on {tensor.device}, the optimizer's first param on {device}; one "
+                             "fastopt.torch optimizer works on one device (make one optimizer per device)")
+        if not tensor.is_contiguous():
+            raise ValueError(f"{where} is not contiguous (stride {tensor.stride()}); fastopt updates params in "
+                             "place through a zero-copy view, so they must be contiguous (channels_last is not "
+                             "supported: use model.to(memory_format=torch.contiguous_format))")
+
+    def add_param_group(self, param_group):
+        """torch's ``add_param_group``; after construction the new group is checked at once by building the core
+        anew (on error the group is not added)."""
+        super().add_param_group(param_group)
+        if self._core is None:  # in __init__: the core is built once, over all groups, at its end
+            return
+        try:
+            self._rebuild(self._core.step_count)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    # ---------------------------------------------------------------- the core optimizer
+    def _core_class(self):
+        return self.CORE
+
+    def _core_group(self, group, views, where):
+        core_group = {"params": [views.view(param) for param in group["params"]]}
+        for key in self.CORE.DEFAULTS:
+            core_group[key] = _plain(group[key])
+        core_group["lr_scale"] = self._lr_scale_views(group, views, where)
+        return core_group
+
+    def _lr_scale_views(self, group, views, where):
+        scales = group.get("lr_scale")
+        if scales is None:
+            return None
+        if isinstance(scales, torch.Tensor):
+            scales = [scales]
+        result = []
+        for index, scale in enumerate(scales):
+            self._check_tensor(scale, f"{where}['lr_scale'][{index}]", views.device)
+            result.append(views.view(scale))
+        return result
+
+    def _rebuild(self, step_count):
+        """A new core optimizer over the current params, holding the state now in ``self.state`` (torch tensors:
+        views of the previous core's buffers, or what ``load_state_dict`` put there). Used at construction, by
+        ``add_param_group`` and ``load_state_dict``, and when a param's storage changed. Nothing is replaced
+        until the new core is complete, so an error leaves the optimizer as it was."""
+        params = [param for group in self.param_groups for param in group["params"]]
+        if not params:
+            raise ValueError("the optimizer got an empty parameter list")
+        device = params[0].device
+        for index, group in enumerate(self.param_groups):
+            self._check_flags(group, f"param_groups[{index}]")
+            for number, param in enumerate(group["params"]):
+                self._check_tensor(param, f"param_groups[{index}]['params'][{number}]", device)
+        views = _CudaViews(device) if device.type == "cuda" else _HostViews()
+        core_class = self._core_class()
+        with views.on_device():
+            core = core_class([self._core_group(group, views, f"param_groups[{index}]")
+                               for index, group in enumerate(self.param_groups)])
+        entries, counts = {}, np.zeros(len(params), dtype=np.int64)
+        for index, param in enumerate(params):
+            saved = self.state.get(param)
+            if not saved:
+                continue
+            entry = {name: views.to_host(value) for name, value in saved.items()
+                     if name != "step" and value is not None}
+            # torch's SGD keeps no step: its momentum buffer exists from the first momentum step on, which is
+            # what the core's per-param count (momentum steps taken) must say.
+            counts[index] = int(float(saved["step"])) if "step" in saved else int("momentum_buffer" in entry)
+            entry["step"] = counts[index]
+            entries[index] = entry
+        if entries or step_count:
+            position, groups = 0, []
+            for group in core.param_groups:
+                groups.append({key: group[key] for key in core.DEFAULTS})
+                groups[-1]["params"] = list(range(position, position + len(group["params"])))
+                position += len(group["params"])
+            with views.on_device():
+                core.load_state_dict({"state": entries, "param_groups": groups, "step_count": step_count})
+
+        self._core, self._views, self._params = core, views, params
+        self._pointers = [param.data_ptr() for param in params]
+        self._group_sizes = [len(group["params"]) for group in self.param_groups]
+        self._lr_scales = [group.get("lr_scale") for group in self.param_groups]
+        # torch's `step` of every param, in one array: a step advances them all in one operation.
+        scalar = np.float64 if torch.get_default_dtype() == torch.float64 else np.float32
+        self._steps = counts.astype(scalar)
+        self._step_tensors = torch.from_numpy(self._steps)
+        self._counted = self._counted_mask()
+        self._exposed = np.zeros(len(params), dtype=bool)
+        self.state = defaultdict(dict)
+        for index in entries:
+            self._expose(index)
+
+    def _counted_mask(self):
+        """The params whose step count a step with a grad advances: all, except in SGD groups without momentum
+        (torch keeps no state for them)."""
+        return None
+
+    def _expose(self, index):
+        """Show param ``index``'s core buffers (and ``step``) to torch in ``self.state``, as torch would hold
+        them after its first step of that param."""
+        entry = {"step": self._step_tensors[index]} if self.STEP_IN_STATE else {}
+        for name, buffer in self._core.state[index].items():
+            entry[name] = self._views.expose(buffer)
+        self.state[self._params[index]] = entry
+        self._exposed[index] = True
+
+    # ---------------------------------------------------------------- the step
+    def _params_changed(self):
+        """Whether the param list or any param's storage changed since the views were made (``p.data = ...``,
+        ``model.to(...)`` after the optimizer, edits of ``group["params"]``): the views would update memory
+        that is no longer the param's."""
+        if self._core is None or len(self.param_groups) != len(self._group_sizes):
+            return True
+        position = 0
+        for group, size in zip(self.param_groups, self._group_sizes):
+            params = group["params"]
+            if len(params) != size:
+                return True
+            for param in params:
+                if param is not self._params[position] or param.data_ptr() != self._pointers[position]:
+                    return True
+                position += 1
+        return self._core_class() is not type(self._core)
+
+    def _sync_groups(self):
+        """Copy torch's group hyperparameters into the core's groups. A changed value other than ``lr`` may change
+        which state buffers the core keeps: ``_layout_changed`` says so until a step has gone through."""
+        layout_changed = False
+        for index, (group, core_group) in enumerate(zip(self.param_groups, self._core.param_groups)):
+            where = f"param_groups[{index}]"
+            self._check_flags(group, where)
+            for key in self.CORE.DEFAULTS:
+                value = _plain(group[key])
+                if value is not core_group[key] and value != core_group[key]:
+                    core_group[key] = value
+                    layout_changed |= key != "lr"
+            if isinstance(core_group["lr"], schedules.Schedule) and "initial_lr" in group:
+                raise TypeError(f"{where}: its lr is a fastopt schedule and a torch lr scheduler drives it too "
+                                "('initial_lr' is set); use one or the other")
+            scales = group.get("lr_scale")
+            if scales is not self._lr_scales[index]:  # a new list: new views (the core re-checks them)
+                core_group["lr_scale"] = self._lr_scale_views(group, self._views, where)
+                self._lr_scales[index] = scales
+        if layout_changed:
+            self._counted = self._counted_mask()
+            self._layout_changed = True
+
+    def _grads(self):
+        """A view of each param's ``.grad`` (None where there is none), aligned with the core's params."""
+        grads = []
+        for index, param in enumerate(self._params):
+            grad = param.grad
+            if grad is not None:
+                if grad.layout != torch.strided:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (param {index})")
+                if not grad.is_contiguous():
+                    grad = grad.contiguous()  # a private copy is fine: the grad is only read
+                grad = self._views.view(grad)
+            grads.append(grad)
+        return grads
+
+    def step(self, closure=None):
+        """One fused update of every param that has a ``.grad`` (params without one are skipped, their state and
+        step included). ``closure``, if given, re-evaluates the model with grad enabled and its result is
+        returned, as in torch. Invalid hyperparameters raise before anything is written."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._params_changed():
+            self._rebuild(self._step_count())
+        self._sync_groups()
+        with self._views.stream():  # first: CUDA grads exported on torch's stream need no cross-stream wait
+            grads = self._grads()
+            self._core.step(grads)
+        stepped = np.fromiter((grad is not None for grad in grads), dtype=bool, count=len(grads))
+        if self._counted is not None:
+            stepped &= self._counted
+        self._steps[stepped] += 1  # torch's `step` tensors are views of this array
+        for index in np.flatnonzero(stepped & ~self._exposed):
+            self._expose(index)
+        if self._layout_changed:  # the core may have added buffers (amsgrad, centered or momentum switched on)
+            for index in np.flatnonzero(self._exposed):
+                self._expose(index)
+            self._layout_changed = False
+        return loss
+
+    # ---------------------------------------------------------------- rates
+    def _step_count(self):
+        """Steps taken (the core's count; before the core is rebuilt after unpickling, the count saved with it)."""
+        return self._core.step_count if self._core is not None else self._saved_step_count
+
+    def current_lr(self):
+        """The learning rate of each group for the next step, as floats (a schedule evaluated at the step count)."""
+        return [float(schedules.as_schedule(_plain(group["lr"]))(self._step_count())) for group in self.param_groups]
+
+    @property
+    def core(self):
+        """The fastopt core optimizer doing the work (its ``step_count`` counts the steps taken)."""
+        return self._core
+
+    # ---------------------------------------------------------------- state dicts
+    def state_dict(self):
+        """torch's ``state_dict``: ``state`` by param index with torch's names (the tensors are the live buffers,
+        as torch's are) and ``param_groups``. A group whose lr is a fastopt schedule is saved with ``lr`` = its
+        current value and the schedule as plain data under ``"fastopt_schedule"``, so the checkpoint loads with
+        ``torch.load(weights_only=True)`` and, into ``torch.optim``, continues at a constant lr."""
+        state_dict = super().state_dict()
+        step_count = self._step_count()
+        for group in state_dict["param_groups"]:  # packed copies: safe to edit
+            lr = _plain(group["lr"])
+            if isinstance(lr, schedules.Schedule):
+                group["lr"] = float(lr(step_count))
+                group["fastopt_schedule"] = {"schedule": _encode(lr), "step_count": step_count}
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        """torch's ``load_state_dict`` (from this class or from the ``torch.optim`` class of the same name): the
+        checkpoint's hyperparameters replace the groups', its state is copied into fastopt's buffers. Kept from
+        this optimizer: the implementation flags (foreach, fused, capturable, differentiable) and a group's
+        ``lr_scale`` where the checkpoint has none. A checkpoint that does not fit (state shapes, unknown buffers,
+        invalid hyperparameters) raises and leaves the optimizer as it was."""
+        previous = self.state, self.param_groups
+        super().load_state_dict(state_dict)  # torch's checks; self.state and param_groups now the checkpoint's
+        step_count = self._step_count()
+        try:
+            for group, old in zip(self.param_groups, previous[1]):
+                encoded = group.pop("fastopt_schedule", None)
+                if encoded is not None:
+                    group["lr"] = _decode(encoded["schedule"])
+                    step_count = int(encoded["step_count"])
+                for flag in IMPLEMENTATION_FLAGS:
+                    if flag in old:
+                        group[flag] = old[flag]
+                if group.get("lr_scale") is None and old.get("lr_scale") is not None:
+                    group["lr_scale"] = old["lr_scale"]
+            self._rebuild(step_count)
+        except Exception:
+            self.state, self.param_groups = previous
+            raise
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints of older torch versions lack newer keys
+            for key, default in self.defaults.items():
+                group.setdefault(key, default)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_saved_step_count"] = self._step_count()
+        return state

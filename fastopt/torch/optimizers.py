@@ -1,0 +1,80 @@
+"""SGD, RMSprop, Adam and AdamW with exactly torch.optim's signatures, defaults and ``defaults`` keys.
+
+The update rules are fastopt's (:mod:`fastopt.optimizers`), which follow torch's for-loop implementations
+operation by operation; the results agree with ``torch.optim`` to float rounding.
+"""
+import numpy as np
+
+from .. import optimizers as core
+from .adapter import TorchOptimizer
+
+
+class SGD(TorchOptimizer):
+    """``torch.optim.SGD`` run by :class:`fastopt.SGD`. ``state[p]`` holds ``momentum_buffer`` from the param's
+    first step with momentum on, as torch's does (no ``step``)."""
+
+    CORE = core.SGD
+    STEP_IN_STATE = False
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable, fused=fused))
+
+    def _counted_mask(self):
+        # The core counts a param's momentum steps (0: its buffer starts as the grad); without momentum neither
+        # it nor torch keeps anything.
+        return np.concatenate([np.full(len(group["params"]), group["momentum"] != 0)
+                               for group in self.param_groups])
+
+
+class RMSprop(TorchOptimizer):
+    """``torch.optim.RMSprop`` run by :class:`fastopt.RMSprop`; ``state[p]`` holds ``step``, ``square_avg`` and,
+    as the group asks, ``momentum_buffer`` and ``grad_avg``."""
+
+    CORE = core.RMSprop
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
+                                      weight_decay=weight_decay, capturable=capturable, foreach=foreach,
+                                      maximize=maximize, differentiable=differentiable))
+
+
+class Adam(TorchOptimizer):
+    """``torch.optim.Adam`` run by :class:`fastopt.Adam` (by :class:`fastopt.AdamW` where
+    ``decoupled_weight_decay=True``, which must then hold in every group); ``state[p]`` holds ``step``,
+    ``exp_avg``, ``exp_avg_sq`` and, with AMSGrad, ``max_exp_avg_sq``."""
+
+    CORE = core.Adam
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize, foreach=foreach, capturable=capturable,
+                                      differentiable=differentiable, fused=fused,
+                                      decoupled_weight_decay=decoupled_weight_decay))
+
+    def _core_class(self):
+        decoupled = {bool(group["decoupled_weight_decay"]) for group in self.param_groups}
+        if len(decoupled) > 1:
+            raise ValueError(f"{type(self).__name__}: decoupled_weight_decay differs between param groups; "
+                             "fastopt needs one value for the whole optimizer")
+        return core.AdamW if decoupled == {True} else core.Adam
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW`` run by :class:`fastopt.AdamW` (default ``weight_decay=1e-2``)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # as torch's AdamW: loading any state keeps the decay decoupled
+            group["decoupled_weight_decay"] = True

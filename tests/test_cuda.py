@@ -1,0 +1,757 @@
+"""The CUDA backend on CuPy arrays: parity with the float64 reference, the CPU kernels and torch.optim on CUDA;
+schedules evaluated on the device; CUDA graph capture and replay; uploads only on change; bad input.
+
+Most tests take the ``cp`` fixture and run twice: on a GPU through CuPy (marked ``gpu``: skipped without one, or
+failing when ``REQUIRE_GPU=1``; see ``require_gpu``, independent of conftest.py), and everywhere through a NumPy
+stand-in for CuPy whose kernel launches are emulated with the host build of the kernels' math (see the ``cp``
+fixture and the end of this file). Tests that need the real device (streams, graphs, device cos/pow, torch on
+CUDA) take only the GPU. The tests at the top need neither.
+"""
+import ctypes
+import os
+import subprocess
+import sys
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import fastopt as fo
+from conftest import SIZES, assert_close, tolerance
+from fastopt.backends import cuda
+from fastopt.kernels.cpu import tables
+from test_cuda_host_math import shim  # noqa: F401 (the host build of the kernels' math, a fixture)
+from test_optimizers import CONFIG_IDS, CONFIGS, STEPS, make_problem, run_reference
+from test_schedules import CASES, EPS
+
+
+# ---------------------------------------------------------------- without a GPU
+def test_importing_the_backend_does_not_import_cupy():
+    code = ("import sys, fastopt, fastopt.backends.cuda as c; c.compile_options(); "
+            "assert 'cupy' not in sys.modules, 'cupy was imported'")
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=environment)
+
+
+def test_gpu_available_never_raises():
+    assert isinstance(cuda.gpu_available(), bool)
+    # With CuPy unimportable.
+    code = ("import sys; sys.modules['cupy'] = None; import fastopt.backends.cuda as c; "
+            "assert c.gpu_available() is False")
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=environment)
+
+
+def test_chunk_table_covers_every_element_once():
+    sizes = [0, 1, 13, 2 * 2048 + 7, 0, 2048]
+    tensor, start, length = cuda.chunk_table(sizes, 2048)
+    assert tensor.dtype == start.dtype == length.dtype == np.int64
+    for position, size in enumerate(sizes):
+        mine = tensor == position
+        covered = np.zeros(size, dtype=int)
+        for first, count in zip(start[mine], length[mine]):
+            covered[first:first + count] += 1
+        assert (covered == 1).all() and (length[mine] <= 2048).all()
+    assert cuda.chunk_table([0, 0], 2048)[0].size == 0
+
+
+def test_chunk_size_keeps_multiprocessors_busy():
+    assert cuda.chunk_elements(1 << 28, 132) == cuda.MAX_CHUNK
+    assert cuda.chunk_elements(1 << 20, 132) == cuda.MIN_CHUNK
+    for total in (0, 1 << 20, 1 << 24, 124_439_808, 1 << 28):
+        chunk = cuda.chunk_elements(total, 132)
+        assert cuda.MIN_CHUNK <= chunk <= cuda.MAX_CHUNK and chunk & (chunk - 1) == 0
+        assert chunk == cuda.MIN_CHUNK or total >= chunk * 132 * cuda.BLOCKS_PER_MULTIPROCESSOR
+    assert cuda.MAX_CHUNK % (cuda.BLOCK * cuda.ILP) == 0 and cuda.MIN_CHUNK % (cuda.BLOCK * cuda.ILP) == 0
+
+
+def test_host_arrays_are_refused_with_a_device_error():
+    pytest.importorskip("cupy")
+    with pytest.raises(TypeError, match=r"grads\[0\] is a NumPy array in host memory"):
+        cuda.CupyArrays.check_array(np.zeros(3), "grads[0]", writable=False)
+    with pytest.raises(TypeError, match="must be a cupy.ndarray"):
+        cuda.CupyArrays.check_array([1.0], "grads[0]", writable=False)
+
+
+# ---------------------------------------------------------------- CuPy, or a NumPy stand-in for it
+def require_gpu():
+    if cuda.gpu_available():
+        return
+    if os.environ.get("REQUIRE_GPU") == "1":
+        pytest.fail("REQUIRE_GPU=1 but no CUDA GPU is usable through CuPy")
+    pytest.skip("needs CuPy and a CUDA GPU")
+
+
+@pytest.fixture
+def gpu():
+    """CuPy on a real GPU (tests that use it are marked ``gpu``)."""
+    require_gpu()
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), "stand-in"])
+def cp(request, monkeypatch):
+    """CuPy on a GPU, or the NumPy stand-in below, which runs the backend's host code for real and each kernel
+    launch as an emulation: every block's work done by the host build of the kernels' math (the shim of
+    tests/test_cuda_host_math.py) at the chunk's addresses, then the last block's step-count update. The stand-in
+    checks what the host hands the kernels (tables, argument types, grid, counters) without a GPU; what only the
+    device can show (fused.cu's loads, stores and barriers, streams, graphs, device cos/pow) needs the GPU run."""
+    if request.param == "gpu":
+        return request.getfixturevalue("gpu")
+    stand_in = CupyStandIn(request.getfixturevalue("shim"))
+    monkeypatch.setattr(cuda, "_cupy", lambda: stand_in)
+    monkeypatch.setattr(cuda, "load_module", stand_in.load_module)
+    monkeypatch.setattr(cuda, "_FUNCTIONS", {})
+    # Chunks far smaller than on a GPU, so that tensors of a few thousand elements span several.
+    monkeypatch.setattr(cuda, "MIN_CHUNK", 1024)
+    monkeypatch.setattr(cuda, "MAX_CHUNK", 4096)
+    return stand_in
+
+
+# For the tests that need the real thing (streams, graphs, torch on CUDA, device-only math).
+GPU_ONLY = pytest.mark.parametrize("cp", ["gpu"], indirect=True)
+
+
+def to_device(cp, arrays):
+    return [cp.asarray(array) for array in arrays]
+
+
+def host(cp, arrays):
+    return [cp.asnumpy(array) for array in arrays]
+
+
+# ---------------------------------------------------------------- parity
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,kwargs", CONFIGS, ids=CONFIG_IDS)
+def test_matches_reference(cp, cls, kwargs, dtype, rng):
+    """tests/test_optimizers.py's problem on the GPU: two groups (a schedule; a float lr changed every step, with
+    lr_scale), awkward sizes, grads in new buffers every step (the address table is re-uploaded)."""
+    params0, params1, scales1, grads = make_problem(dtype, rng)
+    schedule = fo.schedules.cosine(0.05, t_max=4, eta_min=0.001)
+    lrs1 = [0.02, 0.02, 0.005, 0.04, 0.0, 0.01]
+    expected_params, expected_states = run_reference(cls, kwargs, params0, params1, scales1, grads, schedule, lrs1)
+
+    device0, device1 = to_device(cp, params0), to_device(cp, params1)
+    groups = [{"params": device0, "lr": schedule}, {"params": device1, "lr": lrs1[0],
+                                                     "lr_scale": to_device(cp, scales1)}]
+    optimizer = cls(groups, backend="cuda", **kwargs)
+    assert isinstance(optimizer._backend, cuda.CudaBackend)
+    for t in range(STEPS):
+        optimizer.param_groups[1]["lr"] = lrs1[t]
+        optimizer.step(to_device(cp, grads[t]))
+    assert optimizer.step_count == STEPS == optimizer._backend.device_step_count()
+
+    rtol = tolerance(dtype, STEPS)
+    saved = optimizer.state_dict()["state"]
+    state = {index: saved.get(index, {}) for index in range(len(expected_params))}  # plain SGD saves nothing
+    for index, param in enumerate(host(cp, device0 + device1)):
+        assert param.dtype == dtype
+        assert_close(param, expected_params[index], rtol, f"param {index}")
+        for name, value in expected_states[index].items():
+            if name == "step":
+                if cls is not fo.SGD:
+                    assert state[index]["step"] == value
+                continue
+            assert state[index][name].dtype == dtype
+            assert_close(state[index][name], value, rtol, f"param {index} state {name}")
+        assert set(state[index]) - {"step"} == set(expected_states[index]) - {"step"}
+
+
+TRANSCENDENTAL_FREE = [(cls, kwargs) for cls, kwargs in CONFIGS if cls in (fo.SGD, fo.RMSprop)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,kwargs", TRANSCENDENTAL_FREE,
+                         ids=[CONFIG_IDS[CONFIGS.index(config)] for config in TRANSCENDENTAL_FREE])
+def test_bitwise_equal_to_cpu_kernels(cp, cls, kwargs, dtype, rng):
+    """With float learning rates, SGD and RMSprop use no cos or pow: the GPU (--fmad=false, IEEE division and
+    square root) gives the CPU kernels' bits."""
+    params0, params1, scales1, grads = make_problem(dtype, rng)
+    lrs = [0.02, 0.01, 0.005, 0.04, 0.0, 0.01]
+
+    def run(params, scales, step_grads, backend):
+        groups = [{"params": params[:len(params0)]}, {"params": params[len(params0):], "lr_scale": scales}]
+        optimizer = cls(groups, lr=lrs[0], backend=backend, **kwargs)
+        for t in range(STEPS):
+            for group in optimizer.param_groups:
+                group["lr"] = lrs[t]
+            optimizer.step(step_grads(t))
+        return optimizer
+
+    cpu_params = [p.copy() for p in params0 + params1]
+    cpu = run(cpu_params, scales1, lambda t: grads[t], "cpu")
+    gpu_params = to_device(cp, params0 + params1)
+    gpu = run(gpu_params, to_device(cp, scales1), lambda t: to_device(cp, grads[t]), "cuda")
+    for index, (theirs, ours) in enumerate(zip(cpu_params, host(cp, gpu_params))):
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"param {index}")
+        for name, buffer in cpu.state[index].items():
+            np.testing.assert_array_equal(cp.asnumpy(gpu.state[index][name]), buffer, err_msg=f"{index} {name}")
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,kwargs", CONFIGS, ids=CONFIG_IDS)
+def test_matches_torch_on_cuda(cp, cls, kwargs, dtype, rng):
+    """tests/test_torch_parity.py's check against torch.optim's single-tensor CUDA implementation."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    shapes = [(0,), (1,), (13,), (40, 7), (SIZES[-1],)]
+    steps = 12
+    initial = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+    grads = [[rng.standard_normal(shape).astype(dtype) for shape in shapes] for _ in range(steps)]
+    lrs = 0.03 * (1 + np.sin(np.arange(steps)))
+
+    params = to_device(cp, initial)
+    ours = cls([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], lr=lrs[0], **kwargs)
+    tensors = [torch.tensor(p, device="cuda") for p in initial]
+    torch_cls = getattr(torch.optim, cls.__name__)
+    theirs = torch_cls([{"params": tensors[:2]}, {"params": tensors[2:], "lr": 0.01}], foreach=False,
+                       **dict(kwargs, lr=lrs[0]))
+    for t in range(steps):
+        ours.param_groups[0]["lr"] = theirs.param_groups[0]["lr"] = float(lrs[t])
+        ours.step(to_device(cp, grads[t]))
+        for tensor, grad in zip(tensors, grads[t]):
+            tensor.grad = torch.tensor(grad, device="cuda")
+        theirs.step()
+
+    rtol = tolerance(dtype, steps)
+    our_state = ours.state_dict()["state"]
+    for index, tensor in enumerate(tensors):
+        assert_close(cp.asnumpy(params[index]), tensor.cpu().numpy(), rtol, f"param {index}")
+        for name, value in theirs.state[tensor].items():
+            if name == "step":
+                assert our_state[index]["step"] == int(value)
+            else:
+                assert_close(our_state[index][name], value.cpu().numpy(), rtol, f"param {index} state {name}")
+
+
+def test_mixed_dtypes_one_launch_each(cp, rng):
+    """float32 and float64 params in one optimizer: two buckets, each computing in its own precision, each with its
+    own copy of the device step counter."""
+    p32 = rng.standard_normal(9).astype(np.float32)
+    p64 = rng.standard_normal(9)
+    g32, g64 = rng.standard_normal(9).astype(np.float32), rng.standard_normal(9)
+    expected = [p32.astype(np.float64), p64.copy()]
+    states = [{}, {}]
+    params = to_device(cp, [p32, p64])
+    optimizer = fo.Adam(params, lr=fo.schedules.exponential(0.1, 0.5), backend="cuda")
+    assert len(optimizer._backend.buckets) == 2
+    for t in range(3):
+        optimizer.step(to_device(cp, [g32, g64]))
+        for param, grad, state in zip(expected, [g32, g64], states):
+            fo.reference.adam(param, grad.astype(np.float64), state, lr=0.1 * 0.5**t)
+    assert_close(cp.asnumpy(params[0]), expected[0], tolerance(np.float32, 3), "float32 param")
+    assert_close(cp.asnumpy(params[1]), expected[1], tolerance(np.float64, 3), "float64 param")
+
+
+# ---------------------------------------------------------------- schedules on the device
+EVALUATE = r"""
+#include "schedule_math.cuh"
+extern "C" __global__ void evaluate(const double* words, long long size, long long base, const long long* steps,
+                                    long long count, double* values) {
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i < count) values[i] = fastopt::schedule_value(fastopt::Program{words, size}, base, steps[i]);
+}
+"""
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_schedule_value_on_device_matches_host(cp, case):
+    """The device evaluator against the host reference. |device - host| <= 4 eps (|host| + peak): CUDA's double
+    cos and pow are within 2 ulp (glibc's within 1), and where a cosine nearly cancels (1 + cos(x) near x = pi) an
+    ulp of the largest term, not of the result, remains."""
+    evaluate = cuda.load_module(cp, EVALUATE, "evaluate_schedule").get_function("evaluate")
+    t = np.arange(case.steps, dtype=np.int64)
+    expected = case.schedule(t)
+    program = cp.asarray(case.schedule.program())
+    values = cp.empty(t.size, dtype=np.float64)
+    evaluate(((t.size + 255) // 256,), (256,), (program, np.int64(program.size), np.int64(0), cp.asarray(t),
+                                                np.int64(t.size), values))
+    got = cp.asnumpy(values)
+    error = np.abs(got - expected)
+    bound = 4 * EPS * (np.abs(expected) + np.max(np.abs(expected)))
+    worst = int(np.argmax(error - bound))
+    assert np.all(error <= bound), f"t={worst}: device {got[worst]!r} host {expected[worst]!r}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_schedule_advances_with_the_device_step_count(cp, case):
+    """Through the optimizer: plain SGD on a zero param with a unit grad moves it by -lr(t), so resetting the param
+    before each step reads back the lr the kernel computed from its own step counter."""
+    steps = min(case.steps, 60)
+    param = cp.zeros(1, dtype=np.float64)
+    grad = cp.ones(1, dtype=np.float64)
+    optimizer = fo.SGD([param], lr=case.schedule, backend="cuda")
+    got = []
+    for _ in range(steps):
+        param.fill(0)
+        optimizer.step([grad])
+        got.append(-float(param[0]))
+    expected = case.schedule(np.arange(steps))
+    bound = 4 * EPS * (np.abs(expected) + np.max(np.abs(expected)))
+    assert np.all(np.abs(np.array(got) - expected) <= bound)
+
+
+@pytest.mark.parametrize("cls,kwargs", [(fo.SGD, dict(momentum=0.9)), (fo.AdamW, {})], ids=["SGD", "AdamW"])
+def test_schedule_in_kernel_matches_torch_scheduler(cp, cls, kwargs, rng):
+    """tests/test_torch_parity.py's schedule pairs: the device-evaluated schedule against torch's scheduler."""
+    torch = pytest.importorskip("torch")
+    from test_torch_parity import SCHEDULER_PAIRS
+
+    for name, ours, theirs in SCHEDULER_PAIRS:
+        initial = rng.standard_normal(31).astype(np.float32)
+        grads = [rng.standard_normal(31).astype(np.float32) for _ in range(STEPS * 2)]
+        param = cp.asarray(initial)
+        optimizer = cls([param], lr=ours(), backend="cuda", **kwargs)
+        tensor = torch.tensor(initial)
+        torch_opt = getattr(torch.optim, cls.__name__)([tensor], foreach=False, **dict(kwargs, lr=0.1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler = theirs(torch_opt)
+            for grad in grads[:12]:
+                optimizer.step([cp.asarray(grad)])
+                tensor.grad = torch.tensor(grad)
+                torch_opt.step()
+                scheduler.step()
+        assert_close(cp.asnumpy(param), tensor.numpy(), tolerance(np.float32, 12), name)
+
+
+# ---------------------------------------------------------------- graphs, streams and uploads
+def reference_run(cls, kwargs, initial, grads, schedule):
+    params = [p.astype(np.float64) for p in initial]
+    states = [{} for _ in params]
+    group = dict(cls.DEFAULTS, **kwargs)
+    for t, step_grads in enumerate(grads):
+        for param, grad, state in zip(params, step_grads, states):
+            cls.reference_step(param, grad.astype(np.float64), state, group, schedule(t), 1.0)
+    return params
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls,kwargs", [(fo.SGD, dict(momentum=0.9, nesterov=True)), (fo.RMSprop, dict(centered=True)),
+                                        (fo.AdamW, dict(amsgrad=True))], ids=["SGD", "RMSprop", "AdamW"])
+def test_cuda_graph_replays_advance_the_schedule(gpu, cls, kwargs, rng):
+    """One eager step, one captured step, replays with new grad values in the same buffers: every replay is one
+    optimizer step with the schedule at its own step count. Eager steps after the replays continue from the
+    device's count."""
+    shapes = [0, 1, 13, 5000]
+    replays, after = 6, 2
+    total = 2 + replays + after
+    schedule = fo.schedules.warmup(fo.schedules.cosine(0.1, t_max=7, eta_min=0.01), warmup_steps=3)
+    initial = [rng.standard_normal(n).astype(np.float32) for n in shapes]
+    grads = [[rng.standard_normal(n).astype(np.float32) for n in shapes] for _ in range(total)]
+    expected = reference_run(cls, kwargs, initial, grads, schedule)
+
+    params = to_device(cp, initial)
+    grad_buffers = [cp.empty(n, dtype=np.float32) for n in shapes]
+    optimizer = cls(params, lr=schedule, **kwargs)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        def load(t):
+            for buffer, values in zip(grad_buffers, grads[t]):
+                buffer.set(values, stream=stream)
+
+        load(0)
+        optimizer.step(grad_buffers)  # eager: uploads the tables
+        load(1)
+        stream.begin_capture()
+        try:
+            optimizer.step(grad_buffers)  # recorded, not run
+        finally:
+            graph = stream.end_capture()
+        graph.launch(stream)
+        for t in range(2, 2 + replays):
+            load(t)
+            graph.launch(stream)
+        for t in range(2 + replays, total):
+            load(t)
+            optimizer.step(grad_buffers)
+        stream.synchronize()
+    assert optimizer._backend.device_step_count() == total
+    assert optimizer.step_count == 2 + after  # the host counts the eager step calls only
+    steps = optimizer.state_dict()["state"]
+    rtol = tolerance(np.float32, total)
+    for index, param in enumerate(host(cp, params)):
+        assert_close(param, expected[index], rtol, f"param {index}")
+        if cls is not fo.SGD:
+            assert steps[index]["step"] == total
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_capture_refuses_a_step_that_must_upload(cp, rng):
+    params = [cp.asarray(rng.standard_normal(5).astype(np.float32))]
+    optimizer = fo.Adam(params, lr=0.1)
+    optimizer.step([cp.ones(5, dtype=np.float32)])
+    before = cp.asnumpy(params[0])
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        new_grads = [cp.ones(5, dtype=np.float32)]  # a new buffer: its address must be uploaded
+        stream.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+                optimizer.step(new_grads)
+        finally:
+            stream.end_capture()
+    np.testing.assert_array_equal(cp.asnumpy(params[0]), before)
+
+
+def test_steady_state_steps_upload_nothing(cp, monkeypatch):
+    """Same grad buffers and hyperparameters: no host-to-device copy. A changed float lr: one."""
+    param = cp.zeros(5)
+    grads = [cp.ones(5)]
+    optimizer = fo.SGD([param], lr=0.5, backend="cuda")
+    uploads = []
+    flush = optimizer._backend._flush
+    monkeypatch.setattr(optimizer._backend, "_flush",
+                        lambda pending: (uploads.append(len([p for p in pending if p[1].size])), flush(pending)))
+    optimizer.step(grads)
+    assert uploads[-1] > 0
+    for _ in range(3):
+        optimizer.step(grads)
+        assert uploads[-1] == 0
+    optimizer.param_groups[0]["lr"] = 0.25
+    optimizer.step(grads)
+    assert uploads[-1] == 1  # the packed schedules only
+    np.testing.assert_array_equal(cp.asnumpy(param), -4 * 0.5 - 0.25)
+
+
+def test_denormals_are_kept(cp):
+    """float32 subnormals are computed, not flushed to zero, as on the CPU and in torch (CuPy's own compile path would
+    add -ftz=true: fastopt.backends.cuda.load_module)."""
+    tiny = np.float32(1e-39)  # below float32's smallest normal, 1.18e-38
+    param = cp.zeros(3, dtype=np.float32)
+    optimizer = fo.SGD([param], lr=1.0, backend="cuda")
+    optimizer.step([cp.asarray(np.full(3, tiny))])
+    np.testing.assert_array_equal(cp.asnumpy(param), -tiny)
+
+
+def test_changing_group_lr_takes_effect(cp):
+    param = cp.zeros(5)
+    optimizer = fo.SGD([param], lr=0.5, backend="cuda")
+    optimizer.step([cp.ones(5)])
+    np.testing.assert_array_equal(cp.asnumpy(param), -0.5)
+    optimizer.param_groups[0]["lr"] = 0.25
+    optimizer.step([cp.ones(5)])
+    np.testing.assert_array_equal(cp.asnumpy(param), -0.75)
+    optimizer.param_groups[0]["lr"] = fo.schedules.constant(1.0)
+    optimizer.step([cp.ones(5)])
+    np.testing.assert_array_equal(cp.asnumpy(param), -1.75)
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_step_runs_on_the_current_stream(cp):
+    """A step inside ``with stream:`` is ordered on that stream: work queued before it is seen, and waiting on the
+    stream is enough to see its result."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    param = cp.zeros(1 << 20, dtype=np.float32)
+    grad = cp.zeros(1 << 20, dtype=np.float32)
+    optimizer = fo.SGD([param], lr=1.0)
+    with stream:
+        grad.fill(2.0)  # queued on the stream, before the step
+        optimizer.step([grad])
+    stream.synchronize()
+    assert float(param[-1]) == -2.0
+
+
+def test_skipped_and_empty_tensors(cp):
+    """A None grad skips its tensor, step count included; an empty tensor's step still counts; a bucket of empty
+    tensors only still launches (its last block advances the counts)."""
+    params = [cp.ones(7, dtype=np.float32), cp.ones(7, dtype=np.float32), cp.zeros(0, dtype=np.float32)]
+    optimizer = fo.Adam(params, lr=0.1, backend="cuda")
+    optimizer.step([None, cp.ones(7, dtype=np.float32), cp.zeros(0, dtype=np.float32)])
+    np.testing.assert_array_equal(cp.asnumpy(params[0]), 1.0)
+    assert (cp.asnumpy(params[1]) < 1.0).all()
+    assert list(optimizer._backend.tensor_steps()) == [0, 1, 1]
+    empty = [cp.zeros(0), cp.zeros((3, 0))]
+    only_empty = fo.AdamW(empty, lr=0.1, backend="cuda")
+    only_empty.step([cp.zeros(0), cp.zeros((3, 0))])
+    assert list(only_empty._backend.tensor_steps()) == [1, 1]
+    assert only_empty._backend.device_step_count() == 1
+
+
+def test_state_dict_round_trip_continues_the_run(cp, rng):
+    shapes = [3, 4097]
+    schedule = fo.schedules.step_decay(0.1, step_size=2, gamma=0.5)
+    initial = [rng.standard_normal(n).astype(np.float32) for n in shapes]
+    grads = [[rng.standard_normal(n).astype(np.float32) for n in shapes] for _ in range(6)]
+    straight = to_device(cp, initial)
+    optimizer = fo.Adam(straight, lr=schedule, amsgrad=True, backend="cuda")
+    for step_grads in grads:
+        optimizer.step(to_device(cp, step_grads))
+
+    resumed = to_device(cp, initial)
+    first = fo.Adam(resumed, lr=schedule, amsgrad=True, backend="cuda")
+    for step_grads in grads[:3]:
+        first.step(to_device(cp, step_grads))
+    saved = first.state_dict()
+    second = fo.Adam(resumed, lr=schedule, amsgrad=True, backend="cuda")
+    second.load_state_dict(saved)
+    for step_grads in grads[3:]:
+        second.step(to_device(cp, step_grads))
+    for ours, theirs in zip(host(cp, resumed), host(cp, straight)):
+        np.testing.assert_array_equal(ours, theirs)
+    assert second._backend.device_step_count() == 6
+
+
+def test_guard_skips_nonfinite_steps(cp, rng):
+    params = [cp.asarray(rng.standard_normal(4099).astype(np.float32)), cp.zeros(3)]
+    grads = [rng.standard_normal(4099).astype(np.float32), rng.standard_normal(3)]
+    optimizer = fo.Adam(params, lr=0.1, guard=fo.Guard(patience=2, backoff=0.5), backend="cuda")
+    before = host(cp, params)
+    bad = [grads[0].copy(), grads[1]]
+    bad[0][17] = np.nan
+    optimizer.step(to_device(cp, bad))
+    for param, saved in zip(host(cp, params), before):
+        np.testing.assert_array_equal(param, saved)
+    assert optimizer._backend.device_step_count() == 0 and optimizer.guard.skipped_steps == 1
+    optimizer.step(to_device(cp, grads))
+    expected_norm = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
+    assert optimizer.last_grad_norm == pytest.approx(expected_norm, rel=1e-12)
+    assert optimizer._backend.device_step_count() == 1
+
+
+def test_add_param_group(cp):
+    a, b = cp.zeros(3), cp.zeros(4)
+    optimizer = fo.Adam([a], lr=0.1, backend="cuda")
+    optimizer.step([cp.ones(3)])
+    optimizer.add_param_group({"params": [b], "lr": 0.2})
+    optimizer.step([cp.ones(3), cp.ones(4)])
+    state = optimizer.state_dict()["state"]
+    assert state[0]["step"] == 2 and state[1]["step"] == 1
+    np.testing.assert_allclose(cp.asnumpy(b), -0.2)
+
+
+# ---------------------------------------------------------------- bad input leaves params untouched
+def bad_grads_cases(cp):
+    good = [cp.ones((2, 3), dtype=np.float32), cp.ones(5, dtype=np.float32)]
+    return [
+        ([good[0], np.ones(5, np.float32)], TypeError, r"grads\[1\] is a NumPy array in host memory"),
+        ([good[0], cp.ones(10, dtype=np.float32)[::2]], ValueError, r"grads\[1\] is not C-contiguous"),
+        ([good[0], cp.ones(5, dtype=np.float64)], TypeError, r"grads\[1\] has dtype float64"),
+        ([good[0], cp.ones(4, dtype=np.float32)], ValueError, r"grads\[1\] has shape \(4,\)"),
+        ([good[0]], ValueError, "1 grads for 2 params"),
+    ]
+
+
+@pytest.mark.parametrize("cls", [fo.SGD, fo.RMSprop, fo.Adam, fo.AdamW])
+def test_bad_grads_leave_params_untouched(cp, cls):
+    params = [cp.ones((2, 3), dtype=np.float32), cp.ones(5, dtype=np.float32)]
+    kwargs = dict(momentum=0.9) if cls is fo.SGD else {}
+    optimizer = cls(params, lr=0.1, backend="cuda", **kwargs)
+    optimizer.step([cp.ones((2, 3), dtype=np.float32), cp.ones(5, dtype=np.float32)])
+    for grads, error, message in bad_grads_cases(cp):
+        before, state = host(cp, params), optimizer.state_dict()
+        with pytest.raises(error, match=message):
+            optimizer.step(grads)
+        for param, saved in zip(host(cp, params), before):
+            np.testing.assert_array_equal(param, saved)
+        assert optimizer._backend.device_step_count() == state["step_count"] == optimizer.step_count
+
+
+def test_params_must_be_device_arrays_of_one_kind(cp):
+    with pytest.raises(TypeError, match=r"is a NumPy array in host memory"):
+        fo.Adam([cp.ones(3), np.ones(3)], backend="cuda")
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        fo.Adam([cp.ones((4, 4))[:, 1]], backend="cuda")
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_arrays_on_another_device_are_refused(cp):
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    with cp.cuda.Device(1):
+        other = cp.ones(5, dtype=np.float32)
+    params = [cp.ones(5, dtype=np.float32)]
+    optimizer = fo.Adam(params, lr=0.1)
+    with pytest.raises(ValueError, match="is on GPU 1 but the current device is GPU 0"):
+        optimizer.step([other])
+    np.testing.assert_array_equal(cp.asnumpy(params[0]), 1.0)
+    with pytest.raises(ValueError, match="must all be on one device"):
+        fo.Adam([params[0], other])
+
+
+def test_stand_in_refuses_uploads_while_capturing_and_follows_the_device_count(cp):
+    """With the stand-in: a capture that needs no upload goes ahead, one that does is refused before anything is
+    queued; steps taken on the device behind the host's back (graph replays) are continued from, not overwritten."""
+    if not isinstance(cp, CupyStandIn):
+        pytest.skip("the GPU run has test_cuda_graph_replays_advance_the_schedule")
+    param, grads = cp.zeros(5), [cp.ones(5)]
+    optimizer = fo.SGD([param], lr=fo.schedules.exponential(1.0, 0.5), backend="cuda")
+    optimizer.step(grads)
+    cp.stream.capturing = True
+    optimizer.step(grads)
+    launches = cp.stream.launches
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        optimizer.step([cp.ones(5)])
+    assert cp.stream.launches == launches and optimizer.step_count == 2
+    cp.stream.capturing = False
+    optimizer._backend.buckets[0].device["counters"][cuda.OPTIMIZER_STEP] += 3  # three replays, counted only
+    optimizer.step(grads)
+    assert optimizer._backend.device_step_count() == 6
+    # The stand-in ran the "captured" step (lr 0.5); the last step ran at device step 5.
+    np.testing.assert_array_equal(cp.asnumpy(param), -(1 + 0.5 + 0.5**5))
+
+
+# ---------------------------------------------------------------- the NumPy stand-in for CuPy
+class _Memory:
+    """``ndarray.data`` of the stand-in: the address, and the asynchronous host-to-device copy (a memmove)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    @property
+    def ptr(self):
+        return self.array.ctypes.data if self.array.size else 0  # CuPy's empty arrays have address 0 too
+
+    def copy_from_host_async(self, source, size, stream=None):
+        assert isinstance(stream, _Stream) and size == self.array.nbytes and self.array.flags.c_contiguous
+        ctypes.memmove(self.array.ctypes.data, source, size)
+        stream.copies += 1
+
+
+class StandInArray(np.ndarray):
+    @property
+    def data(self):
+        return _Memory(self)
+
+    @property
+    def device(self):
+        return SimpleNamespace(id=0)
+
+    def set(self, values, stream=None):
+        assert values.shape == self.shape and values.dtype == self.dtype
+        self[...] = values
+
+
+class _Stream:
+    def __init__(self):
+        self.capturing = False
+        self.copies = 0
+        self.launches = 0
+
+    def is_capturing(self):
+        return self.capturing
+
+    def record(self):
+        return SimpleNamespace(done=True)
+
+    def synchronize(self):
+        pass
+
+
+class _Kernel:
+    """One launch of a fused.cu kernel, emulated in fused.cu's order (see the ``cp`` fixture)."""
+
+    def __init__(self, name, shim, stream):
+        self.name, self.shim, self.stream = name, shim, stream
+
+    def __call__(self, grid, block, args):
+        self.stream.launches += 1
+        assert block == (cuda.BLOCK,)
+        kind, ctype = self.name.rsplit("_", 1)
+        dtype = {"float": np.float32, "double": np.float64}[ctype]
+        itemsize = np.dtype(dtype).itemsize
+        for array in args:
+            if isinstance(array, np.ndarray):
+                assert isinstance(array, StandInArray) and array.flags.c_contiguous
+            else:  # CuPy passes a Python int as long long and a float as double: the host passes NumPy scalars
+                assert type(array) in (np.int64, np.float64)
+        if kind == "grad_stats":
+            addresses, chunk_tensor, chunk_start, chunk_length, chunk_count, sums, counts = args
+            assert grid == (chunk_count,) and sums.dtype == np.float64 and counts.dtype == np.int64
+            for chunk in range(chunk_count):
+                address = int(addresses[chunk_tensor[chunk], tables.GRAD]) + int(chunk_start[chunk]) * itemsize
+                length = int(chunk_length[chunk])
+                buffer = (ctypes.c_char * (length * itemsize)).from_address(address)
+                values = np.frombuffer(buffer, dtype=dtype).astype(np.float64)
+                sums[chunk] = np.sum(values * values)
+                counts[chunk] = np.count_nonzero(~np.isfinite(values))
+            return
+        (addresses, chunk_tensor, chunk_start, chunk_length, chunk_count, tensor_group, tensor_step, tensor_count,
+         group_hyper, schedule_program, schedule_size, schedule_base, counters, lr_factor) = args
+        assert type(lr_factor) is np.float64
+        for array in (addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, schedule_base,
+                      counters):
+            assert array.dtype == np.int64
+        assert group_hyper.dtype == schedule_program.dtype == np.float64
+        assert grid == (max(int(chunk_count), 1),) and chunk_tensor.size == chunk_count
+        assert addresses.shape == (tensor_count, tables.SLOTS) and schedule_program.size == schedule_size
+        assert counters[cuda.TICKET] == 0
+        update = getattr(self.shim, f"{kind.replace('_step', '_update')}_{ctype}")
+        # Every block: its chunk, with the counts as they were when the launch began.
+        for chunk in range(chunk_count):
+            tensor = chunk_tensor[chunk]
+            if addresses[tensor, tables.GRAD] == 0:
+                continue
+            start = int(chunk_start[chunk])
+            group = tensor_group[tensor]
+            update(*(None if address == 0 else int(address) + start * itemsize for address in addresses[tensor]),
+                   int(chunk_length[chunk]), group_hyper[group].ctypes.data, schedule_program.ctypes.data,
+                   int(schedule_size), int(schedule_base[group]), int(counters[cuda.OPTIMIZER_STEP]),
+                   float(lr_factor), int(tensor_step[tensor]))
+        # The last block: the counts.
+        momentum = tables.SGD_COLUMNS.index("momentum")
+        for tensor in range(tensor_count):
+            if addresses[tensor, tables.GRAD] != 0 and (
+                    kind != "sgd_step" or group_hyper[tensor_group[tensor], momentum] != 0):
+                tensor_step[tensor] += 1
+        counters[cuda.OPTIMIZER_STEP] += 1
+
+
+class CupyStandIn:
+    """The part of CuPy's API the backend uses, over NumPy arrays in host memory."""
+
+    ndarray = StandInArray
+
+    def __init__(self, shim):
+        self.shim = shim
+        self.stream = _Stream()
+        self.cuda = SimpleNamespace(
+            runtime=SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1),
+            Device=lambda index: SimpleNamespace(attributes={"MultiProcessorCount": 2}),
+            get_current_stream=lambda: self.stream,
+            alloc_pinned_memory=bytearray)
+
+    def load_module(self, cupy, source, name):  # stands in for fastopt.backends.cuda.load_module
+        assert cupy is self and '#include "step_math.cuh"' in source and name == "fused"
+        return SimpleNamespace(get_function=lambda kernel: _Kernel(kernel, self.shim, self.stream))
+
+    @staticmethod
+    def asarray(array):
+        return np.array(array).view(StandInArray)
+
+    @staticmethod
+    def asnumpy(array):
+        return np.array(array)
+
+    @staticmethod
+    def zeros(shape, dtype=np.float64):
+        return np.zeros(shape, dtype).view(StandInArray)
+
+    @staticmethod
+    def ones(shape, dtype=np.float64):
+        return np.ones(shape, dtype).view(StandInArray)
+
+    @staticmethod
+    def empty(shape, dtype=np.float64):
+        return np.full(shape, 123, dtype).view(StandInArray)  # not zeros: a table never uploaded would show
+
+    @staticmethod
+    def zeros_like(array):
+        return np.zeros_like(np.asarray(array)).view(StandInArray)
+
+    @staticmethod
+    def stack(arrays):
+        return np.stack([np.asarray(array) for array in arrays]).view(StandInArray)
+
+    isfinite, all, any = staticmethod(np.isfinite), staticmethod(np.all), staticmethod(np.any)
