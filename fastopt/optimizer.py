@@ -46,6 +46,7 @@ class Optimizer:
         self.state = []  # per param, in group order: dict of torch-named state buffers
         self._params = []
         self.step_count = 0
+        self._layout_version = 0  # advanced whenever a buffer or lr_scale array the kernels address changes
         for group in groups:
             self._add_group(group)
         self._backend = self._engine(self)
@@ -198,8 +199,10 @@ class Optimizer:
                 raise ValueError(f"{where} has unknown hyperparameter(s) {sorted(unknown)}")
             self.validate_hyperparameters(group, where)
             # Checking values is a reduction (a device sync on the GPU): only for lr_scale arrays that are new.
-            if group["lr_scale"] is not None and (before is None or now[2] != before[2]):
-                group["lr_scale"] = self._check_lr_scale(group["lr_scale"], group["params"], where)
+            if before is None or now[2] != before[2]:
+                if group["lr_scale"] is not None:
+                    group["lr_scale"] = self._check_lr_scale(group["lr_scale"], group["params"], where)
+                self._layout_version += 1
         ordinal = sum(len(state) for state in self.state)
         for group, states in self._group_states():
             for param, state in states:
@@ -207,6 +210,7 @@ class Optimizer:
                     if name not in state:
                         state[name] = self._engine.allocate_state(param, ordinal)
                         ordinal += 1
+                        self._layout_version += 1
         self._group_snapshot = snapshot
         return True
 
@@ -324,6 +328,7 @@ class Optimizer:
                     state[name] = self._engine.allocate_state(param, position * len(self.STATE_SLOTS) + len(state))
                 self._engine.copy_from_numpy(state[name], np.asarray(value, dtype=param.dtype))
         self.step_count = step_count
+        self._layout_version += 1
         if self.guard is not None and "guard" in state_dict:
             self.guard.load_state_dict(state_dict["guard"])
         self._group_snapshot = None

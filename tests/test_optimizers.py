@@ -5,6 +5,7 @@ import pytest
 
 import fastopt as fo
 from conftest import SIZES, assert_close, tolerance
+from fastopt.kernels.cpu import tables
 
 # One table of configurations drives every parity test (torch's OptimizerInfo idea).
 CONFIGS = [
@@ -57,10 +58,14 @@ def run_reference(cls, kwargs, params0, params1, scales1, grads, schedule, lrs1)
     return params, states
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu-parallel", "cpu-serial", "reference"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cls,kwargs", CONFIGS, ids=CONFIG_IDS)
-def test_matches_reference(cls, kwargs, dtype, backend, rng):
+def test_matches_reference(cls, kwargs, dtype, backend, rng, monkeypatch):
+    if backend.startswith("cpu"):
+        # Small buckets step on the calling thread; move the threshold to test both kernels on the same problem.
+        monkeypatch.setattr(tables, "SERIAL_BELOW", 1 << 62 if backend == "cpu-serial" else 0)
+        backend = "cpu"
     params0, params1, scales1, grads = make_problem(dtype, rng)
     schedule = fo.schedules.cosine(0.05, t_max=4, eta_min=0.001)  # periodic past t_max: rises again
     lrs1 = [0.02, 0.02, 0.005, 0.04, 0.0, 0.01]
@@ -68,6 +73,9 @@ def test_matches_reference(cls, kwargs, dtype, backend, rng):
 
     groups = [{"params": params0, "lr": schedule}, {"params": params1, "lr": lrs1[0], "lr_scale": scales1}]
     optimizer = cls(groups, backend=backend, **kwargs)
+    if backend == "cpu":
+        serial = tables.SERIAL_BELOW > 0
+        assert all(bucket.kernel.__name__.endswith("_serial") == serial for bucket in optimizer._backend.buckets)
     for t in range(STEPS):
         optimizer.param_groups[1]["lr"] = lrs1[t]
         optimizer.step(grads[t])

@@ -39,9 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import kernels, schedules
+from .. import kernels
 from ..kernels.cpu import schedule_codes, tables
 from . import _describe, is_gpu_array
+from .tables import chunk_table, fill_tensor_tables, group_tables, set_grad_addresses
 
 SOURCE_DIR = (Path(kernels.__file__).parent / "cuda").resolve()
 SOURCE = "fused.cu"
@@ -195,19 +196,6 @@ def chunk_elements(total, multiprocessors):
     return chunk
 
 
-def chunk_table(sizes, chunk):
-    """(chunk_tensor, chunk_start, chunk_length) as int64 arrays: each tensor of ``sizes`` cut into pieces of at
-    most ``chunk`` elements, in order. An empty tensor has no chunks."""
-    tensor, start, length = [], [], []
-    for position, size in enumerate(sizes):
-        for offset in range(0, size, chunk):
-            tensor.append(position)
-            start.append(offset)
-            length.append(min(chunk, size - offset))
-    return (np.asarray(tensor, dtype=np.int64), np.asarray(start, dtype=np.int64),
-            np.asarray(length, dtype=np.int64))
-
-
 def _address(array):
     return array.data.ptr if array.size else 0
 
@@ -312,6 +300,7 @@ class CudaBackend(CupyArrays):
         self.group_hyper = None
         self.schedule_program = None
         self.schedule_base = None
+        self.layout_version = None
         self.device = {}
         # The optimizer step count the device counters hold once the queued work is done, as far as the host knows
         # (None: never uploaded). Graph replays advance the device without the host's knowledge; that is fine, as
@@ -356,61 +345,32 @@ class CudaBackend(CupyArrays):
             array = self.device[name] = self.cupy.empty(values.shape, dtype=values.dtype)
         return array
 
-    def _refresh_groups(self, pending):
-        """Rebuild the group table, the packed schedules and each tensor's group, lr_scale and state addresses
-        (the CPU backend's ``_refresh_groups``); queue uploads of whatever differs from the device copy."""
+    def _refresh_tables(self, pending, groups_changed):
+        """Bring the host tables up to date as the CPU engine does (group table and schedules when a group
+        changed, addresses when the optimizer's buffers did); queue uploads of whatever differs from the device."""
         optimizer = self.optimizer
-        groups = optimizer.param_groups
-        group_hyper = np.array([[optimizer.group_row(group)[name] for name in optimizer.COLUMNS]
-                                for group in groups], dtype=np.float64)
-        programs, bases, offset = [], [], 0
-        for group in groups:
-            program = schedules.as_schedule(group["lr"]).program()
-            programs.append(program)
-            bases.append(offset)
-            offset += program.size
-        schedule_program = np.concatenate(programs)
-        schedule_base = np.asarray(bases, dtype=np.int64)
-        for name, values, previous in (("group_hyper", group_hyper, self.group_hyper),
-                                       ("schedule_program", schedule_program, self.schedule_program),
-                                       ("schedule_base", schedule_base, self.schedule_base)):
-            if previous is None or previous.shape != values.shape or not np.array_equal(previous, values):
-                pending.append((self._device_array(name, values), values))
-        self.group_hyper, self.schedule_program, self.schedule_base = group_hyper, schedule_program, schedule_base
-
-        group_of, lr_scale_of = [], []
-        for number, group in enumerate(groups):
-            group_of += [number] * len(group["params"])
-            lr_scale_of += list(group["lr_scale"] or [None] * len(group["params"]))
-        for bucket in self.buckets:
-            for position, index in enumerate(bucket.indices):
-                bucket.tensor_group[position] = group_of[index]
-                scale = lr_scale_of[index]
-                bucket.addresses[position, tables.PARAM] = _address(bucket.params[position])
-                bucket.addresses[position, tables.LR_SCALE] = 0 if scale is None else _address(scale)
-                state = optimizer.state[index]
-                for slot, name in enumerate(optimizer.STATE_SLOTS):
-                    buffer = state.get(name)
-                    bucket.addresses[position, tables.STATE0 + slot] = 0 if buffer is None else _address(buffer)
-            if bucket.uploaded_tensor_group is None or not np.array_equal(bucket.uploaded_tensor_group,
-                                                                          bucket.tensor_group):
-                pending.append((bucket.device["tensor_group"], bucket.tensor_group.copy()))
-
-    @staticmethod
-    def _set_grads(bucket, grads):
-        column = bucket.addresses[:, tables.GRAD]
-        for position, index in enumerate(bucket.indices):
-            grad = grads[index]
-            # An empty tensor has no address; mark it present with a dummy so its step still counts.
-            column[position] = 0 if grad is None else (_address(grad) or -1)
+        if groups_changed or self.group_hyper is None:
+            group_hyper, schedule_program, schedule_base = group_tables(optimizer)
+            for name, values, previous in (("group_hyper", group_hyper, self.group_hyper),
+                                           ("schedule_program", schedule_program, self.schedule_program),
+                                           ("schedule_base", schedule_base, self.schedule_base)):
+                if previous is None or previous.shape != values.shape or not np.array_equal(previous, values):
+                    pending.append((self._device_array(name, values), values))
+            self.group_hyper, self.schedule_program, self.schedule_base = group_hyper, schedule_program, schedule_base
+        if self.layout_version != optimizer._layout_version:
+            for bucket in self.buckets:
+                fill_tensor_tables(optimizer, bucket.indices, bucket.addresses, bucket.tensor_group, _address)
+                if bucket.uploaded_tensor_group is None or not np.array_equal(bucket.uploaded_tensor_group,
+                                                                              bucket.tensor_group):
+                    pending.append((bucket.device["tensor_group"], bucket.tensor_group.copy()))
+            self.layout_version = optimizer._layout_version
 
     def _prepare(self, grads, groups_changed, step_count=None):
         """Bring every device table up to date for a step with ``grads`` (uploads only what changed)."""
         pending = []
-        if groups_changed or self.group_hyper is None:
-            self._refresh_groups(pending)
+        self._refresh_tables(pending, groups_changed)
         for bucket in self.buckets:
-            self._set_grads(bucket, grads)
+            set_grad_addresses(bucket.addresses, bucket.indices, grads, _address)
             if bucket.uploaded_addresses is None or not np.array_equal(bucket.uploaded_addresses, bucket.addresses):
                 pending.append((bucket.device["addresses"], bucket.addresses.copy()))
         if step_count is not None and step_count != self.expected_step_count:

@@ -15,7 +15,7 @@ from numba import prange, types
 from numba.extending import intrinsic
 
 from .element_math import adam_element, rmsprop_element, sgd_element
-from .jit import jit, parallel_jit
+from .jit import jit, parallel_jit, serial_twin
 from .schedule_math import schedule_value
 from .tables import ADAM_COLUMNS, CHUNK, GRAD, LR_SCALE, PARAM, RMSPROP_COLUMNS, SGD_COLUMNS, STATE0, STATE1, STATE2
 
@@ -367,3 +367,9 @@ def adam_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, 
                    stream(addresses, tensor, STATE2, start, length, scratch),
                    coefficients[tensor], addresses[tensor, LR_SCALE] != 0, hyper[ADAM_H_MAXIMIZE] != 0,
                    hyper[ADAM_H_WEIGHT_DECAY] != 0, hyper[ADAM_H_DECOUPLED] != 0, hyper[ADAM_H_AMSGRAD] != 0)
+
+
+# Single-threaded twins for small buckets (see tables.SERIAL_BELOW).
+sgd_step_serial = serial_twin(sgd_step)
+rmsprop_step_serial = serial_twin(rmsprop_step)
+adam_step_serial = serial_twin(adam_step)

@@ -14,6 +14,10 @@ Per optimizer step the host passes:
 # per-chunk set-up, small enough to balance two threads over a list of tensors of mixed sizes.
 CHUNK = 1 << 16
 
+# Buckets with fewer elements than this step on the calling thread: waking the thread pool costs more than the
+# second core saves, and a parallel step of a small model waits for a free core whenever another process holds one.
+SERIAL_BELOW = 4 * CHUNK
+
 # Address-table slots shared by all optimizers.
 PARAM, GRAD, LR_SCALE, STATE0, STATE1, STATE2 = range(6)
 SLOTS = 6
