@@ -1,15 +1,16 @@
 """One optimizer step on the CPU: fastopt beside torch.optim and a memory-bandwidth ceiling, float32.
 
-Every row is one (optimizer, size, threads, variant). The bytes of a row are the least traffic one fused pass
+Every test is one (optimizer, size, threads) group; its variants (rows) are timed interleaved. The bytes of a row are the least traffic one fused pass
 needs (every param, grad and state buffer read once, every updated one written once; plus the lr_scale read
 where one is used), the same for every implementation of the update, so GB/s reads against the ``ceiling`` row:
 a prange kernel with the optimizer's read/write pattern and trivial math. See bench/README.md.
 
-    python -m pytest bench/bench_cpu.py --benchmark-json=bench/cpu.json     # all 220 rows, ~10 minutes
-    python -m pytest bench/bench_cpu.py -k "16M and not 1t"                  # quick: 16M, 2 threads
-    python -m pytest bench/bench_cpu.py -k "Adam-16M"                        # row ids: Adam-16M-2t-torch_fused
+    python -m pytest bench/bench_cpu.py --benchmark-json=bench/cpu.json     # all 40 groups, ~10 minutes
+    python -m pytest bench/bench_cpu.py -k "16M and 2t"                      # quick: 16M, 2 threads
+    python -m pytest bench/bench_cpu.py -k "Adam-16M"                        # group ids: Adam-16M-2t
 """
 import gc
+import time
 from dataclasses import dataclass
 
 import numba
@@ -76,13 +77,11 @@ def variants(optimizer, size):
 
 
 def cases():
-    """Size outermost, so the params and grads of one size are built once; ids like ``Adam-16M-2t-fastopt``."""
+    """Size outermost, so the params and grads of one size are built once; ids like ``Adam-16M-2t``."""
     for size in SIZES:
         for optimizer in OPTIMIZERS:
             for threads in (1, 2):
-                for variant in variants(optimizer, size):
-                    yield pytest.param(optimizer, size, threads, variant,
-                                       id=f"{optimizer}-{size}-{threads}t-{variant}")
+                yield pytest.param(optimizer, size, threads, id=f"{optimizer}-{size}-{threads}t")
 
 
 # ---------------------------------------------------------------- buffers
@@ -194,37 +193,53 @@ def row_bytes(spec, size, variant):
     return per_param * (SIZES[size] or GPT2_PARAMS)
 
 
-_CEILING_GBPS = {}  # (optimizer, size, threads) -> GB/s of the ceiling row in this session
+ROUNDS = 7
 
 
-@pytest.mark.parametrize("optimizer, size, threads, variant", list(cases()))
-def test_step(benchmark, optimizer, size, threads, variant):
+def make_step(spec, size, variant):
+    if variant == "ceiling":
+        return ceiling_step(spec, size)
+    if variant.startswith("torch"):
+        return torch_step(spec, size, variant)
+    return fastopt_step(spec, size, variant)
+
+
+@pytest.mark.parametrize("optimizer, size, threads", list(cases()))
+def test_step(benchmark, optimizer, size, threads):
+    """All variants of one (optimizer, size, threads) group, timed interleaved: each round runs every variant once,
+    in an order that rotates from round to round, so slow drifts of the host's bandwidth fall on all variants
+    alike and their ratios hold. The benchmark's own figure is the whole round; each variant's median step is in
+    ``extra_info["variants"]``."""
     spec = OPTIMIZERS[optimizer]
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
-    if variant == "ceiling":
-        step = ceiling_step(spec, size)
-    elif variant.startswith("torch"):
-        step = torch_step(spec, size, variant)
-    else:
-        step = fastopt_step(spec, size, variant)
-    try:
+    names = variants(optimizer, size)
+    steps = {name: make_step(spec, size, name) for name in names}
+    times = {name: [] for name in names}
+    for step in steps.values():
         step()  # compiles (or loads the cache), allocates state, faults pages in
         step()
+    rounds = iter(range(1 << 30))
+
+    def one_round():
+        shift = next(rounds) % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+
+    try:
         benchmark.group = f"{optimizer} {size} {threads} thread{'s' if threads > 1 else ''}"
-        benchmark(step)
+        benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     finally:
-        del step  # the optimizer and its state go now, not when pytest lets go of the frame
+        del steps  # the optimizers and their state go now, not when pytest lets go of the frame
         gc.collect()
-    if benchmark.stats is None:  # --benchmark-disable
-        return
-    median = benchmark.stats.stats.median
-    moved = row_bytes(spec, size, variant)
-    gbps = moved / median / 1e9
-    key = (optimizer, size, threads)
-    if variant == "ceiling":
-        _CEILING_GBPS[key] = gbps
-    benchmark.extra_info.update(optimizer=optimizer, variant=variant, size=size, params=SIZES[size] or GPT2_PARAMS,
-                                threads=threads, bytes_per_step=moved, ms_per_step=median * 1e3, gb_per_s=gbps)
-    if key in _CEILING_GBPS:
-        benchmark.extra_info["fraction_of_ceiling"] = gbps / _CEILING_GBPS[key]
+    ceiling = row_bytes(spec, size, "ceiling") / float(np.median(times["ceiling"]))
+    results = {}
+    for name in names:
+        median = float(np.median(times[name]))
+        moved = row_bytes(spec, size, name)
+        results[name] = dict(ms_per_step=median * 1e3, bytes_per_step=moved, gb_per_s=moved / median / 1e9,
+                             fraction_of_ceiling=moved / median / ceiling)
+    benchmark.extra_info.update(optimizer=optimizer, size=size, params=SIZES[size] or GPT2_PARAMS, threads=threads,
+                                rounds=ROUNDS, variants=results)

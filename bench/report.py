@@ -29,19 +29,18 @@ class Row:
 
 
 def load_rows(path):
-    """The rows in run order, and each (optimizer, size, threads) group as {variant: row}."""
+    """The rows in run order, and each (optimizer, size, threads) group as {variant: row}. A group's variants were
+    timed interleaved (bench_cpu.test_step), so ratios within a group compare like with like."""
     run = json.loads(Path(path).read_text())
     rows, groups = [], {}
     for benchmark in run["benchmarks"]:
         info = benchmark["extra_info"]
-        row = Row(info["optimizer"], info["size"], info["threads"], info["variant"], benchmark["stats"]["median"],
-                  info["bytes_per_step"])
-        rows.append(row)
-        groups.setdefault((row.optimizer, row.size, row.threads), {})[row.variant] = row
-    for group in groups.values():
-        if "ceiling" in group:
-            for row in group.values():
-                row.fraction_of_ceiling = row.gb_per_s / group["ceiling"].gb_per_s
+        group = groups.setdefault((info["optimizer"], info["size"], info["threads"]), {})
+        for variant, result in info["variants"].items():
+            row = Row(info["optimizer"], info["size"], info["threads"], variant, result["ms_per_step"] / 1e3,
+                      result["bytes_per_step"], result["fraction_of_ceiling"])
+            rows.append(row)
+            group[variant] = row
     return run, rows, groups
 
 
@@ -120,7 +119,8 @@ def header_lines(run):
         f"- Versions: {versions}",
         f"- Command: `{info.get('command', 'unknown')}`",
         "",
-        "Times are medians over the rounds. GB/s counts the least traffic of one fused pass (bytes per param: "
+        "The variants of one optimizer, size and thread count were timed interleaved (each round runs every "
+        "variant once, in a rotating order); times are medians over the rounds. GB/s counts the least traffic of one fused pass (bytes per param: "
         "SGD 12, SGD momentum and RMSprop 20, Adam/AdamW 28, plus 4 with lr_scale); *of ceiling* divides by the "
         "GB/s of the `ceiling` row (a Numba prange kernel with the optimizer's read/write pattern and trivial "
         "math) of the same optimizer, size and threads; *fastopt speed-up* is the row's time over fastopt's. All "

@@ -90,7 +90,7 @@ class _FastoptSweep:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         # .copy() and [...] = work alike on NumPy and CuPy arrays, so GPU params need no special case.
-        self.params = [param.copy() for param in optimizer._params]
+        self.params = [param.copy() for param in optimizer.params]
         self.state_dict = optimizer.state_dict()  # buffers copied to host; groups' values kept by reference
         self.last_grad_norm = optimizer.last_grad_norm
         self.base_lrs = optimizer.current_lr()
@@ -115,7 +115,7 @@ class _FastoptSweep:
         optimizer = self.optimizer
         # Buffers, per-tensor step counts, step_count, the guard and every group's values (the same lr objects).
         optimizer.load_state_dict(self.state_dict)
-        for param, saved in zip(optimizer._params, self.params):
+        for param, saved in zip(optimizer.params, self.params):
             param[...] = saved
         optimizer.last_grad_norm = self.last_grad_norm
 

@@ -143,6 +143,11 @@ class Optimizer:
                 raise ValueError(f"{label} must be finite and >= 0")
         return lr_scale
 
+    @property
+    def params(self):
+        """Every param, in group order (the order ``step`` takes grads in)."""
+        return list(self._params)
+
     # ---------------------------------------------------------------- hyperparameter checks
     @staticmethod
     def check_number(value, name, where, *, low=None, high=None, low_open=False, high_open=False):

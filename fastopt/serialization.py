@@ -14,29 +14,32 @@ from . import schedules
 _FORMAT = "fastopt-state-1"
 
 
-def _encode(value):
+def encode(value):
+    """``value`` (a hyperparameter: number, bool, tuple, schedule...) as plain JSON-able data; :func:`decode`
+    inverts it. Schedules become ``{"schedule": record type, "fields": {...}}``."""
     if isinstance(value, schedules.Schedule):
-        fields = {field.name: _encode(getattr(value, field.name)) for field in dataclasses.fields(value)}
+        fields = {field.name: encode(getattr(value, field.name)) for field in dataclasses.fields(value)}
         return {"schedule": type(value).__name__, "fields": fields}
     if isinstance(value, (list, tuple)):
-        return {"tuple": [_encode(item) for item in value]} if isinstance(value, tuple) else \
-            [_encode(item) for item in value]
+        return {"tuple": [encode(item) for item in value]} if isinstance(value, tuple) else \
+            [encode(item) for item in value]
     if isinstance(value, (np.floating, np.integer, np.bool_)):
         return value.item()
     return value
 
 
-def _decode(value):
+def decode(value):
+    """The value :func:`encode` turned into plain data."""
     if isinstance(value, dict) and "schedule" in value:
         record = getattr(schedules, value["schedule"], None)
         if not (isinstance(record, type) and issubclass(record, schedules.Schedule)):
             raise ValueError(f"unknown schedule type {value['schedule']!r} in the saved state")
-        fields = {name: _decode(item) for name, item in value["fields"].items()}
+        fields = {name: decode(item) for name, item in value["fields"].items()}
         return record(**fields)
     if isinstance(value, dict) and "tuple" in value:
-        return tuple(_decode(item) for item in value["tuple"])
+        return tuple(decode(item) for item in value["tuple"])
     if isinstance(value, list):
-        return [_decode(item) for item in value]
+        return [decode(item) for item in value]
     return value
 
 
@@ -50,9 +53,10 @@ def save(path, optimizer):
                 steps[str(index)] = value
             else:
                 arrays[f"state/{index}/{name}"] = value
-    meta = {"guard": state_dict.get("guard"), "format": _FORMAT, "optimizer": type(optimizer).__name__, "step_count": state_dict["step_count"],
-            "steps": steps, "param_groups": [{key: _encode(value) for key, value in group.items()}
-                                             for group in state_dict["param_groups"]]}
+    meta = {"format": _FORMAT, "optimizer": type(optimizer).__name__, "step_count": state_dict["step_count"],
+            "steps": steps, "guard": state_dict.get("guard"),
+            "param_groups": [{key: encode(value) for key, value in group.items()}
+                             for group in state_dict["param_groups"]]}
     np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
 
 
@@ -69,7 +73,7 @@ def load(path, optimizer):
             if key.startswith("state/"):
                 _, index, name = key.split("/")
                 state.setdefault(int(index), {})[name] = archive[key]
-    groups = [{key: _decode(value) for key, value in group.items()} for group in meta["param_groups"]]
+    groups = [{key: decode(value) for key, value in group.items()} for group in meta["param_groups"]]
     loaded = {"state": state, "param_groups": groups, "step_count": meta["step_count"]}
     if meta.get("guard") is not None:
         loaded["guard"] = meta["guard"]

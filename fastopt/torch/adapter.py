@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import schedules
-from ..serialization import _decode, _encode
+from ..serialization import decode, encode
 
 # Keywords of torch's signatures that choose an implementation rather than the math. fastopt always runs one
 # fused multi-tensor kernel, so foreach and fused are accepted whatever their value; capturable and
@@ -368,7 +368,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             lr = _plain(group["lr"])
             if isinstance(lr, schedules.Schedule):
                 group["lr"] = float(lr(step_count))
-                group["fastopt_schedule"] = {"schedule": _encode(lr), "step_count": step_count}
+                group["fastopt_schedule"] = {"schedule": encode(lr), "step_count": step_count}
         return state_dict
 
     def load_state_dict(self, state_dict):
@@ -384,7 +384,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             for group, old in zip(self.param_groups, previous[1]):
                 encoded = group.pop("fastopt_schedule", None)
                 if encoded is not None:
-                    group["lr"] = _decode(encoded["schedule"])
+                    group["lr"] = decode(encoded["schedule"])
                     step_count = int(encoded["step_count"])
                 for flag in IMPLEMENTATION_FLAGS:
                     if flag in old:
