@@ -19,18 +19,11 @@ import pytest
 import torch
 
 import fastopt as fo
+from fastopt.benchmark import (ceiling_read2_write1, ceiling_read3_write2, ceiling_read4_write3, gpt2_small_shapes,
+                               staggered as staggered_buffer)
 
 FLOAT32_BYTES = 4
-PAGE = 4096
 SIZES = {"1M": 1 << 20, "16M": 1 << 24, "64M": 1 << 26, "GPT2": None}  # GPT2: the list below
-
-
-def gpt2_small_shapes():
-    """The 148 parameter tensors of GPT-2 small (124,439,808 params), in the model's order."""
-    width, vocabulary, context = 768, 50257, 1024
-    layer = [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,),  # ln_1, attn
-             (width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]  # ln_2, mlp
-    return [(vocabulary, width), (context, width)] + 12 * layer + [(width,), (width,)]
 
 
 GPT2_SHAPES = gpt2_small_shapes()
@@ -86,14 +79,9 @@ def cases():
 
 # ---------------------------------------------------------------- buffers
 def staggered(shape, ordinal):
-    """An uninitialised float32 array that starts 128 + 256 * ordinal bytes (mod 4 KiB) into a page: 64-byte
-    aligned (NumPy's large arrays start 16 bytes past a line, and AVX-512 loads across lines cost up to 20% here)
-    and staggered (equal-size buffers at one page offset lose bandwidth). fastopt shifts its state buffers by
-    multiples of 256 bytes from NumPy's allocation, so they never share a page offset with these."""
-    count = int(np.prod(shape))
-    base = np.empty(count + PAGE // FLOAT32_BYTES, dtype=np.float32)
-    start = (128 + 256 * (ordinal % 16) - base.ctypes.data) % PAGE // FLOAT32_BYTES
-    return base[start:start + count].reshape(shape)
+    """An uninitialised float32 array of ``shape``, 64-byte aligned and staggered within its page (see
+    fastopt.benchmark.staggered)."""
+    return staggered_buffer(int(np.prod(shape)), ordinal).reshape(shape)
 
 
 def random_arrays(shapes, rng, first_ordinal):
@@ -120,35 +108,6 @@ def params_and_grads(size, layout):
         rng = np.random.default_rng(0)
         _ARRAYS[key] = (random_arrays(shapes, rng, 0), random_arrays(shapes, rng, 1))
     return _ARRAYS[key]
-
-
-# ---------------------------------------------------------------- the ceiling kernels
-@numba.njit(parallel=True, cache=True)
-def ceiling_read2_write1(param, grad, rate):
-    """Plain SGD's traffic, 12 B/param: read param, grad; write param."""
-    for i in numba.prange(param.size):
-        param[i] = param[i] + rate * grad[i]
-
-
-@numba.njit(parallel=True, cache=True)
-def ceiling_read3_write2(param, grad, state, decay, rate):
-    """SGD momentum's and RMSprop's traffic, 20 B/param: read param, grad, state; write param, state."""
-    for i in numba.prange(param.size):
-        s = state[i] * decay + grad[i]
-        state[i] = s
-        param[i] = param[i] + rate * s
-
-
-@numba.njit(parallel=True, cache=True)
-def ceiling_read4_write3(param, grad, state1, state2, decay, rate):
-    """Adam's traffic, 28 B/param: read param, grad, two states; write param, two states."""
-    for i in numba.prange(param.size):
-        g = grad[i]
-        m = state1[i] * decay + g
-        v = state2[i] * decay + g * g
-        state1[i] = m
-        state2[i] = v
-        param[i] = param[i] + rate * m * v
 
 
 def ceiling_step(spec, size):

@@ -27,17 +27,10 @@ import pytest
 import torch
 
 import fastopt as fo
+from fastopt.benchmark import gpt2_small_shapes
 import fastopt.torch as ft
 
 FLOAT32_BYTES = 4
-
-
-def gpt2_small_shapes():
-    """The 148 parameter tensors of GPT-2 small, in the model's order."""
-    width, vocabulary, context = 768, 50257, 1024
-    layer = [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,),  # ln_1, attn
-             (width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]  # ln_2, mlp
-    return [(vocabulary, width), (context, width)] + 12 * layer + [(width,), (width,)]
 
 
 GPT2_SHAPES = gpt2_small_shapes()

@@ -52,6 +52,15 @@ QUICK = dict(sizes=(4 << 20,), repeats=5, sample_seconds=0.02)
 FULL = dict(sizes=(1 << 20, 16 << 20), repeats=9, sample_seconds=0.05)
 
 
+def gpt2_small_shapes():
+    """The 148 parameter tensors of GPT-2 small (124,439,808 params), in the model's order: the standard list of
+    many tensors of mixed sizes that multi-tensor optimizers are measured on."""
+    width, vocabulary, context = 768, 50257, 1024
+    layer = [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,),  # ln_1, attn
+             (width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]  # ln_2, mlp
+    return [(vocabulary, width), (context, width)] + 12 * layer + [(width,), (width,)]
+
+
 # ---------------------------------------------------------------- the ceiling kernels
 @parallel_jit
 def ceiling_read2_write1(param, grad, rate):
