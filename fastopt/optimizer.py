@@ -72,6 +72,7 @@ class Optimizer:
         """Add a param group (a dict with ``"params"`` and any hyperparameters), as torch's add_param_group."""
         if not isinstance(group, dict):
             raise TypeError(f"a param group must be a dict, got {type(group).__name__}")
+        self._sync_step_count()
         steps = self._backend.tensor_steps()
         self._add_group(dict(group))
         self._backend = self._engine(self)
@@ -183,7 +184,15 @@ class Optimizer:
     # ---------------------------------------------------------------- schedules
     def current_lr(self):
         """The learning rate of each group for the next step (its schedule at ``step_count``)."""
+        self._sync_step_count()
         return [float(schedules.as_schedule(group["lr"])(self.step_count)) for group in self.param_groups]
+
+    def _sync_step_count(self):
+        """Take the engine's count where it keeps one of its own (on the GPU, CUDA-graph replays advance the device
+        counter without passing through ``step``)."""
+        sync = getattr(self._backend, "sync_step_count", None)
+        if sync is not None:
+            self.step_count = sync(self.step_count)
 
     # ---------------------------------------------------------------- the step
     def _snapshot(self):
@@ -265,6 +274,7 @@ class Optimizer:
 
         As in torch, a param has an entry once it has been updated (for SGD: once it took a momentum step); a
         param without one loads back as fresh (zero buffers, step 0)."""
+        self._sync_step_count()
         steps = self._backend.tensor_steps()
         state = {}
         for index, buffers in enumerate(self.state):

@@ -375,8 +375,9 @@ def test_cuda_graph_replays_advance_the_schedule(gpu, cls, kwargs, rng):
             optimizer.step(grad_buffers)
         stream.synchronize()
     assert optimizer._backend.device_step_count() == total
-    assert optimizer.step_count == 2 + after  # the host counts the eager step calls only
+    assert optimizer.step_count == 2 + after  # the host counts the eager step calls only...
     steps = optimizer.state_dict()["state"]
+    assert optimizer.step_count == total  # ...until it asks the device (state_dict, current_lr)
     rtol = tolerance(np.float32, total)
     for index, param in enumerate(host(cp, params)):
         assert_close(param, expected[index], rtol, f"param {index}")
@@ -600,6 +601,13 @@ def test_stand_in_refuses_uploads_while_capturing_and_follows_the_device_count(c
     assert optimizer._backend.device_step_count() == 6
     # The stand-in ran the "captured" step (lr 0.5); the last step ran at device step 5.
     np.testing.assert_array_equal(cp.asnumpy(param), -(1 + 0.5 + 0.5**5))
+    # What the host reports follows the device: the next lr, the saved count, and a count that survives a reload.
+    assert optimizer.current_lr() == [0.5**6] and optimizer.step_count == 6
+    state = optimizer.state_dict()
+    assert state["step_count"] == 6
+    optimizer.load_state_dict(state)
+    optimizer.step(grads)
+    np.testing.assert_array_equal(cp.asnumpy(param), -(1 + 0.5 + 0.5**5 + 0.5**6))
 
 
 # ---------------------------------------------------------------- the NumPy stand-in for CuPy

@@ -433,6 +433,14 @@ class CudaBackend(CupyArrays):
                      for bucket in self.buckets])
         self.cupy.cuda.get_current_stream().synchronize()
 
+    def sync_step_count(self, host_step_count):
+        """The optimizer step count to report: the device's, which graph replays advance behind the host's back
+        (synchronises), unless an upload of the host's own count is still due (after a load)."""
+        if self.expected_step_count != host_step_count:
+            return host_step_count
+        self.expected_step_count = self.device_step_count()
+        return self.expected_step_count
+
     def device_step_count(self):
         """The optimizer step count held on the device (synchronises): ``step_count`` plus any graph replays."""
         if not self.buckets:
