@@ -51,6 +51,7 @@ class Optimizer:
             self._add_group(group)
         self._backend = self._engine(self)
         self._group_snapshot = None
+        self._groups_pending = True  # group values the engine has not taken in yet
 
     # ---------------------------------------------------------------- groups
     @staticmethod
@@ -63,7 +64,11 @@ class Optimizer:
         if not params:
             raise ValueError("the optimizer got an empty parameter list")
         if all(isinstance(p, dict) for p in params):
-            return [dict(group) for group in params]
+            groups = [dict(group) for group in params]
+            for group in groups:  # a generator would be used up by the first look at it
+                if "params" in group and not _is_array(group["params"]):
+                    group["params"] = list(group["params"])
+            return groups
         if any(isinstance(p, dict) for p in params):
             raise TypeError("params mixes arrays and param-group dicts; use one or the other")
         return [{"params": params}]
@@ -83,10 +88,7 @@ class Optimizer:
         where = f"param_groups[{len(self.param_groups)}]"
         if "params" not in group:
             raise ValueError(f"{where} has no 'params' entry")
-        unknown = set(group) - set(self.DEFAULTS) - {"params", "lr_scale"}
-        if unknown:
-            raise ValueError(f"{where} has unknown hyperparameter(s) {sorted(unknown)} for "
-                             f"{type(self).__name__}; known: {sorted(self.DEFAULTS)} and 'lr_scale'")
+        self._check_keys(group, where)
         params = group["params"]
         if _is_array(params):
             params = [params]
@@ -169,11 +171,8 @@ class Optimizer:
             raise TypeError(f"{where}: {name} must be a bool, got {value!r}")
 
     def validate_hyperparameters(self, group, where):
-        lr = group["lr"]
-        if isinstance(lr, schedules.Schedule):
-            pass
-        else:
-            self.check_number(lr, "lr", where, low=0.0)
+        if not isinstance(group["lr"], schedules.Schedule):
+            self.check_number(group["lr"], "lr", where, low=0.0)
         self.check_flag(group["maximize"], "maximize", where)
         self.check_number(group["weight_decay"], "weight_decay", where, low=0.0)
 
@@ -181,9 +180,14 @@ class Optimizer:
         """The state buffers (torch's names) that ``group``'s hyperparameters use."""
         raise NotImplementedError
 
+    def counts_step(self, group):
+        """Whether a step of ``group``'s params advances their step counts (the kernels' rule too)."""
+        return True
+
     # ---------------------------------------------------------------- schedules
     def current_lr(self):
-        """The learning rate of each group for the next step (its schedule at ``step_count``)."""
+        """Each group's learning rate for the next step: its schedule at ``step_count`` (a guard's back-off factor,
+        ``guard.lr_factor``, multiplies it inside the kernel)."""
         self._sync_step_count()
         return [float(schedules.as_schedule(group["lr"])(self.step_count)) for group in self.param_groups]
 
@@ -196,7 +200,17 @@ class Optimizer:
 
     # ---------------------------------------------------------------- the step
     def _snapshot(self):
-        return [(tuple(group), tuple(group.get(key) for key in self.DEFAULTS), tuple(map(id, group["lr_scale"] or ())))
+        """What the engine's tables depend on, per group: its keys, its values (lists copied to tuples, so an
+        in-place edit of ``betas`` shows), and which lr_scale arrays it holds."""
+        def frozen(value):
+            return tuple(value) if isinstance(value, list) else value
+
+        def scale_ids(lr_scale):
+            if lr_scale is None:
+                return ()
+            return (id(lr_scale),) if _is_array(lr_scale) else tuple(map(id, lr_scale))
+
+        return [(tuple(group), tuple(frozen(group.get(key)) for key in self.DEFAULTS), scale_ids(group["lr_scale"]))
                 for group in self.param_groups]
 
     def _sync_groups(self):
@@ -208,9 +222,7 @@ class Optimizer:
         previous = self._group_snapshot or [None] * len(snapshot)
         for index, (group, now, before) in enumerate(zip(self.param_groups, snapshot, previous)):
             where = f"param_groups[{index}]"
-            unknown = set(group) - set(self.DEFAULTS) - {"params", "lr_scale"}
-            if unknown:
-                raise ValueError(f"{where} has unknown hyperparameter(s) {sorted(unknown)}")
+            self._check_keys(group, where)
             self.validate_hyperparameters(group, where)
             # Checking values is a reduction (a device sync on the GPU): only for lr_scale arrays that are new.
             if before is None or now[2] != before[2]:
@@ -256,7 +268,8 @@ class Optimizer:
         With a :class:`~fastopt.Guard`, grads holding NaN/inf skip the whole step (nothing changes, the step
         count included) and ``last_grad_norm`` holds the grads' global L2 norm."""
         grads = self._check_grads(grads)
-        changed = self._sync_groups()
+        # A change the engine has not applied yet stays pending through a skipped or refused step.
+        self._groups_pending |= self._sync_groups()
         lr_factor = 1.0
         if self.guard is not None:
             sum_of_squares, nonfinite = self._backend.grad_stats(grads)
@@ -264,7 +277,8 @@ class Optimizer:
             if not self.guard.admit(nonfinite):
                 return
             lr_factor = self.guard.lr_factor
-        self._backend.step(grads, self.step_count, changed, lr_factor)
+        self._backend.step(grads, self.step_count, self._groups_pending, lr_factor)
+        self._groups_pending = False
         self.step_count += 1
 
     # ---------------------------------------------------------------- state dict
@@ -294,62 +308,79 @@ class Optimizer:
 
     def load_state_dict(self, state_dict):
         """Load a state dict from :meth:`state_dict` (or :func:`fastopt.load`) into this optimizer, whose params
-        must match in number, shape and dtype group by group. Checked whole before anything is written."""
+        must match in number, shape and dtype group by group. Everything is converted and checked before anything
+        is written, so a bad state dict leaves the optimizer as it was."""
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state dict has {len(groups)} param groups, the optimizer has {len(self.param_groups)}")
+        values = []
         for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            where = f"state dict param group {index}"
             if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"param group {index}: state dict has {len(saved['params'])} params, "
-                                 f"the optimizer has {len(group['params'])}")
-            unknown = set(saved) - set(self.DEFAULTS) - {"params"}
-            if unknown:
-                raise ValueError(f"param group {index} of the state dict has unknown keys {sorted(unknown)}")
-            candidate = dict(group, **{k: v for k, v in saved.items() if k != "params"})
-            self.validate_hyperparameters(candidate, f"state dict param group {index}")
+                raise ValueError(f"{where}: {len(saved['params'])} params, the optimizer has {len(group['params'])}")
+            self._check_keys(saved, where, allowed={"params"})
+            values.append({key: value for key, value in saved.items() if key != "params"})
+            self.validate_hyperparameters(dict(group, **values[-1]), where)
         saved_state = state_dict["state"]
         order = [index for group in groups for index in group["params"]]
+        steps = np.zeros(len(self._params), dtype=np.int64)
+        buffers = []  # per param: {name: array in the param's dtype}
         for position, saved_index in enumerate(order):
             entry = saved_state.get(saved_index, saved_state.get(str(saved_index), {}))
             param = self._params[position]
+            converted = {}
             for name, value in entry.items():
+                where = f"state of param {position}"
                 if name == "step":
+                    steps[position] = self._count(value, f"{where}: step")
                     continue
                 if name not in self.STATE_SLOTS:
-                    raise ValueError(f"state of param {position} has unknown buffer {name!r}")
+                    raise ValueError(f"{where} has unknown buffer {name!r}")
                 value = np.asarray(value)
                 if value.shape != param.shape:
-                    raise ValueError(f"state {name!r} of param {position} has shape {value.shape}, "
-                                     f"the param has shape {param.shape}")
-        step_count = int(state_dict.get("step_count", 0))
+                    raise ValueError(f"{where}: {name!r} has shape {value.shape}, the param has shape {param.shape}")
+                if value.dtype.kind not in "fiu":
+                    raise TypeError(f"{where}: {name!r} has dtype {value.dtype}, not a number type")
+                converted[name] = value.astype(param.dtype)
+            buffers.append(converted)
+        step_count = self._count(state_dict.get("step_count", 0), "state dict: step_count")
         if self.guard is not None and "guard" in state_dict:
             Guard().load_state_dict(state_dict["guard"])  # validates
-        # Everything is checked: write.
-        for saved, group in zip(groups, self.param_groups):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        steps = np.zeros(len(self._params), dtype=np.int64)
-        for position, saved_index in enumerate(order):
-            entry = saved_state.get(saved_index, saved_state.get(str(saved_index), {}))
-            param = self._params[position]
-            state = self.state[position]
-            for name in list(state):
-                if name not in entry:
-                    del state[name]
-            for name, value in entry.items():
-                if name == "step":
-                    steps[position] = int(value)
-                    continue
+        # Everything is checked and converted: write.
+        for group, new_values in zip(self.param_groups, values):
+            group.update(new_values)
+        ordinal = sum(len(state) for state in self.state)
+        for param, state, converted in zip(self._params, self.state, buffers):
+            for name in [name for name in state if name not in converted]:
+                del state[name]
+            for name, value in converted.items():
                 if name not in state:
-                    state[name] = self._engine.allocate_state(param, position * len(self.STATE_SLOTS) + len(state))
-                self._engine.copy_from_numpy(state[name], np.asarray(value, dtype=param.dtype))
+                    state[name] = self._engine.allocate_state(param, ordinal)
+                    ordinal += 1
+                self._engine.copy_from_numpy(state[name], value)
         self.step_count = step_count
         self._layout_version += 1
         if self.guard is not None and "guard" in state_dict:
             self.guard.load_state_dict(state_dict["guard"])
         self._group_snapshot = None
+        self._groups_pending = True
         self._sync_groups()
         self._backend = self._engine(self)
         self._backend.set_tensor_steps(steps)
+
+    @staticmethod
+    def _count(value, what):
+        """A step count from a state dict: a non-negative integer (a float or 0-d array holding one is fine)."""
+        number = np.asarray(value)
+        if number.shape != () or number.dtype.kind not in "fiu" or number != np.floor(number) or number < 0:
+            raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+        return int(number)
+
+    def _check_keys(self, group, where, *, allowed=("params", "lr_scale")):
+        unknown = set(group) - set(self.DEFAULTS) - set(allowed)
+        if unknown:
+            raise ValueError(f"{where} has unknown hyperparameter(s) {sorted(unknown)} for {type(self).__name__}; "
+                             f"known: {sorted(self.DEFAULTS)}")
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]

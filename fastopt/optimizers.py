@@ -42,6 +42,11 @@ class SGD(Optimizer):
     def state_names(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
+    def counts_step(self, group):
+        """SGD counts momentum steps: torch's SGD keeps no step, and fastopt needs to know the first momentum step
+        (whose buffer starts as the gradient)."""
+        return group["momentum"] != 0
+
     @staticmethod
     def group_row(group):
         return {name: float(group[name]) for name in tables.SGD_COLUMNS}

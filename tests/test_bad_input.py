@@ -166,3 +166,35 @@ def test_bad_lr_scale(lr_scale, error, message):
 def test_bad_schedule_lr():
     with pytest.raises(TypeError):
         fo.SGD([np.ones(3)], lr="0.1")
+
+
+def test_generator_of_params_in_a_group_keeps_every_param():
+    a, b = np.zeros(2), np.zeros(3)
+    optimizer = fo.SGD([{"params": (p for p in [a, b]), "lr": 1.0}])
+    optimizer.step([np.ones(2), np.ones(3)])
+    np.testing.assert_array_equal(a, -1.0)
+    np.testing.assert_array_equal(b, -1.0)
+
+
+def test_single_array_lr_scale_set_between_steps():
+    param = np.zeros(3)
+    optimizer = fo.SGD([param], lr=1.0)
+    optimizer.step([np.ones(3)])
+    optimizer.param_groups[0]["lr_scale"] = np.array([0.0, 1.0, 2.0])
+    optimizer.step([np.ones(3)])
+    np.testing.assert_array_equal(param, [-1.0, -2.0, -3.0])
+
+
+def test_betas_edited_in_place_take_effect():
+    """torch reads the group every step; an in-place edit of a betas list must count as a change."""
+    edited, replaced = np.zeros(3), np.zeros(3)
+    grads = [np.array([1.0, -2.0, 3.0]), np.array([0.5, 0.5, -1.0])]
+    first = fo.Adam([{"params": [edited], "betas": [0.9, 0.999]}], lr=0.1)
+    second = fo.Adam([{"params": [replaced], "betas": (0.9, 0.999)}], lr=0.1)
+    first.step([grads[0]])
+    second.step([grads[0]])
+    first.param_groups[0]["betas"][0] = 0.5
+    second.param_groups[0]["betas"] = (0.5, 0.999)
+    first.step([grads[1]])
+    second.step([grads[1]])
+    np.testing.assert_array_equal(edited, replaced)

@@ -763,3 +763,19 @@ class CupyStandIn:
         return np.stack([np.asarray(array) for array in arrays]).view(StandInArray)
 
     isfinite, all, any = staticmethod(np.isfinite), staticmethod(np.all), staticmethod(np.any)
+
+
+def test_stand_in_change_refused_during_capture_applies_at_the_next_eager_step(cp):
+    """An lr change that could not be uploaded while capturing is uploaded by the next eager step."""
+    if not isinstance(cp, CupyStandIn):
+        pytest.skip("the stand-in's capture flag simulates the refusal")
+    param, grads = cp.zeros(4), [cp.ones(4)]
+    optimizer = fo.SGD([param], lr=0.5, backend="cuda")
+    optimizer.step(grads)
+    optimizer.param_groups[0]["lr"] = 0.25
+    cp.stream.capturing = True
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        optimizer.step(grads)
+    cp.stream.capturing = False
+    optimizer.step(grads)
+    np.testing.assert_array_equal(cp.asnumpy(param), -0.75)

@@ -84,3 +84,16 @@ def test_bad_guard_arguments(kwargs, message):
         fo.Guard(**kwargs)
     with pytest.raises(TypeError, match="guard must be"):
         fo.SGD([np.zeros(2)], guard="yes")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_group_change_survives_a_skipped_step(backend):
+    """An lr written before a step the guard skips applies to the next step that runs (torch's schedulers write
+    group["lr"] every step, and AMP produces inf grads now and then)."""
+    params = [np.zeros(3)]
+    optimizer = fo.SGD(params, lr=0.1, guard=fo.Guard(), backend=backend)
+    optimizer.step(grads_like(params))
+    optimizer.param_groups[0]["lr"] = 1.0
+    optimizer.step([np.array([np.nan, 0.0, 0.0])])
+    optimizer.step(grads_like(params))
+    np.testing.assert_array_equal(params[0], -1.1)

@@ -94,7 +94,13 @@ def test_fresh_state_round_trips():
     (lambda s: s["state"][0].update(exp_avg=np.ones(4)), "shape"),
     (lambda s: s["state"][0].update(velocity=np.ones(3)), "unknown buffer"),
     (lambda s: s["param_groups"][0].update(lr=-1.0), "invalid lr"),
-    (lambda s: s["param_groups"][0].update(momentum=0.9), "unknown keys"),
+    (lambda s: s["param_groups"][0].update(momentum=0.9), "unknown hyperparameter"),
+    (lambda s: s["state"][0].update(step=-1), "step must be a non-negative integer"),
+    (lambda s: s["state"][0].update(step=1.5), "step must be a non-negative integer"),
+    (lambda s: s.update(step_count=-3), "step_count must be a non-negative integer"),
+    (lambda s: s["state"][0].update(exp_avg=np.array(["a", "b", "c"])), "not a number type"),
+    # A bad entry after a good group change: nothing of the group change may be applied.
+    (lambda s: (s["param_groups"][0].update(lr=0.5), s["state"][0].update(step=-1)), "non-negative integer"),
 ])
 def test_bad_state_dict_leaves_optimizer_untouched(mutate, message):
     params = [np.ones(3)]
@@ -103,7 +109,7 @@ def test_bad_state_dict_leaves_optimizer_untouched(mutate, message):
     state = optimizer.state_dict()
     bad = optimizer.state_dict()
     mutate(bad)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         optimizer.load_state_dict(bad)
     after = optimizer.state_dict()
     assert after["param_groups"] == state["param_groups"]

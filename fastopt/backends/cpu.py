@@ -7,7 +7,7 @@ changed, the other addresses only when the optimizer's buffers did (its ``_layou
 import numpy as np
 
 from . import HostArrays
-from .tables import chunk_table, fill_tensor_tables, group_tables, set_grad_addresses
+from .tables import chunk_table, fill_tensor_tables, group_tables, indices_by_dtype, set_grad_addresses
 from ..kernels.cpu import fused, tables
 
 
@@ -42,10 +42,8 @@ class CpuBackend(HostArrays):
     def __init__(self, optimizer):
         self.optimizer = optimizer
         params = optimizer._params
-        by_dtype = {}
-        for index, param in enumerate(params):
-            by_dtype.setdefault(param.dtype, []).append(index)
-        self.buckets = [_DtypeBucket(dtype, indices, params, optimizer.KERNEL) for dtype, indices in by_dtype.items()]
+        self.buckets = [_DtypeBucket(dtype, indices, params, optimizer.KERNEL)
+                        for dtype, indices in indices_by_dtype(params).items()]
         self.group_hyper = self.schedule_program = self.schedule_base = None
         self.layout_version = None
 

@@ -42,7 +42,7 @@ import numpy as np
 from .. import kernels
 from ..kernels.cpu import schedule_codes, tables
 from . import _describe, is_gpu_array
-from .tables import chunk_table, fill_tensor_tables, group_tables, set_grad_addresses
+from .tables import chunk_table, fill_tensor_tables, group_tables, indices_by_dtype, set_grad_addresses
 
 SOURCE_DIR = (Path(kernels.__file__).parent / "cuda").resolve()
 SOURCE = "fused.cu"
@@ -291,15 +291,13 @@ class CudaBackend(CupyArrays):
         self.optimizer = optimizer
         self.device_id = cupy.cuda.runtime.getDevice()
         multiprocessors = cupy.cuda.Device(self.device_id).attributes["MultiProcessorCount"]
-        by_dtype = {}
-        for index, param in enumerate(optimizer._params):
-            by_dtype.setdefault(param.dtype, []).append(index)
         self.buckets = [_DtypeBucket(cupy, dtype, indices, optimizer._params, multiprocessors)
-                        for dtype, indices in by_dtype.items()]
+                        for dtype, indices in indices_by_dtype(optimizer._params).items()]
         # Per optimizer: the group table and the packed schedules, host copies as last uploaded and device arrays.
         self.group_hyper = None
         self.schedule_program = None
         self.schedule_base = None
+        self.staged_group_tables = None
         self.layout_version = None
         self.device = {}
         # The optimizer step count the device counters hold once the queued work is done, as far as the host knows
@@ -356,7 +354,9 @@ class CudaBackend(CupyArrays):
                                            ("schedule_base", schedule_base, self.schedule_base)):
                 if previous is None or previous.shape != values.shape or not np.array_equal(previous, values):
                     pending.append((self._device_array(name, values), values))
-            self.group_hyper, self.schedule_program, self.schedule_base = group_hyper, schedule_program, schedule_base
+            # The host copies are replaced once the uploads are queued (_prepare): a refused upload must be
+            # tried again at the next step.
+            self.staged_group_tables = group_hyper, schedule_program, schedule_base
         if self.layout_version != optimizer._layout_version:
             for bucket in self.buckets:
                 fill_tensor_tables(optimizer, bucket.indices, bucket.addresses, bucket.tensor_group, _address)
@@ -379,6 +379,9 @@ class CudaBackend(CupyArrays):
             pending += [(bucket.device["counters"], counters) for bucket in self.buckets]
         self._flush(pending)
         # Only now that every copy is queued do the host copies claim to match the device.
+        if self.staged_group_tables is not None:
+            self.group_hyper, self.schedule_program, self.schedule_base = self.staged_group_tables
+            self.staged_group_tables = None
         for bucket in self.buckets:
             bucket.uploaded_addresses = bucket.addresses.copy()
             bucket.uploaded_tensor_group = bucket.tensor_group.copy()

@@ -34,11 +34,11 @@ class ReferenceBackend(HostArrays):
     def _step_tensor(self, index, param, grad, scale, group, lr):
         optimizer = self.optimizer
         buffers = optimizer.state[index]
-        # SGD's step counts momentum steps: its buffer starts as the first gradient (torch's "None" buffer).
-        fresh = self.steps[index] == 0
-        state = {name: buffer.astype(np.float64) for name, buffer in buffers.items()
-                 if not (fresh and name == "momentum_buffer" and optimizer.KERNEL == "sgd_step")}
-        state["step"] = int(self.steps[index])
+        # A tensor that has not stepped starts from no state, which the reference reads as zeros (and SGD's
+        # momentum buffer as torch's None: it starts as the gradient).
+        steps = int(self.steps[index])
+        state = {name: buffer.astype(np.float64) for name, buffer in buffers.items()} if steps else {}
+        state["step"] = steps
         work = param.astype(np.float64)
         optimizer.reference_step(work, grad.astype(np.float64), state, group, lr,
                                  1.0 if scale is None else scale.astype(np.float64))
@@ -46,7 +46,7 @@ class ReferenceBackend(HostArrays):
         for name, buffer in buffers.items():
             if name in state:
                 buffer[...] = state[name]
-        if optimizer.KERNEL != "sgd_step" or "momentum_buffer" in buffers:
+        if optimizer.counts_step(group):
             self.steps[index] += 1
 
     def tensor_steps(self):

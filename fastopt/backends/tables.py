@@ -9,6 +9,14 @@ from .. import schedules
 from ..kernels.cpu import tables
 
 
+def indices_by_dtype(params):
+    """{dtype: the indices of the params of that dtype}, in order: one bucket, and one kernel call, per dtype."""
+    by_dtype = {}
+    for index, param in enumerate(params):
+        by_dtype.setdefault(param.dtype, []).append(index)
+    return by_dtype
+
+
 def chunk_table(sizes, chunk):
     """(chunk_tensor, chunk_start, chunk_length) as int64 arrays: each tensor of ``sizes`` cut into pieces of at
     most ``chunk`` elements, in order. An empty tensor has no chunks."""

@@ -137,8 +137,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}: differentiable=True is not supported: fastopt updates params in place in "
                              "a fused kernel outside autograd; use torch.optim for a differentiable step")
         if group.get("capturable"):
-            raise ValueError(f"{where}: capturable=True is not supported: fastopt keeps step counts on the host "
-                             "and cannot be captured in a CUDA graph")
+            raise ValueError(f"{where}: capturable=True is not supported: the adapter keeps torch's per-param "
+                             "'step' values on the host, so its step cannot be captured in a CUDA graph (the core "
+                             "fastopt optimizer over CuPy arrays can be)")
 
     @staticmethod
     def _check_tensor(tensor, where, device):
@@ -295,7 +296,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{where}: its lr is a fastopt schedule and a torch lr scheduler drives it too "
                                 "('initial_lr' is set); use one or the other")
             scales = group.get("lr_scale")
-            if scales is not self._lr_scales[index]:  # a new list: new views (the core re-checks them)
+            # A new list object means new views (the core re-checks them); to change lr_scale, assign a new list
+            # (editing the list in place is not seen, as documented in the README).
+            if scales is not self._lr_scales[index]:
                 core_group["lr_scale"] = self._lr_scale_views(group, self._views, where)
                 self._lr_scales[index] = scales
         if layout_changed:
