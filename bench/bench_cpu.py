@@ -11,7 +11,6 @@ a prange kernel with the optimizer's read/write pattern and trivial math. See be
 """
 import gc
 import time
-from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -19,8 +18,8 @@ import pytest
 import torch
 
 import fastopt as fo
-from fastopt.benchmark import (ceiling_read2_write1, ceiling_read3_write2, ceiling_read4_write3, gpt2_small_shapes,
-                               staggered as staggered_buffer)
+from fastopt.benchmark import (CASES, ceiling_read2_write1, ceiling_read3_write2, ceiling_read4_write3,
+                               gpt2_small_shapes, staggered as staggered_buffer)
 
 FLOAT32_BYTES = 4
 SIZES = {"1M": 1 << 20, "16M": 1 << 24, "64M": 1 << 26, "GPT2": None}  # GPT2: the list below
@@ -31,26 +30,9 @@ GPT2_PARAMS = sum(int(np.prod(shape)) for shape in GPT2_SHAPES)
 assert len(GPT2_SHAPES) == 148 and GPT2_PARAMS == 124_439_808
 
 
-@dataclass(frozen=True)
-class OptimizerSpec:
-    fastopt: type
-    torch: type
-    kwargs: dict
-    states: int  # state buffers per param
-    torch_fused: bool  # torch.optim has a fused CPU implementation
-
-    @property
-    def bytes_per_param(self):  # reads: param, grad, states; writes: param, states
-        return FLOAT32_BYTES * (3 + 2 * self.states)
+OPTIMIZERS = CASES  # name -> class name (fastopt's and torch's), kwargs, state buffers, torch has fused CPU
 
 
-OPTIMIZERS = {
-    "SGD": OptimizerSpec(fo.SGD, torch.optim.SGD, dict(lr=1e-3), 0, True),
-    "SGD_momentum": OptimizerSpec(fo.SGD, torch.optim.SGD, dict(lr=1e-3, momentum=0.9), 1, True),
-    "RMSprop": OptimizerSpec(fo.RMSprop, torch.optim.RMSprop, dict(lr=1e-3), 1, False),
-    "Adam": OptimizerSpec(fo.Adam, torch.optim.Adam, dict(lr=1e-3), 2, True),
-    "AdamW": OptimizerSpec(fo.AdamW, torch.optim.AdamW, dict(lr=1e-3), 2, True),
-}
 TORCH_FLAGS = {"torch_forloop": dict(foreach=False), "torch_foreach": dict(foreach=True),
                "torch_fused": dict(fused=True)}
 
@@ -132,7 +114,7 @@ def fastopt_step(spec, size, variant):
         for scale in scales:
             scale[...] = rng.uniform(0.5, 1.5, scale.shape).astype(np.float32)
         groups = [{"params": params, "lr_scale": scales}]
-    optimizer = spec.fastopt(groups, **spec.kwargs, backend=backend)
+    optimizer = getattr(fo, spec.class_name)(groups, **spec.kwargs, backend=backend)
     return lambda: optimizer.step(grads)
 
 
@@ -143,7 +125,7 @@ def torch_step(spec, size, variant):
         tensor = torch.from_numpy(param).requires_grad_()
         tensor.grad = torch.from_numpy(grad)
         tensors.append(tensor)
-    optimizer = spec.torch(tensors, **spec.kwargs, **TORCH_FLAGS[variant])
+    optimizer = getattr(torch.optim, spec.class_name)(tensors, **spec.kwargs, **TORCH_FLAGS[variant])
     return optimizer.step
 
 
@@ -191,7 +173,7 @@ def test_step(benchmark, optimizer, size, threads):
         benchmark.group = f"{optimizer} {size} {threads} thread{'s' if threads > 1 else ''}"
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     finally:
-        del steps  # the optimizers and their state go now, not when pytest lets go of the frame
+        steps.clear()  # the optimizers and their state go now, not when pytest lets go of the frame
         gc.collect()
     ceiling = row_bytes(spec, size, "ceiling") / float(np.median(times["ceiling"]))
     results = {}

@@ -22,7 +22,7 @@ from conftest import SIZES, assert_close, tolerance
 from fastopt.backends import cuda
 from fastopt.kernels.cpu import tables
 from test_cuda_host_math import shim  # noqa: F401 (the host build of the kernels' math, a fixture)
-from test_optimizers import CONFIG_IDS, CONFIGS, STEPS, make_problem, run_reference
+from test_optimizers import CONFIG_IDS, CONFIGS, STEPS, assert_matches_reference, make_problem, run_reference
 from test_schedules import CASES, EPS
 
 
@@ -144,20 +144,7 @@ def test_matches_reference(cp, cls, kwargs, dtype, rng):
         optimizer.step(to_device(cp, grads[t]))
     assert optimizer.step_count == STEPS == optimizer._backend.device_step_count()
 
-    rtol = tolerance(dtype, STEPS)
-    saved = optimizer.state_dict()["state"]
-    state = {index: saved.get(index, {}) for index in range(len(expected_params))}  # plain SGD saves nothing
-    for index, param in enumerate(host(cp, device0 + device1)):
-        assert param.dtype == dtype
-        assert_close(param, expected_params[index], rtol, f"param {index}")
-        for name, value in expected_states[index].items():
-            if name == "step":
-                if cls is not fo.SGD:
-                    assert state[index]["step"] == value
-                continue
-            assert state[index][name].dtype == dtype
-            assert_close(state[index][name], value, rtol, f"param {index} state {name}")
-        assert set(state[index]) - {"step"} == set(expected_states[index]) - {"step"}
+    assert_matches_reference(optimizer, host(cp, device0 + device1), expected_params, expected_states, dtype, STEPS)
 
 
 TRANSCENDENTAL_FREE = [(cls, kwargs) for cls, kwargs in CONFIGS if cls in (fo.SGD, fo.RMSprop)]

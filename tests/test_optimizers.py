@@ -58,6 +58,25 @@ def run_reference(cls, kwargs, params0, params1, scales1, grads, schedule, lrs1)
     return params, states
 
 
+def assert_matches_reference(optimizer, params, expected_params, expected_states, dtype, steps):
+    """Params (host arrays) and every state buffer of ``optimizer`` against the reference run, with the same
+    buffers present, and the per-param step counts (SGD keeps none to compare: it counts momentum steps)."""
+    rtol = tolerance(dtype, steps)
+    saved = optimizer.state_dict()["state"]
+    for index, param in enumerate(params):
+        state = saved.get(index, {})  # plain SGD saves nothing
+        assert param.dtype == dtype
+        assert_close(param, expected_params[index], rtol, f"param {index}")
+        for name, value in expected_states[index].items():
+            if name == "step":
+                if not isinstance(optimizer, fo.SGD):
+                    assert state["step"] == value
+                continue
+            assert state[name].dtype == dtype
+            assert_close(state[name], value, rtol, f"param {index} state {name}")
+        assert set(state) - {"step"} == set(expected_states[index]) - {"step"}
+
+
 @pytest.mark.parametrize("backend", ["cpu-parallel", "cpu-serial", "reference"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cls,kwargs", CONFIGS, ids=CONFIG_IDS)
@@ -81,20 +100,7 @@ def test_matches_reference(cls, kwargs, dtype, backend, rng, monkeypatch):
         optimizer.step(grads[t])
     assert optimizer.step_count == STEPS
 
-    rtol = tolerance(dtype, STEPS)
-    saved = optimizer.state_dict()["state"]
-    state = {index: saved.get(index, {}) for index in range(len(expected_params))}  # plain SGD saves nothing
-    for index, param in enumerate(params0 + params1):
-        assert param.dtype == dtype
-        assert_close(param, expected_params[index], rtol, f"param {index}")
-        for name, value in expected_states[index].items():
-            if name == "step":
-                if cls is not fo.SGD:
-                    assert state[index]["step"] == value
-                continue
-            assert state[index][name].dtype == dtype
-            assert_close(state[index][name], value, rtol, f"param {index} state {name}")
-        assert set(state[index]) - {"step"} == set(expected_states[index]) - {"step"}
+    assert_matches_reference(optimizer, params0 + params1, expected_params, expected_states, dtype, STEPS)
 
 
 @pytest.mark.parametrize("cls,kwargs", CONFIGS, ids=CONFIG_IDS)
