@@ -51,9 +51,9 @@ def address_as_pointer(typingctx, address, like):
 def stream(addresses, tensor, slot, start, length, scratch):
     """Elements [start, start + length) of the buffer in ``slot``, as a contiguous array.
 
-    An absent buffer (address 0) is replaced by the slot's own region of ``scratch``, never written and only
-    read where the flags say the stream is unused: every stream must point at distinct memory, or LLVM's
-    run-time alias check fails and the loop falls back to scalar code (5x slower, measured).
+    An absent buffer (address 0) is replaced by the slot's own region of ``scratch``, which the loop variant the
+    flags select never touches: every stream must still point at distinct memory, or LLVM's run-time alias
+    check fails and the loop falls back to scalar code (5x slower, measured).
     """
     address = addresses[tensor, slot]
     if address == 0:
