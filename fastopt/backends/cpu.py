@@ -28,8 +28,8 @@ class _DtypeBucket:
         self.tensor_step = np.zeros(count, dtype=np.int64)
         self.coefficients = np.zeros((count, tables.COEFFICIENTS), dtype=dtype)
         # Stands in for absent buffers (see kernels/cpu/fused.stream): one chunk of distinct memory per slot.
-        # Filled explicitly: the vectorised loops load it, and loads from never-written calloc pages were 10x
-        # slower than from written ones on this machine.
+        # Filled explicitly: loads from never-written calloc pages were 10x slower than from written ones here,
+        # should a loop variant ever read it.
         self.scratch = np.empty(tables.SLOTS * tables.CHUNK, dtype=dtype)
         self.scratch.fill(0)
         self.chunk_tensor, self.chunk_start, self.chunk_length = chunk_table([p.size for p in self.params],
