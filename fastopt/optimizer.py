@@ -52,6 +52,7 @@ class Optimizer:
         self._backend = self._engine(self)
         self._group_snapshot = None
         self._groups_pending = True  # group values the engine has not taken in yet
+        self._missing_state = {}  # param index -> state buffers its group needs that it does not have yet
 
     # ---------------------------------------------------------------- groups
     @staticmethod
@@ -215,7 +216,7 @@ class Optimizer:
 
     def _sync_groups(self):
         """Re-validate groups whose hyperparameters changed since the last step (torch's schedulers write
-        ``group["lr"]``) and create the state buffers they now need. Returns True if anything changed."""
+        ``group["lr"]``) and note the state buffers they now need. Returns True if anything changed."""
         snapshot = self._snapshot()
         if snapshot == self._group_snapshot:
             return False
@@ -229,23 +230,28 @@ class Optimizer:
                 if group["lr_scale"] is not None:
                     group["lr_scale"] = self._check_lr_scale(group["lr_scale"], group["params"], where)
                 self._layout_version += 1
-        ordinal = sum(len(state) for state in self.state)
-        for group, states in self._group_states():
-            for param, state in states:
-                for name in self.state_names(group):
-                    if name not in state:
-                        state[name] = self._engine.allocate_state(param, ordinal)
-                        ordinal += 1
-                        self._layout_version += 1
+        self._missing_state = {}
+        position = 0
+        for group in self.param_groups:
+            for state in self.state[position:position + len(group["params"])]:
+                missing = [name for name in self.state_names(group) if name not in state]
+                if missing:
+                    self._missing_state[position] = missing
+                position += 1
         self._group_snapshot = snapshot
         return True
 
-    def _group_states(self):
-        position = 0
-        for group in self.param_groups:
-            count = len(group["params"])
-            yield group, list(zip(group["params"], self.state[position:position + count]))
-            position += count
+    def _allocate_state(self, grads):
+        """Create the state buffers of the params that get a grad this step and lack some: as in torch, a param
+        that never gets a grad (a frozen layer) never gets state."""
+        if not self._missing_state:
+            return
+        ordinal = sum(len(state) for state in self.state)
+        for index in [index for index in self._missing_state if grads[index] is not None]:
+            for name in self._missing_state.pop(index):
+                self.state[index][name] = self._engine.allocate_state(self._params[index], ordinal)
+                ordinal += 1
+            self._layout_version += 1
 
     def _check_grads(self, grads):
         if _is_array(grads):
@@ -270,6 +276,7 @@ class Optimizer:
         grads = self._check_grads(grads)
         # A change the engine has not applied yet stays pending through a skipped or refused step.
         self._groups_pending |= self._sync_groups()
+        self._allocate_state(grads)
         lr_factor = 1.0
         if self.guard is not None:
             sum_of_squares, nonfinite = self._backend.grad_stats(grads)

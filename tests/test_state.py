@@ -123,3 +123,16 @@ def test_load_rejects_other_optimizer(tmp_path):
     fo.save(tmp_path / "sgd.npz", sgd)
     with pytest.raises(ValueError, match="state of a SGD"):
         fo.load(tmp_path / "sgd.npz", fo.Adam([np.ones(3)]))
+
+
+def test_params_without_grads_get_no_state():
+    """Like torch: a frozen param (never a grad) costs no state memory; its buffers appear with its first grad."""
+    frozen, trained = np.ones(1000), np.ones(3)
+    optimizer = fo.Adam([frozen, trained], lr=0.1)
+    for _ in range(2):
+        optimizer.step([None, np.ones(3)])
+    assert optimizer.state[0] == {} and set(optimizer.state[1]) == {"exp_avg", "exp_avg_sq"}
+    optimizer.step([np.ones(1000), np.ones(3)])
+    assert set(optimizer.state[0]) == {"exp_avg", "exp_avg_sq"}
+    assert optimizer.state_dict()["state"][0]["step"] == 1
+    np.testing.assert_allclose(frozen, 0.9)  # Adam's first step moves every element by lr
