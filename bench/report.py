@@ -106,12 +106,13 @@ def result_lines(rows, groups):
     return lines
 
 
-def header_lines(run):
+def header_lines(run, title):
+    """The title, machine, date, versions and exact command of a run (bench/conftest.py records them)."""
     info = run["machine_info"].get("fastopt", {})
     versions = ", ".join(f"{name} {version}" for name, version in info.get("versions", {}).items())
     cpu = info.get("cpu_model") or run["machine_info"]["cpu"].get("brand_raw", "unknown")
     return [
-        "# fastopt CPU benchmarks: one optimizer step, float32",
+        f"# {title}",
         "",
         f"- Machine: {cpu}, {info.get('cpu_count', run['machine_info']['cpu'].get('count'))} cores; "
         f"Numba threading layer: {info.get('numba_threading_layer', 'unknown')}",
@@ -119,14 +120,17 @@ def header_lines(run):
         f"- Versions: {versions}",
         f"- Command: `{info.get('command', 'unknown')}`",
         "",
-        "The variants of one optimizer, size and thread count were timed interleaved (each round runs every "
-        "variant once, in a rotating order); times are medians over the rounds. GB/s counts the least traffic of one fused pass (bytes per param: "
-        "SGD 12, SGD momentum and RMSprop 20, Adam/AdamW 28, plus 4 with lr_scale); *of ceiling* divides by the "
-        "GB/s of the `ceiling` row (a Numba prange kernel with the optimizer's read/write pattern and trivial "
-        "math) of the same optimizer, size and threads; *fastopt speed-up* is the row's time over fastopt's. All "
-        "ratios come from this one run. GPT2 is GPT-2 small's 148 tensors (124,439,808 params); "
-        "`fastopt_flat` is the same count in one array.",
     ]
+
+
+EXPLANATION = (
+    "The variants of one optimizer, size and thread count were timed interleaved (each round runs every variant "
+    "once, in a rotating order); times are medians over the rounds. GB/s counts the least traffic of one fused pass "
+    "(bytes per param: SGD 12, SGD momentum and RMSprop 20, Adam/AdamW 28, plus 4 with lr_scale); *of ceiling* "
+    "divides by the GB/s of the `ceiling` row (a Numba prange kernel with the optimizer's read/write pattern and "
+    "trivial math) of the same optimizer, size and threads; *fastopt speed-up* is the row's time over fastopt's. "
+    "All ratios come from this one run. GPT2 is GPT-2 small's 148 tensors (124,439,808 params); `fastopt_flat` is "
+    "the same count in one array.")
 
 
 def main():
@@ -135,7 +139,8 @@ def main():
     parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS_CPU.md")))
     arguments = parser.parse_args()
     run, rows, groups = load_rows(arguments.json)
-    lines = header_lines(run) + ["", "## Targets", ""] + target_lines(groups)
+    lines = header_lines(run, "fastopt CPU benchmarks: one optimizer step, float32") + [EXPLANATION]
+    lines += ["", "## Targets", ""] + target_lines(groups)
     lines += ["", "## Results"] + result_lines(rows, groups)
     Path(arguments.output).write_text("\n".join(lines) + "\n")
     print(f"wrote {arguments.output} ({len(rows)} rows)")
