@@ -12,8 +12,6 @@ signalling NaN signalling. So NaN payloads are compared with Numba exactly and w
 "both NaN, same sign".
 """
 import ctypes
-import shutil
-import subprocess
 import types
 
 import numpy as np
@@ -22,6 +20,7 @@ import pytest
 from fastopt.backends import cuda
 from fastopt.kernels.cpu import conversions
 from test_conversions import ALL_PATTERNS, bfloat16_values, float16_values, rounding_cases, same_bits_or_both_nan
+from test_cuda_host_math import build_host_library
 from test_cuda_compile import ARCHITECTURES, compiler, parse_ptxas  # noqa: F401 (compiler: a pytest fixture)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -83,18 +82,7 @@ ARRAY_FUNCTIONS = {
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
-    host_compiler = shutil.which("g++") or shutil.which("c++")
-    if host_compiler is None:
-        pytest.skip("no C++ compiler (g++) to build the host shim")
-    directory = tmp_path_factory.mktemp("cuda_conversions")
-    source, library = directory / "shim.cpp", directory / "shim.so"
-    source.write_text(SHIM)
-    # The flags of tests/test_cuda_host_math.py: no contraction, no -ffast-math (NaN/inf must survive).
-    command = [host_compiler, "-O2", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Werror",
-               f"-I{cuda.SOURCE_DIR}", str(source), "-o", str(library)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    loaded = ctypes.CDLL(str(library))
+    loaded = build_host_library(tmp_path_factory, "cuda_conversions", SHIM)
     loaded.host_counter_hash.restype = ctypes.c_uint32
     loaded.host_counter_hash.argtypes = [ctypes.c_longlong] * 3
     functions = {"counter_hash": loaded.host_counter_hash}

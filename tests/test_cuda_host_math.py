@@ -114,22 +114,28 @@ KERNEL_NAMES = {"sgd_step": "sgd_update", "rmsprop_step": "rmsprop_update", "ada
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
-@pytest.fixture(scope="module")
-def shim(tmp_path_factory):
+def build_host_library(tmp_path_factory, name, source, defines=()):
+    """Compile a C++ shim over the CUDA headers for the host and load it; skips without a C++ compiler.
+
+    -ffp-contract=off: no fused multiply-add (GCC contracts by default where the target has FMA), as the kernels'
+    --fmad=false. Never -ffast-math/-Ofast: they drop NaN/inf semantics and turn on flush-to-zero process-wide."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler (g++) to build the host shim")
-    directory = tmp_path_factory.mktemp("cuda_host_math")
-    source, library = directory / "shim.cpp", directory / "shim.so"
-    source.write_text(SHIM)
-    defines = [f"-D{name}={value}" for name, value in cuda.compile_defines().items()]
-    # -ffp-contract=off: no fused multiply-add (GCC contracts by default where the target has FMA), as the kernels'
-    # --fmad=false. Never -ffast-math/-Ofast: they drop NaN/inf semantics and turn on flush-to-zero process-wide.
+    directory = tmp_path_factory.mktemp(name)
+    source_path, library = directory / "shim.cpp", directory / "shim.so"
+    source_path.write_text(source)
     command = [compiler, "-O2", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Werror",
-               f"-I{cuda.SOURCE_DIR}", *defines, str(source), "-o", str(library)]
+               f"-I{cuda.SOURCE_DIR}", *defines, str(source_path), "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    loaded = ctypes.CDLL(str(library))
+    return ctypes.CDLL(str(library))
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory):
+    defines = [f"-D{name}={value}" for name, value in cuda.compile_defines().items()]
+    loaded = build_host_library(tmp_path_factory, "cuda_host_math", SHIM, defines)
     loaded.host_schedule_value.restype = ctypes.c_double
     loaded.host_schedule_value.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong]
     for name in KERNEL_NAMES.values():
