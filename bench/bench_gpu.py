@@ -1,10 +1,12 @@
-"""One optimizer step on a CUDA GPU: fastopt beside torch.optim (foreach and fused) and a copy ceiling, float32.
+"""One optimizer step on a CUDA GPU: fastopt beside torch.optim (foreach and fused) and a copy ceiling, float32, and
+AdamW in three mixed-precision configurations (bfloat16 params).
 
 Every row is one (optimizer, size, variant); ids are ``OPTIMIZER-SIZE-VARIANT``, e.g. ``Adam-16M-torch_fused``:
 
     python -m pytest bench/bench_gpu.py --benchmark-json=bench/gpu.json
     python -m pytest bench/bench_gpu.py -k "Adam-16M"              # one optimizer at one size
     python -m pytest bench/bench_gpu.py -k "GPT2 and not SGD"       # the GPT-2-small parameter list
+    python -m pytest bench/bench_gpu.py -k "bf16"                   # the mixed-precision AdamW rows
 
 Rows of one (optimizer, size) group, ceiling first:
 
@@ -16,6 +18,17 @@ Rows of one (optimizer, size) group, ceiling first:
   on the device): the kernel without the Python overhead.
 - ``torch_foreach``, ``torch_fused``: ``torch.optim`` with ``foreach=True`` / ``fused=True`` on the same GPU (RMSprop
   has no fused version). Skipped when torch has no CUDA.
+
+Mixed precision: AdamW on bfloat16 params and grads (bfloat16 bits in uint16 CuPy arrays), in three optimizers of its
+own, each with the rows ceiling, fastopt, fastopt_graph and torch_fused:
+
+- ``AdamW_bf16_master``: a float32 master copy per param and float32 states (``master_weights=True``);
+- ``AdamW_bf16_bf16states``: bfloat16 states, no master (``state_dtype="bfloat16"``): torch's fused AdamW's layout;
+- ``AdamW_bf16``: float32 states, no master (the param rounded to nearest after every step).
+
+``torch_fused`` there is ``torch.optim.AdamW(fused=True)`` on bfloat16 params: torch keeps the states in the params'
+dtype and no master copy, so it moves its own bytes (14 per param), not the group's; each row records the bytes
+it moves (``bytes_per_param``) and its GB/s counts those, while ``ms_per_step`` compares the rows' time.
 
 Sizes: ``1M``, ``16M``, ``256M`` params in one tensor, and ``GPT2``: the 148 tensors of GPT-2 small (124,439,808
 params, bench_cpu.GPT2_SHAPES). Optimizers and hyperparameters as bench_cpu.py.
@@ -31,7 +44,18 @@ Each row therefore cycles through ``copies`` independent sets of params, grads (
 enough that the memory touched between two uses of a set is at least L2_MULTIPLE times the L2 size.
 
 Bytes per step: the least traffic one fused pass needs (bench/README.md's table: every param, grad and state
-buffer read once, every updated one written once), the same for every variant, so GB/s reads against the ceiling.
+buffer read once, every updated one written once; with a master copy the master is read instead of the param and
+both are written), the same for every variant of a group except where noted, so GB/s reads against the ceiling.
+Per param (reads + writes):
+
+| group | fastopt rows | torch rows |
+|---|---|---|
+| SGD (float32) | 8 + 4 = 12 | 12 |
+| SGD_momentum, RMSprop (float32) | 12 + 8 = 20 | 20 |
+| Adam, AdamW (float32) | 16 + 12 = 28 | 28 |
+| AdamW_bf16_master: bf16 param and grad, f32 master and states | 14 + 14 = 28 | 14 (torch_fused) |
+| AdamW_bf16_bf16states: bf16 param, grad and states | 8 + 6 = 14 | 14 |
+| AdamW_bf16: bf16 param and grad, f32 states | 12 + 10 = 22 | 14 (torch_fused) |
 """
 import gc
 import math
@@ -58,6 +82,7 @@ except ImportError:
     torch, TORCH_CUDA = None, False
 
 FLOAT32_BYTES = 4
+STORAGE_BYTES = {"float32": 4, "bfloat16": 2}
 SIZES = {"1M": 1 << 20, "16M": 1 << 24, "256M": 1 << 28, "GPT2": None}
 ROUNDS = 15
 ROUND_BYTES = 64e9  # each round moves about this much (about 20 ms at 3 TB/s), and at most MAX_STEPS steps
@@ -72,14 +97,35 @@ class OptimizerSpec:
     kwargs: dict
     states: int  # state buffers per param
     torch_fused: bool  # torch.optim has a fused CUDA implementation
+    storage: str = "float32"  # the params' and grads' dtype
+    state_storage: str = "float32"  # fastopt's states (torch keeps its states in the params' dtype)
+    master: bool = False  # fastopt keeps a float32 master copy per param
 
     @property
-    def bytes_per_param(self):  # reads: param, grad, states; writes: param, states
-        return FLOAT32_BYTES * (3 + 2 * self.states)
+    def options(self):  # fastopt's mixed-precision options
+        options = dict(state_dtype=self.state_storage) if self.state_storage != "float32" else {}
+        return dict(options, master_weights=True) if self.master else options
 
     @property
-    def buffers_per_param(self):  # distinct memory per param: param, grad, states
-        return 2 + self.states
+    def bytes_per_param(self):
+        """fastopt's traffic: reads param (or its master), grad, states; writes param (and master), states."""
+        param, state = STORAGE_BYTES[self.storage], STORAGE_BYTES[self.state_storage]
+        master = FLOAT32_BYTES if self.master else 0
+        return (master or param) + param + self.states * state + param + master + self.states * state
+
+    @property
+    def torch_bytes_per_param(self):
+        """torch.optim's traffic: states in the params' dtype, no master copy."""
+        return STORAGE_BYTES[self.storage] * (3 + 2 * self.states)
+
+    @property
+    def distinct_bytes_per_param(self):  # memory per param: param, grad, states, master
+        param = STORAGE_BYTES[self.storage]
+        return 2 * param + self.states * STORAGE_BYTES[self.state_storage] + (FLOAT32_BYTES if self.master else 0)
+
+    @property
+    def mixed(self):
+        return self.storage != "float32"
 
 
 OPTIMIZERS = {
@@ -88,12 +134,21 @@ OPTIMIZERS = {
     "RMSprop": OptimizerSpec(fo.RMSprop, "RMSprop", dict(lr=1e-3), 1, False),
     "Adam": OptimizerSpec(fo.Adam, "Adam", dict(lr=1e-3), 2, True),
     "AdamW": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True),
+    "AdamW_bf16_master": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "float32", True),
+    "AdamW_bf16_bf16states": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "bfloat16"),
+    "AdamW_bf16": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "float32"),
 }
 
 
 def variants(optimizer):
-    rows = ["ceiling", "fastopt", "fastopt_graph", "torch_foreach"]
-    return rows + (["torch_fused"] if OPTIMIZERS[optimizer].torch_fused else [])
+    spec = OPTIMIZERS[optimizer]
+    rows = ["ceiling", "fastopt", "fastopt_graph"] + ([] if spec.mixed else ["torch_foreach"])
+    return rows + (["torch_fused"] if spec.torch_fused else [])
+
+
+def row_bytes_per_param(spec, variant):
+    """The bytes per param the row moves in one step (the module docstring's table)."""
+    return spec.torch_bytes_per_param if variant.startswith("torch") else spec.bytes_per_param
 
 
 def cases():
@@ -168,12 +223,16 @@ class Row:
             torch.cuda.empty_cache()
 
 
-def random_cupy(shapes, rng):
-    return [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
+def random_cupy(shapes, rng, storage="float32"):
+    """Standard normal arrays; bfloat16 as the uint16 bits CuPy holds them in (float32 values truncated)."""
+    arrays = [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
+    if storage == "bfloat16":
+        arrays = [(array.view(np.uint32) >> 16).astype(np.uint16) for array in arrays]
+    return arrays
 
 
 def ceiling_row(spec, size, stream):
-    half = params_of(size) * spec.bytes_per_param // 2
+    half = params_of(size) * spec.bytes_per_param // 2  # the group's fastopt traffic
     copies = copies_needed(2 * half)
     sources = [cupy.ones(half, dtype=np.uint8) for _ in range(copies)]
     targets = [cupy.zeros(half, dtype=np.uint8) for _ in range(copies)]
@@ -190,12 +249,12 @@ def ceiling_row(spec, size, stream):
 def fastopt_row(spec, size, stream, graph):
     rng = cupy.random.default_rng(0)
     shapes = shapes_of(size)
-    copies = copies_needed(params_of(size) * spec.buffers_per_param * FLOAT32_BYTES)
+    copies = copies_needed(params_of(size) * spec.distinct_bytes_per_param)
     sets = []
     with stream:
         for _ in range(copies):
-            params, grads = random_cupy(shapes, rng), random_cupy(shapes, rng)
-            optimizer = spec.fastopt(params, **spec.kwargs)
+            params, grads = random_cupy(shapes, rng, spec.storage), random_cupy(shapes, rng, spec.storage)
+            optimizer = spec.fastopt(params, **spec.kwargs, **spec.options)
             optimizer.step(grads)  # compiles (first row only), allocates state, uploads the tables
             sets.append((params, grads, optimizer))
         if graph:
@@ -207,7 +266,7 @@ def fastopt_row(spec, size, stream, graph):
                 finally:
                     graphs.append(stream.end_capture())
         stream.synchronize()
-    first = sets[0][0][-1][:8].copy()
+    first = sets[0][0][-1][:4096].copy()
 
     if graph:
         def step(index):
@@ -218,8 +277,11 @@ def fastopt_row(spec, size, stream, graph):
             optimizer.step(grads)
 
     def check():
-        last = sets[0][0][-1][:8]
-        assert bool(cupy.all(cupy.isfinite(last))) and not bool(cupy.all(last == first)), "the steps did nothing"
+        last = sets[0][0][-1][:4096]
+        # bfloat16 bits (4096 elements: a bfloat16 param near 1 does not move with an update of 1e-3 rounded to
+        # nearest; smaller ones do)
+        values = (last.astype(np.uint32) << 16).view(np.float32) if spec.mixed else last
+        assert bool(cupy.all(cupy.isfinite(values))) and not bool(cupy.all(last == first)), "the steps did nothing"
 
     return Row(step, copies, stream, check, [sets] + ([graphs] if graph else []))
 
@@ -229,24 +291,26 @@ def torch_row(spec, size, variant):
         pytest.skip("torch has no CUDA")
     generator = torch.Generator(device="cuda").manual_seed(0)
     shapes = shapes_of(size)
-    copies = copies_needed(params_of(size) * spec.buffers_per_param * FLOAT32_BYTES)
+    dtype = torch.bfloat16 if spec.storage == "bfloat16" else torch.float32
+    copies = copies_needed(params_of(size) * STORAGE_BYTES[spec.storage] * (2 + spec.states))
     flags = dict(foreach=True) if variant == "torch_foreach" else dict(fused=True)
     sets = []
     for _ in range(copies):
-        params = [torch.randn(shape, device="cuda", generator=generator).requires_grad_() for shape in shapes]
+        params = [torch.randn(shape, device="cuda", generator=generator, dtype=dtype).requires_grad_()
+                  for shape in shapes]
         for param in params:
-            param.grad = torch.randn(param.shape, device="cuda", generator=generator)
+            param.grad = torch.randn(param.shape, device="cuda", generator=generator, dtype=dtype)
         optimizer = getattr(torch.optim, spec.torch_name)(params, **spec.kwargs, **flags)
         optimizer.step()  # allocates state
         sets.append((params, optimizer))
     torch.cuda.synchronize()
-    first = sets[0][0][-1].detach().flatten()[:8].clone()
+    first = sets[0][0][-1].detach().flatten()[:4096].clone()
 
     def step(index):
         sets[index][1].step()
 
     def check():
-        last = sets[0][0][-1].detach().flatten()[:8]
+        last = sets[0][0][-1].detach().flatten()[:4096]
         assert bool(torch.isfinite(last).all()) and not bool((last == first).all()), "the steps did nothing"
 
     return Row(step, copies, None, check, [sets])
@@ -279,7 +343,8 @@ def test_step(benchmark, optimizer, size, variant):
         row = fastopt_row(spec, size, stream, graph=variant == "fastopt_graph")
     else:
         row = torch_row(spec, size, variant)
-    moved = spec.bytes_per_param * params_of(size)
+    bytes_per_param = row_bytes_per_param(spec, variant)
+    moved = bytes_per_param * params_of(size)
     steps = steps_per_round(moved, row.copies)
     timings = []
     try:
@@ -296,7 +361,8 @@ def test_step(benchmark, optimizer, size, variant):
         _CEILING_GBPS[key] = gbps
     benchmark.extra_info.update(
         optimizer=optimizer, variant=variant, size=size, params=params_of(size), tensors=len(shapes_of(size)),
-        gpu=gpu_name(),
+        gpu=gpu_name(), storage=spec.storage, state_storage=spec.state_storage, master=spec.master,
+        bytes_per_param=bytes_per_param,
         copies=row.copies, steps_per_round=steps, bytes_per_step=moved, ms_per_step=median_ms, gb_per_s=gbps,
         params_per_s=params_of(size) / (median_ms * 1e-3))
     if key in _CEILING_GBPS:

@@ -10,10 +10,12 @@ import numbers
 
 import numpy as np
 
-from . import backends, schedules
+from . import backends, dtypes, schedules
 from .guard import Guard
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+MASTER = "master_param"  # the state name of a 16-bit param's float32 master copy
+STATE_DTYPES = ("float32", "bfloat16")
+ROUNDINGS = ("nearest", "stochastic")
 
 
 def _is_array(value):
@@ -27,16 +29,51 @@ class Optimizer:
     the kernels' slot order), ``COLUMNS`` and ``group_row`` (the kernels' per-group table), ``KERNEL`` (the fused
     kernel's name), and implement ``validate_hyperparameters``, ``state_names(group)`` (the buffers a group's
     hyperparameters use) and ``reference_step`` (the float64 reference update of one tensor).
+
+    Keyword options of every optimizer:
+
+    - ``backend``: "auto" (CuPy arrays: "cuda", else "cpu"), "cpu", "cuda" or "reference" (float64 NumPy).
+    - ``guard``: a :class:`~fastopt.Guard` that skips non-finite steps and backs the rate off.
+    - Mixed precision. Params may be float64, float32, bfloat16 or float16; the math runs in float32 (float64 for
+      float64 params), grads may be the param's dtype or float32.
+
+      - ``master_weights``: 16-bit params keep a float32 copy (state ``"master_param"``) that the update reads
+        and writes; the stored param is its rounding to nearest, always ``round(master)`` exactly.
+      - ``state_dtype``: "float32" (the default: the states have the math dtype) or "bfloat16" (states of params
+        of at most float32 stored in bfloat16, rounded to nearest after each update).
+      - ``rounding``: how 16-bit params without a master copy are rounded: "nearest" (even) or "stochastic"
+        (bfloat16 only; unbiased, keyed by (``seed``, step, element) so that runs are reproducible).
+      - ``max_grad_norm``: clip the grads by their global L2 norm inside the step (see :meth:`step`).
     """
 
     DEFAULTS: dict = {}
     STATE_SLOTS: tuple = ()
 
-    def __init__(self, params, defaults, *, backend="auto", guard=None):
+    def __init__(self, params, defaults, *, backend="auto", guard=None, master_weights=False, state_dtype="float32",
+                 rounding="nearest", seed=0, max_grad_norm=None):
         if guard is not None and not isinstance(guard, Guard):
             raise TypeError(f"guard must be a fastopt.Guard or None, got {type(guard).__name__}")
+        self.check_flag(master_weights, "master_weights", type(self).__name__)
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"unknown state_dtype {state_dtype!r}; choose one of {STATE_DTYPES}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
+        if rounding == "stochastic" and master_weights:
+            raise ValueError("rounding='stochastic' is for params without master weights: with master_weights=True "
+                             "the param is always the master rounded to nearest")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        if max_grad_norm is not None:
+            max_grad_norm = self.check_number(max_grad_norm, "max_grad_norm", type(self).__name__, low=0.0,
+                                              low_open=True)
         self.guard = guard
+        self.master_weights = bool(master_weights)
+        self.state_dtype = state_dtype
+        self.rounding = rounding
+        self.seed = int(seed)
+        self.max_grad_norm = max_grad_norm
         self.last_grad_norm = None
+        self._skipped_steps = 0
         groups = self._parse_params(params)
         first = groups[0].get("params", ())
         self._engine = backends.select(backend, [first] if _is_array(first) else first)
@@ -81,6 +118,7 @@ class Optimizer:
         self._sync_step_count()
         steps = self._backend.tensor_steps()
         self._add_group(dict(group))
+        self._skipped_steps = self.skipped_steps  # the old engine's count of device-skipped steps
         self._backend = self._engine(self)
         self._backend.set_tensor_steps(np.concatenate([steps, np.zeros(len(self._params) - steps.size, np.int64)]))
         self._group_snapshot = None
@@ -122,17 +160,48 @@ class Optimizer:
         if len({id(p) for p in self._params + params}) != len(self._params) + len(params):
             raise ValueError(f"{where} holds a param that appears more than once among the optimizer's params")
 
-    def _check_array(self, array, where, *, param=False, like=None):
-        """Type, device, dtype, layout (and for params, writability) of one array, against its param ``like``."""
+    def _check_array(self, array, where, *, param=False, like=None, grad=False):
+        """Type, device, dtype, layout (and for params, writability) of one array, against its param ``like``:
+        a param is float64, float32, bfloat16 or float16; a grad has its param's dtype or float32; an lr_scale
+        has the param's math dtype (float32 for a 16-bit param)."""
         self._engine.check_array(array, where, writable=param)
+        storage = self._engine.storage_name(array.dtype)
         if param:
-            if array.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"{where} has dtype {array.dtype}; supported: float32, float64")
+            if storage is None:
+                raise TypeError(f"{where} has dtype {array.dtype}; supported: float32, float64, bfloat16 "
+                                "(ml_dtypes.bfloat16; uint16 bits on CuPy), float16")
+            if self.rounding == "stochastic" and storage == "float16" and not self.master_weights:
+                raise ValueError(f"{where} is float16: rounding='stochastic' supports bfloat16 params (or use "
+                                 "master_weights=True)")
             return
         if array.shape != like.shape:
             raise ValueError(f"{where} has shape {array.shape}, its param has shape {like.shape}")
-        if array.dtype != like.dtype:
-            raise TypeError(f"{where} has dtype {array.dtype}, its param has dtype {like.dtype}")
+        param_storage = self._engine.storage_name(like.dtype)
+        if grad:
+            if array.dtype != like.dtype and storage != "float32":
+                raise TypeError(f"{where} has dtype {array.dtype}; a grad must have its param's dtype "
+                                f"({like.dtype}) or float32")
+            return
+        math = dtypes.math_dtype(param_storage)
+        if array.dtype != math:
+            raise TypeError(f"{where} has dtype {array.dtype}; it must be {math}, the math dtype of its "
+                            f"{param_storage} param")
+
+    def param_storage(self, index):
+        """The storage name of param ``index`` ('float64', 'float32', 'bfloat16' or 'float16')."""
+        return self._engine.storage_name(self._params[index].dtype)
+
+    def state_storage(self, index):
+        """How param ``index``'s state buffers are stored: bfloat16 where ``state_dtype='bfloat16'`` (for params
+        of at most float32), else the param's math dtype."""
+        storage = self.param_storage(index)
+        if self.state_dtype == "bfloat16" and storage != "float64":
+            return "bfloat16"
+        return dtypes.math_dtype(storage).name
+
+    def has_master(self, index):
+        """Whether param ``index`` keeps a float32 master copy: a 16-bit param with ``master_weights=True``."""
+        return self.master_weights and self.param_storage(index) in dtypes.SIXTEEN_BIT
 
     def _check_lr_scale(self, lr_scale, params, where):
         if _is_array(lr_scale):
@@ -234,7 +303,8 @@ class Optimizer:
         position = 0
         for group in self.param_groups:
             for state in self.state[position:position + len(group["params"])]:
-                missing = [name for name in self.state_names(group) if name not in state]
+                names = self.state_names(group) + ((MASTER,) if self.has_master(position) else ())
+                missing = [name for name in names if name not in state]
                 if missing:
                     self._missing_state[position] = missing
                 position += 1
@@ -249,9 +319,19 @@ class Optimizer:
         ordinal = sum(len(state) for state in self.state)
         for index in [index for index in self._missing_state if grads[index] is not None]:
             for name in self._missing_state.pop(index):
-                self.state[index][name] = self._engine.allocate_state(self._params[index], ordinal)
+                self.state[index][name] = self._new_buffer(index, name, ordinal)
                 ordinal += 1
             self._layout_version += 1
+
+    def _new_buffer(self, index, name, ordinal):
+        """A state buffer of param ``index``: zeros in its state storage, or for the master copy the param's
+        value in float32."""
+        param = self._params[index]
+        if name == MASTER:
+            master = self._engine.allocate_state(param, ordinal, "float32")
+            self._engine.copy_widened(master, param)
+            return master
+        return self._engine.allocate_state(param, ordinal, self.state_storage(index))
 
     def _check_grads(self, grads):
         if _is_array(grads):
@@ -262,31 +342,75 @@ class Optimizer:
         for index, (grad, param) in enumerate(zip(grads, self._params)):
             if grad is None:
                 continue
-            self._check_array(grad, f"grads[{index}]", like=param)
+            self._check_array(grad, f"grads[{index}]", like=param, grad=True)
         for index, param in enumerate(self._params):
             self._engine.check_array(param, f"param {index}", writable=True)
         return grads
 
-    def step(self, grads):
+    def step(self, grads, grad_scale=None):
         """Apply one update to every param from ``grads`` (a list aligned with the params in group order;
         ``None`` skips a param, as torch skips params without ``.grad``). Params and state change in place.
 
-        With a :class:`~fastopt.Guard`, grads holding NaN/inf skip the whole step (nothing changes, the step
-        count included) and ``last_grad_norm`` holds the grads' global L2 norm."""
+        Gradient handling, fused into the update (one extra read of the grads computes their global L2 norm and
+        finds NaN/inf; the update pass applies the rest):
+
+        - ``grad_scale``: the loss scale the grads carry (``torch.amp.GradScaler``'s); they are multiplied by
+          ``1 / grad_scale`` (rounded to float32, as GradScaler's inverse scale) before anything else.
+        - ``max_grad_norm`` (constructor): the unscaled grads are multiplied by ``min(1, max_grad_norm / (norm +
+          1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` over all params.
+        - With either, or with a :class:`~fastopt.Guard`: grads holding NaN/inf skip the whole step (params, state
+          and step counts untouched) and count in ``skipped_steps``; ``last_grad_norm`` holds the norm.
+        """
         grads = self._check_grads(grads)
+        device_scale = self._device_scale(grad_scale)
+        unscale = 1.0 if device_scale is not None else self._unscale(grad_scale)
         # A change the engine has not applied yet stays pending through a skipped or refused step.
         self._groups_pending |= self._sync_groups()
         self._allocate_state(grads)
-        lr_factor = 1.0
-        if self.guard is not None:
-            sum_of_squares, nonfinite = self._backend.grad_stats(grads)
-            self.last_grad_norm = math.sqrt(sum_of_squares)
-            if not self.guard.admit(nonfinite):
+        if grad_scale is None and self.max_grad_norm is None and self.guard is None:
+            control = None
+        else:
+            skip_nonfinite = self.guard is None or self.guard.skip_nonfinite
+            scale = {} if device_scale is None else {"scale": device_scale}
+            control = self._backend.grad_control(grads, unscale, self.max_grad_norm, skip_nonfinite, **scale)
+            self.last_grad_norm = control.norm
+            if self.guard is not None and not self.guard.admit(control.nonfinite):
+                control.skip()
+            if control.skipped:
+                self._skipped_steps += 1
                 return
-            lr_factor = self.guard.lr_factor
-        self._backend.step(grads, self.step_count, self._groups_pending, lr_factor)
+        lr_factor = 1.0 if self.guard is None else self.guard.lr_factor
+        self._backend.step(grads, self.step_count, self._groups_pending, lr_factor, control)
         self._groups_pending = False
         self.step_count += 1
+
+    def _device_scale(self, grad_scale):
+        """A one-element float GPU array that the engine can invert on the device (no host sync), else None. Its
+        value cannot be checked without a sync: a zero or non-finite scale gives non-finite grads, and the step is
+        skipped."""
+        if (getattr(self._backend, "takes_device_scale", False) and _is_array(grad_scale)
+                and not isinstance(grad_scale, np.ndarray) and grad_scale.size == 1
+                and grad_scale.dtype in (np.float32, np.float64)):
+            return grad_scale
+        return None
+
+    def _unscale(self, grad_scale):
+        """1 / ``grad_scale`` rounded to float32 (GradScaler's inverse scale); 1.0 without one."""
+        if grad_scale is None:
+            return 1.0
+        if _is_array(grad_scale):
+            if grad_scale.size != 1:
+                raise ValueError(f"grad_scale must be a number or a one-element array, got shape {grad_scale.shape}")
+            grad_scale = float(grad_scale.reshape(()).item())
+        scale = self.check_number(grad_scale, "grad_scale", "step", low=0.0, low_open=True)
+        return float(np.float32(1.0 / scale))
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped because their grads held NaN/inf (with ``grad_scale``, ``max_grad_norm`` or a guard).
+        On the GPU the skip is decided on the device, without a host sync; reading this synchronises."""
+        device_skips = getattr(self._backend, "device_skipped_steps", None)
+        return self._skipped_steps + (device_skips() if device_skips is not None else 0)
 
     # ---------------------------------------------------------------- state dict
     def state_dict(self):
@@ -308,7 +432,8 @@ class Optimizer:
             saved["params"] = list(range(position, position + len(group["params"])))
             position += len(group["params"])
             groups.append(saved)
-        state_dict = {"state": state, "param_groups": groups, "step_count": self.step_count}
+        state_dict = {"state": state, "param_groups": groups, "step_count": self.step_count,
+                      "skipped_steps": self.skipped_steps}
         if self.guard is not None:
             state_dict["guard"] = self.guard.state_dict()
         return state_dict
@@ -331,7 +456,7 @@ class Optimizer:
         saved_state = state_dict["state"]
         order = [index for group in groups for index in group["params"]]
         steps = np.zeros(len(self._params), dtype=np.int64)
-        buffers = []  # per param: {name: array in the param's dtype}
+        buffers = []  # per param: {name: array in the buffer's storage dtype}
         for position, saved_index in enumerate(order):
             entry = saved_state.get(saved_index, saved_state.get(str(saved_index), {}))
             param = self._params[position]
@@ -341,31 +466,34 @@ class Optimizer:
                 if name == "step":
                     steps[position] = self._count(value, f"{where}: step")
                     continue
-                if name not in self.STATE_SLOTS:
+                if name not in self.STATE_SLOTS and not (name == MASTER and self.has_master(position)):
                     raise ValueError(f"{where} has unknown buffer {name!r}")
                 value = np.asarray(value)
                 if value.shape != param.shape:
                     raise ValueError(f"{where}: {name!r} has shape {value.shape}, the param has shape {param.shape}")
-                if value.dtype.kind not in "fiu":
+                if value.dtype.kind not in "fiu" and dtypes.storage_name(value.dtype) is None:
                     raise TypeError(f"{where}: {name!r} has dtype {value.dtype}, not a number type")
-                converted[name] = value.astype(param.dtype)
+                storage = "float32" if name == MASTER else self.state_storage(position)
+                converted[name] = value.astype(dtypes.numpy_dtype(storage))
             buffers.append(converted)
         step_count = self._count(state_dict.get("step_count", 0), "state dict: step_count")
+        skipped_steps = self._count(state_dict.get("skipped_steps", 0), "state dict: skipped_steps")
         if self.guard is not None and "guard" in state_dict:
             Guard().load_state_dict(state_dict["guard"])  # validates
         # Everything is checked and converted: write.
         for group, new_values in zip(self.param_groups, values):
             group.update(new_values)
         ordinal = sum(len(state) for state in self.state)
-        for param, state, converted in zip(self._params, self.state, buffers):
+        for position, (state, converted) in enumerate(zip(self.state, buffers)):
             for name in [name for name in state if name not in converted]:
                 del state[name]
             for name, value in converted.items():
                 if name not in state:
-                    state[name] = self._engine.allocate_state(param, ordinal)
+                    state[name] = self._new_buffer(position, name, ordinal)
                     ordinal += 1
                 self._engine.copy_from_numpy(state[name], value)
         self.step_count = step_count
+        self._skipped_steps = skipped_steps
         self._layout_version += 1
         if self.guard is not None and "guard" in state_dict:
             self.guard.load_state_dict(state_dict["guard"])

@@ -2,6 +2,9 @@
 
 Each class declares its hyperparameters and checks, the state buffers it keeps (torch's names, in the order
 of the kernel's state slots), the row of the kernels' group table, and its float64 reference function.
+
+Every optimizer also takes the keyword options of :class:`fastopt.Optimizer`: ``backend``, ``guard``, and for
+mixed precision ``master_weights``, ``state_dtype``, ``rounding``, ``seed`` and ``max_grad_norm``.
 """
 from . import reference
 from .kernels.cpu import tables
@@ -27,9 +30,9 @@ class SGD(Optimizer):
     KERNEL = "sgd_step"
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, backend="auto", guard=None):
+                 maximize=False, backend="auto", guard=None, **options):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize), backend=backend, guard=guard)
+                                      nesterov=nesterov, maximize=maximize), backend=backend, guard=guard, **options)
 
     def validate_hyperparameters(self, group, where):
         super().validate_hyperparameters(group, where)
@@ -76,9 +79,9 @@ class RMSprop(Optimizer):
     KERNEL = "rmsprop_step"
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, *,
-                 maximize=False, backend="auto", guard=None):
+                 maximize=False, backend="auto", guard=None, **options):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                                      centered=centered, maximize=maximize), backend=backend, guard=guard)
+                                      centered=centered, maximize=maximize), backend=backend, guard=guard, **options)
 
     def validate_hyperparameters(self, group, where):
         super().validate_hyperparameters(group, where)
@@ -121,9 +124,9 @@ class Adam(Optimizer):
     DECOUPLED_WEIGHT_DECAY = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, backend="auto", guard=None):
+                 maximize=False, backend="auto", guard=None, **options):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                                      maximize=maximize), backend=backend, guard=guard)
+                                      maximize=maximize), backend=backend, guard=guard, **options)
 
     def validate_hyperparameters(self, group, where):
         super().validate_hyperparameters(group, where)
@@ -162,6 +165,6 @@ class AdamW(Adam):
     DECOUPLED_WEIGHT_DECAY = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, backend="auto", guard=None):
+                 maximize=False, backend="auto", guard=None, **options):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, backend=backend, guard=guard)
+                         maximize=maximize, backend=backend, guard=guard, **options)

@@ -89,3 +89,44 @@ def adamw(param, grad, state, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=
     """AdamW: :func:`adam` with decoupled weight decay."""
     adam(param, grad, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
          maximize=maximize, decoupled_weight_decay=True, lr_scale=lr_scale)
+
+
+# ---------------------------------------------------------------- mixed precision
+def counter_hash(seed, step, element):
+    """The kernels' counter-based random 32 bits for (seed, step, element) (SplitMix64's finaliser over a mix of
+    the three), written again in NumPy uint64 arithmetic, which wraps as C's does. ``element`` is an array."""
+    element = np.asarray(element, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        state = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+                 ^ np.uint64(step) * np.uint64(0xC2B2AE3D27D4EB4F)
+                 ^ element * np.uint64(0x165667B19E3779F9))
+        state = (state ^ (state >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        state = (state ^ (state >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    state = state ^ (state >> np.uint64(31))
+    return (state >> np.uint64(32)).astype(np.uint32)
+
+
+def round_to_storage(values, dtype, *, seed=None, step=0, elements=None):
+    """float64 ``values`` rounded to the storage ``dtype`` as the kernels round their math results: to float32
+    (nearest even) first, then to a 16-bit dtype, to nearest even, or with ``seed`` stochastically: up with
+    probability equal to the distance from the lower neighbour (16 random bits from ``counter_hash(seed, step,
+    elements)`` added below the kept half, then truncated; NaN and infinities round to nearest)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float64:
+        return np.asarray(values, dtype=np.float64)
+    single = np.asarray(values, dtype=np.float64).astype(np.float32)
+    if dtype == np.float32:
+        return single
+    if seed is None:
+        return single.astype(dtype)
+    bits = single.view(np.uint32).astype(np.uint64)
+    noise = (counter_hash(seed, step, elements) >> np.uint32(16)).astype(np.uint64).reshape(bits.shape)
+    rounded = ((bits + noise) >> np.uint64(16)).astype(np.uint16).view(dtype)
+    special = ~np.isfinite(single)
+    rounded[special] = single[special].astype(dtype)
+    return rounded
+
+
+def clip_factor(norm, max_norm):
+    """``torch.nn.utils.clip_grad_norm_``'s factor for grads of global L2 ``norm``: min(1, max_norm / (norm + 1e-6))."""
+    return min(1.0, max_norm / (norm + 1e-6))

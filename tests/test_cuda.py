@@ -1,4 +1,6 @@
 """The CUDA backend on CuPy arrays: parity with the float64 reference, the CPU kernels and torch.optim on CUDA;
+mixed precision (bfloat16 as uint16 bits, float16, master copies, bfloat16 states, stochastic rounding) and the grad
+control (loss scale, clipping, non-finite steps skipped on the device) bit for bit against the CPU kernels;
 schedules evaluated on the device; CUDA graph capture and replay; uploads only on change; bad input.
 
 Most tests take the ``cp`` fixture and run twice: on a GPU through CuPy (marked ``gpu``: skipped without one, or
@@ -19,11 +21,14 @@ import pytest
 
 import fastopt as fo
 from conftest import SIZES, assert_close, tolerance
+from fastopt import dtypes
 from fastopt.backends import cuda
 from fastopt.kernels.cpu import tables
-from test_cuda_host_math import shim  # noqa: F401 (the host build of the kernels' math, a fixture)
+import test_cuda_host_math
 from test_optimizers import CONFIG_IDS, CONFIGS, STEPS, assert_matches_reference, make_problem, run_reference
 from test_schedules import CASES, EPS
+
+shim = test_cuda_host_math.shim  # the host build of the kernels' math (a fixture), for the stand-in
 
 
 # ---------------------------------------------------------------- without a GPU
@@ -328,6 +333,7 @@ def test_cuda_graph_replays_advance_the_schedule(gpu, cls, kwargs, rng):
     """One eager step, one captured step, replays with new grad values in the same buffers: every replay is one
     optimizer step with the schedule at its own step count. Eager steps after the replays continue from the
     device's count."""
+    cp = gpu
     shapes = [0, 1, 13, 5000]
     replays, after = 6, 2
     total = 2 + replays + after
@@ -501,9 +507,11 @@ def test_guard_skips_nonfinite_steps(cp, rng):
     for param, saved in zip(host(cp, params), before):
         np.testing.assert_array_equal(param, saved)
     assert optimizer._backend.device_step_count() == 0 and optimizer.guard.skipped_steps == 1
+    # The guard decided on the host (it read the count): no kernel ran, and the skip is the host's to count.
+    assert optimizer.skipped_steps == 1 and optimizer._backend.device_skipped_steps() == 0
     optimizer.step(to_device(cp, grads))
     expected_norm = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
-    assert optimizer.last_grad_norm == pytest.approx(expected_norm, rel=1e-12)
+    assert float(optimizer.last_grad_norm) == pytest.approx(expected_norm, rel=1e-12)
     assert optimizer._backend.device_step_count() == 1
 
 
@@ -516,6 +524,362 @@ def test_add_param_group(cp):
     state = optimizer.state_dict()["state"]
     assert state[0]["step"] == 2 and state[1]["step"] == 1
     np.testing.assert_allclose(cp.asnumpy(b), -0.2)
+
+
+# ---------------------------------------------------------------- mixed precision and grad control
+# (id, param storage, grad storage, options), as tests/test_mixed_precision.py's table.
+MIXED_STORAGE = [
+    ("bf16", "bfloat16", "bfloat16", {}),
+    ("bf16-master", "bfloat16", "bfloat16", dict(master_weights=True)),
+    ("bf16-f32grads", "bfloat16", "float32", {}),
+    ("bf16-master-f32grads", "bfloat16", "float32", dict(master_weights=True)),
+    ("bf16-bf16states", "bfloat16", "bfloat16", dict(state_dtype="bfloat16")),
+    ("bf16-stochastic", "bfloat16", "bfloat16", dict(rounding="stochastic", seed=7)),
+    ("bf16-bf16states-stochastic", "bfloat16", "bfloat16", dict(state_dtype="bfloat16", rounding="stochastic", seed=9)),
+    ("f16-master", "float16", "float16", dict(master_weights=True)),
+    ("f16-f32grads", "float16", "float32", {}),
+    ("f32-bf16states", "float32", "float32", dict(state_dtype="bfloat16")),
+    ("f64-f32grads", "float64", "float32", {}),
+]
+# Adam's betas are powers of two: pow(beta, t) is then exact on the device as in glibc, so its coefficients, like
+# SGD's and RMSprop's, are the CPU's bit for bit on a GPU too (with other betas the device's pow may differ by an ulp).
+MIXED_OPTIMIZERS = [
+    (fo.SGD, dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (fo.RMSprop, dict(momentum=0.5, weight_decay=0.1)),
+    (fo.RMSprop, dict(centered=True)),
+    (fo.AdamW, dict(betas=(0.5, 0.25), amsgrad=True)),
+    (fo.Adam, dict(betas=(0.5, 0.25), weight_decay=0.01)),
+]
+MIXED_SIZES = (0, 1, 13, 5000)  # 5000: several chunks, on the GPU and in the stand-in
+MIXED_STEPS = 4
+MIXED_LRS = [0.02, 0.01, 0.005, 0.04]
+
+
+def storage_id(entry):
+    return entry[0]
+
+
+def optimizer_id(entry):
+    cls, kwargs = entry
+    return f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kwargs.items()) or 'default'}"
+
+
+def storage_dtype(name):
+    """The NumPy dtype of storage ``name`` (bfloat16: ml_dtypes.bfloat16; skips the test without ml_dtypes)."""
+    if name == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    return dtypes.numpy_dtype(name)
+
+
+def to_device_storage(cp, array):
+    """A host array on the device; a bfloat16 one as its uint16 bits (CuPy has no bfloat16)."""
+    return cp.asarray(array.view(np.uint16) if array.dtype == dtypes.BFLOAT16 else array)
+
+
+def assert_same_bits(ours, theirs, what):
+    """``ours`` (a host copy of a device buffer: bfloat16 as uint16) has the bits of ``theirs``, except that two NaNs
+    need only both be NaN (the device's default NaN is not x86's)."""
+    theirs = np.asarray(theirs)
+    ours = np.asarray(ours).view(theirs.dtype)
+    assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} != {theirs.shape}"
+    width = {2: np.uint16, 4: np.uint32, 8: np.uint64}[theirs.dtype.itemsize]
+    same = ours.view(width) == theirs.view(width)
+    both_nan = np.isnan(ours.astype(np.float64)) & np.isnan(theirs.astype(np.float64))
+    bad = np.flatnonzero(~(same | both_nan))
+    assert bad.size == 0, (f"{what}: {bad.size} of {theirs.size} elements differ, first {bad[0]}: "
+                           f"{ours.flat[bad[0]]!r} against {theirs.flat[bad[0]]!r}")
+
+
+def mixed_problem(param_name, grad_name, rng, steps=MIXED_STEPS):
+    """Params of every awkward size in group 0 and two with lr_scale (in the math dtype) in group 1, and grads."""
+    shapes = [(size,) for size in MIXED_SIZES] + [(3, 5), (4099,)]
+    math = dtypes.math_dtype(param_name)
+    params = [rng.standard_normal(shape).astype(storage_dtype(param_name)) for shape in shapes]
+    scales = [rng.uniform(0.0, 2.0, shape).astype(math) for shape in shapes[len(MIXED_SIZES):]]
+    grads = [[rng.standard_normal(shape).astype(storage_dtype(grad_name)) for shape in shapes] for _ in range(steps)]
+    return params, scales, grads
+
+
+def mixed_optimizer(cls, kwargs, options, params, scales, backend):
+    groups = [{"params": params[:len(MIXED_SIZES)]}, {"params": params[len(MIXED_SIZES):], "lr_scale": scales}]
+    return cls(groups, lr=MIXED_LRS[0], backend=backend, **kwargs, **options)
+
+
+def assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params):
+    """Params, every state buffer (the master copies too) and the step counts of a GPU and a CPU optimizer."""
+    for index, (ours, theirs) in enumerate(zip(gpu_params, cpu_params)):
+        assert_same_bits(cp.asnumpy(ours), theirs, f"param {index}")
+        assert set(gpu.state[index]) == set(cpu.state[index])
+        for name, buffer in cpu.state[index].items():
+            assert_same_bits(cp.asnumpy(gpu.state[index][name]), buffer, f"param {index} {name}")
+    np.testing.assert_array_equal(gpu._backend.tensor_steps(), cpu._backend.tensor_steps())
+
+
+@pytest.mark.parametrize("storage", MIXED_STORAGE, ids=storage_id)
+@pytest.mark.parametrize("config", MIXED_OPTIMIZERS, ids=optimizer_id)
+def test_mixed_precision_bitwise_equal_to_cpu_kernels(cp, config, storage, rng):
+    """16-bit params, grads and states, float32 master copies, stochastic rounding and float32 grads of float64
+    params: the GPU's stored bits are the CPU kernels' (the same function, converted in registers instead of
+    strips; stochastic rounding keyed alike)."""
+    cls, kwargs = config
+    _, param_name, grad_name, options = storage
+    params, scales, grads = mixed_problem(param_name, grad_name, rng)
+    cpu_params = [p.copy() for p in params]
+    cpu = mixed_optimizer(cls, kwargs, options, cpu_params, [s.copy() for s in scales], "cpu")
+    gpu_params = [to_device_storage(cp, p) for p in params]
+    gpu = mixed_optimizer(cls, kwargs, options, gpu_params, to_device(cp, scales), "cuda")
+    for t in range(MIXED_STEPS):
+        for optimizer in (cpu, gpu):
+            for group in optimizer.param_groups:
+                group["lr"] = MIXED_LRS[t]
+        cpu.step(grads[t])
+        gpu.step([to_device_storage(cp, grad) for grad in grads[t]])
+    assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
+    assert gpu._backend.device_step_count() == MIXED_STEPS
+
+
+@pytest.mark.parametrize("storage", [MIXED_STORAGE[i] for i in (0, 1, 3, 4, 6, 7, 9, 10)], ids=storage_id)
+@pytest.mark.parametrize("config", [MIXED_OPTIMIZERS[0], MIXED_OPTIMIZERS[3]], ids=optimizer_id)
+def test_grad_scale_and_clipping_bitwise_equal_to_cpu_kernels(cp, config, storage, rng, monkeypatch):
+    """grad_scale and max_grad_norm applied on the device: the same unscale and skip as the host's GradControl, the
+    same norm to rounding (the partial sums are added in another order), and, given the GPU's clip factor, the CPU
+    kernels' bits."""
+    cls, kwargs = config
+    _, param_name, grad_name, options = storage
+    options = dict(options, max_grad_norm=20.0)  # the grads' norm is about 95: every step clips
+    params, scales, grads = mixed_problem(param_name, grad_name, rng)
+    scale = 384.0  # not a power of two: 1 / scale rounds, so the order of the grad factors shows
+    scaled = [[(g.astype(np.float64) * scale).astype(g.dtype) for g in step_grads] for step_grads in grads]
+    cpu_params = [p.copy() for p in params]
+    cpu = mixed_optimizer(cls, kwargs, options, cpu_params, [s.copy() for s in scales], "cpu")
+    gpu_params = [to_device_storage(cp, p) for p in params]
+    gpu = mixed_optimizer(cls, kwargs, options, gpu_params, to_device(cp, scales), "cuda")
+    host_control = cpu._backend.grad_control
+
+    def with_the_gpus_clip_factor(step_grads, unscale, max_norm, skip_nonfinite=True):
+        control = host_control(step_grads, unscale, max_norm, skip_nonfinite)
+        device = cp.asnumpy(gpu._backend.control_values)
+        assert device[tables.GRAD_UNSCALE] == control.values[tables.GRAD_UNSCALE] == np.float32(1 / scale)
+        assert device[tables.SKIP] == control.values[tables.SKIP] == 0
+        assert device[tables.GRAD_CLIP] == pytest.approx(control.values[tables.GRAD_CLIP], rel=1e-12)
+        assert device[tables.GRAD_CLIP] < 1
+        assert float(gpu.last_grad_norm) == pytest.approx(control.norm, rel=1e-12)
+        control.values[:] = device
+        return control
+
+    monkeypatch.setattr(cpu._backend, "grad_control", with_the_gpus_clip_factor)
+    for t in range(MIXED_STEPS):
+        gpu.step([to_device_storage(cp, grad) for grad in scaled[t]], grad_scale=scale)
+        cpu.step(scaled[t], grad_scale=scale)
+    assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
+
+
+@pytest.mark.parametrize("storage", MIXED_STORAGE, ids=storage_id)
+def test_nonfinite_grads_skip_the_step_on_the_device(cp, storage, rng):
+    """With grad_scale and max_grad_norm (no guard) a NaN/inf grad is found and the step skipped on the device, with
+    no host synchronisation: params, states, master copies and every step count stay as they were, the skip is
+    counted, the host's counts follow the device's once it asks, and the next step continues as if the bad one had
+    never come."""
+    _, param_name, grad_name, options = storage
+    start = [rng.standard_normal(n).astype(storage_dtype(param_name)) for n in (5, 2000)]
+    grads = [[rng.standard_normal(p.shape).astype(storage_dtype(grad_name)) for p in start] for _ in range(2)]
+    bad = [g.copy() for g in grads[0]]
+    bad[1][1234] = np.inf
+    schedule = fo.schedules.exponential(0.01, 0.5)
+    clean_params = [to_device_storage(cp, p) for p in start]
+    skipping_params = [to_device_storage(cp, p) for p in start]
+    clean = fo.AdamW(clean_params, lr=schedule, max_grad_norm=100.0, backend="cuda", **options)
+    skipping = fo.AdamW(skipping_params, lr=schedule, max_grad_norm=100.0, backend="cuda", **options)
+    for optimizer in (clean, skipping):
+        optimizer.step([to_device_storage(cp, g) for g in grads[0]], grad_scale=2.0)
+    before = [{name: cp.asnumpy(buffer) for name, buffer in state.items()} for state in skipping.state]
+    params_before = host(cp, skipping_params)
+    skipping.step([to_device_storage(cp, g) for g in bad], grad_scale=2.0)
+    assert not bool(cp.isfinite(skipping.last_grad_norm))
+    for param, previous in zip(host(cp, skipping_params), params_before):
+        np.testing.assert_array_equal(param.view(np.uint8), previous.view(np.uint8))
+    for state, previous in zip(skipping.state, before):
+        for name, buffer in state.items():
+            np.testing.assert_array_equal(cp.asnumpy(buffer).view(np.uint8), previous[name].view(np.uint8), name)
+    backend = skipping._backend
+    assert list(backend.tensor_steps()) == [1, 1]
+    assert backend.device_step_count() == 1 and backend.device_skipped_steps() == 1
+    assert skipping.skipped_steps == 1
+    assert skipping.current_lr() == [0.01 * 0.5] and skipping.step_count == 1
+    assert skipping.state_dict()["step_count"] == 1
+    for optimizer in (clean, skipping):
+        optimizer.step([to_device_storage(cp, g) for g in grads[1]], grad_scale=2.0)
+    for ours, theirs in zip(host(cp, skipping_params), host(cp, clean_params)):
+        np.testing.assert_array_equal(ours.view(np.uint8), theirs.view(np.uint8))
+    saved = skipping.state_dict()
+    assert saved["state"][1]["step"] == 2 and saved["step_count"] == 2 and saved["skipped_steps"] == 1
+
+
+def test_a_guard_that_lets_nonfinite_grads_through(cp):
+    """Guard(skip_nonfinite=False): the device does not skip, and NaN propagates as in torch."""
+    param = cp.ones(4, dtype=np.float32)
+    optimizer = fo.SGD([param], lr=0.1, guard=fo.Guard(skip_nonfinite=False), backend="cuda")
+    optimizer.step([cp.asarray(np.array([1, np.nan, 1, 1], np.float32))])
+    values = cp.asnumpy(param)
+    assert np.isnan(values[1]) and np.isfinite(values[[0, 2, 3]]).all()
+    assert optimizer.skipped_steps == 0 and optimizer._backend.device_step_count() == 1
+
+
+def test_grad_norm_reads_every_grad_format(cp, rng):
+    """The global norm over grads stored as bfloat16, float16, float32 (also under float64 math) and float64, in two
+    buckets, unscaled."""
+    pairs = [("bfloat16", "bfloat16", 300), ("bfloat16", "float32", 200), ("float16", "float16", 100),
+             ("float32", "float32", 0), ("float32", "float32", 4500), ("float64", "float32", 50),
+             ("float64", "float64", 70)]
+    params = [to_device_storage(cp, np.zeros(n, storage_dtype(p))) for p, _, n in pairs]
+    grads = [rng.standard_normal(n).astype(storage_dtype(g)) for _, g, n in pairs]
+    optimizer = fo.SGD(params, lr=0.0, max_grad_norm=1e9, backend="cuda")
+    assert len(optimizer._backend.buckets) == 2
+    optimizer.step([to_device_storage(cp, (g.astype(np.float64) * 4).astype(g.dtype)) for g in grads], grad_scale=4.0)
+    expected = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
+    assert float(optimizer.last_grad_norm) == pytest.approx(expected, rel=1e-12)
+
+
+def test_device_loss_scale_matches_the_host_one(cp, rng):
+    """A loss scale held in a one-element device array (float32, as GradScaler's, or float64) is inverted on the
+    device exactly as the host inverts a number: the same grad control and norm."""
+    params = [to_device_storage(cp, rng.standard_normal(n).astype(np.float32)) for n in (7, 3000)]
+    grads = [to_device_storage(cp, rng.standard_normal(n).astype(np.float32) * 512) for n in (7, 3000)]
+    optimizer = fo.AdamW(params, max_grad_norm=3.0, backend="cuda")
+    optimizer.step(grads, grad_scale=384.0)
+    backend = optimizer._backend
+    expected = backend.grad_control(grads, float(np.float32(1 / 384.0)), 3.0)
+    expected_values, expected_norm = cp.asnumpy(expected.values).copy(), float(expected.norm)
+    for dtype in (np.float32, np.float64):
+        control = backend.grad_control(grads, 1.0, 3.0, scale=cp.asarray(np.array([384.0], dtype)))
+        np.testing.assert_array_equal(cp.asnumpy(control.values), expected_values)
+        assert float(control.norm) == expected_norm and control.nonfinite == 0 and not control.skipped
+    with pytest.raises(TypeError, match="one-element float32 or float64"):
+        backend.grad_control(grads, 1.0, 3.0, scale=cp.asarray(np.array([384.0, 1.0])))
+
+
+def test_bfloat16_buffers_are_uint16_bits_on_the_device(cp, rng):
+    """CuPy has no bfloat16: the engine stores bfloat16 as uint16 bits, widens master copies exactly on the device,
+    and hands state buffers to and from NumPy as ml_dtypes.bfloat16."""
+    engine = cuda.CupyArrays
+    assert [engine.storage_name(np.dtype(name)) for name in ("uint16", "float16", "float32", "float64", "int32")] == [
+        "bfloat16", "float16", "float32", "float64", None]
+    for name in ("bfloat16", "float16"):
+        values = rng.standard_normal((3, 50)).astype(storage_dtype(name))
+        param = to_device_storage(cp, values)
+        state = engine.allocate_state(param, 0, name)
+        assert state.shape == param.shape and state.dtype == param.dtype and not cp.asnumpy(state).any()
+        master = engine.allocate_state(param, 1, "float32")
+        engine.copy_widened(master, param)
+        assert_same_bits(cp.asnumpy(master), values.astype(np.float32), f"{name} master")
+        engine.copy_from_numpy(state, values)
+        exported = engine.to_numpy(state)
+        assert exported.dtype == values.dtype
+        assert_same_bits(exported, values, f"{name} state")
+
+
+def test_plain_buckets_launch_the_plain_kernels(cp, rng):
+    """A bucket stored entirely in its math dtype launches the kernel built without the mixed loop (and its
+    registers); a bucket with a bfloat16 param, or a float32 grad of a float64 param, the mixed one."""
+    if not isinstance(cp, CupyStandIn):
+        pytest.skip("the stand-in records the kernels launched")
+    params = [cp.zeros(5, dtype=np.float32), to_device_storage(cp, np.zeros(5, storage_dtype("bfloat16"))),
+              cp.zeros(5, dtype=np.float64)]
+    optimizer = fo.Adam(params, backend="cuda")
+    assert len(optimizer._backend.buckets) == 2
+    optimizer.step([cp.ones(5, dtype=np.float32), cp.ones(5, dtype=np.uint16), cp.ones(5, dtype=np.float64)])
+    assert cp.stream.kernels[-2:] == ["adam_step_float_mixed", "adam_step_double"]
+    optimizer.step([cp.ones(5, dtype=np.float32), cp.ones(5, dtype=np.uint16), cp.ones(5, dtype=np.float32)])
+    assert cp.stream.kernels[-2:] == ["adam_step_float_mixed", "adam_step_double_mixed"]
+    plain = fo.Adam([cp.zeros(5, dtype=np.float32)], backend="cuda")
+    plain.step([cp.ones(5, dtype=np.float32)])
+    assert cp.stream.kernels[-1] == "adam_step_float"
+
+
+@pytest.mark.parametrize("options", [dict(state_dtype="bfloat16"), dict(state_dtype="bfloat16", master_weights=True)],
+                         ids=["bf16states", "bf16states-master"])
+def test_state_dict_round_trip_with_bfloat16_states(cp, options, rng):
+    """A GPU state dict holds bfloat16 states as ml_dtypes.bfloat16 (and master copies as float32), as the CPU's;
+    loaded into a GPU or a CPU optimizer, the run continues bit for bit."""
+    start = [rng.standard_normal(n).astype(storage_dtype("bfloat16")) for n in (3, 1500)]
+    grads = [[rng.standard_normal(p.shape).astype(storage_dtype("bfloat16")) for p in start] for _ in range(4)]
+    kwargs = dict(lr=0.01, betas=(0.5, 0.25), backend="cuda", **options)
+    straight = [to_device_storage(cp, p) for p in start]
+    first = fo.AdamW(straight, **kwargs)
+    for step_grads in grads:
+        first.step([to_device_storage(cp, g) for g in step_grads])
+
+    resumed = [to_device_storage(cp, p) for p in start]
+    second = fo.AdamW(resumed, **kwargs)
+    for step_grads in grads[:2]:
+        second.step([to_device_storage(cp, g) for g in step_grads])
+    saved = second.state_dict()
+    assert saved["state"][1]["exp_avg"].dtype == dtypes.BFLOAT16
+    if options.get("master_weights"):
+        assert saved["state"][1]["master_param"].dtype == np.float32
+    on_the_cpu = [cp.asnumpy(p).view(dtypes.BFLOAT16) for p in resumed]
+    third = fo.AdamW(on_the_cpu, **dict(kwargs, backend="cpu"))
+    third.load_state_dict(saved)
+    fourth = fo.AdamW(resumed, **kwargs)
+    fourth.load_state_dict(saved)
+    for step_grads in grads[2:]:
+        fourth.step([to_device_storage(cp, g) for g in step_grads])
+        third.step(step_grads)
+    for ours, cpu, expected in zip(host(cp, resumed), on_the_cpu, host(cp, straight)):
+        assert_same_bits(ours, expected.view(dtypes.BFLOAT16), "GPU resumed")
+        assert_same_bits(cpu, expected.view(dtypes.BFLOAT16), "CPU resumed")
+    assert fourth._backend.device_step_count() == 4 and fourth.state_dict()["state"][1]["step"] == 4
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_mixed_precision_with_grad_control(gpu, rng):
+    """bfloat16 params with float32 masters and bfloat16 states, a loss scale and clipping, captured in a CUDA graph:
+    each replay reads the grads of the replay, decides its clip factor and skip on the device (one replay has an inf
+    grad), and gives the bits of the same steps taken eagerly."""
+    cp = gpu
+    shapes = [1, 13, 5000]
+    steps, bad_step = 7, 4
+    start = [rng.standard_normal(n).astype(storage_dtype("bfloat16")) for n in shapes]
+    grads = [[(rng.standard_normal(n) * 1024).astype(storage_dtype("bfloat16")) for n in shapes] for _ in range(steps)]
+    grads[bad_step][2][77] = np.inf
+    kwargs = dict(lr=fo.schedules.cosine(0.01, t_max=steps), master_weights=True, state_dtype="bfloat16",
+                  max_grad_norm=5.0)
+
+    eager_params = [to_device_storage(cp, p) for p in start]
+    eager = fo.AdamW(eager_params, **kwargs)
+    for step_grads in grads:
+        eager.step([to_device_storage(cp, g) for g in step_grads], grad_scale=1024.0)
+
+    params = [to_device_storage(cp, p) for p in start]
+    buffers = [cp.empty(n, dtype=np.uint16) for n in shapes]
+    optimizer = fo.AdamW(params, **kwargs)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        def load(t):
+            for buffer, values in zip(buffers, grads[t]):
+                buffer.set(values.view(np.uint16), stream=stream)
+
+        load(0)
+        optimizer.step(buffers, grad_scale=1024.0)  # eager: allocates the state, uploads the tables
+        load(1)
+        stream.begin_capture()
+        try:
+            optimizer.step(buffers, grad_scale=1024.0)  # recorded, not run: no synchronisation inside
+        finally:
+            graph = stream.end_capture()
+        for t in range(1, steps):
+            load(t)
+            graph.launch(stream)
+        stream.synchronize()
+    backend = optimizer._backend
+    assert backend.device_step_count() == eager._backend.device_step_count() == steps - 1
+    assert backend.device_skipped_steps() == eager._backend.device_skipped_steps() == 1
+    for index, (ours, theirs) in enumerate(zip(host(cp, params), host(cp, eager_params))):
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"param {index}")
+        for name, buffer in eager.state[index].items():
+            np.testing.assert_array_equal(cp.asnumpy(optimizer.state[index][name]), cp.asnumpy(buffer),
+                                          err_msg=f"param {index} {name}")
+    assert optimizer.state_dict()["step_count"] == steps - 1 and optimizer.skipped_steps == 1
 
 
 # ---------------------------------------------------------------- bad input leaves params untouched
@@ -597,6 +961,26 @@ def test_stand_in_refuses_uploads_while_capturing_and_follows_the_device_count(c
     np.testing.assert_array_equal(cp.asnumpy(param), -(1 + 0.5 + 0.5**5 + 0.5**6))
 
 
+def test_stand_in_captured_grad_control_writes_fixed_buffers(cp):
+    """While capturing, the grad control's norm and count go to the engine's fixed buffer (the replays will write
+    it), and the step reads the fixed control buffer; eager steps get a norm array of their own."""
+    if not isinstance(cp, CupyStandIn):
+        pytest.skip("the stand-in's capture flag")
+    param, grads = cp.zeros(5, dtype=np.float32), [cp.asarray(np.full(5, 2.0, np.float32))]
+    optimizer = fo.SGD([param], lr=0.5, max_grad_norm=1.0, backend="cuda")
+    optimizer.step(grads, grad_scale=2.0)
+    backend = optimizer._backend
+    eager_norm = optimizer.last_grad_norm
+    cp.stream.capturing = True
+    optimizer.step(grads, grad_scale=2.0)
+    cp.stream.capturing = False
+    assert cp.stream.kernels[-3:] == ["grad_stats_float", "finish_grad_control", "sgd_step_float"]
+    assert backend.captured_statistics[cuda.STATISTIC_NORM] == float(eager_norm) == np.sqrt(5.0)
+    clip = 1.0 / (np.sqrt(5.0) + 1e-6)
+    np.testing.assert_array_equal(cp.asnumpy(backend.control_values), [np.float32(0.5), clip, 0.0])
+    np.testing.assert_array_equal(cp.asnumpy(param), -np.float32(clip))  # two steps of -0.5 * 2 * 0.5 * clip
+
+
 # ---------------------------------------------------------------- the NumPy stand-in for CuPy
 class _Memory:
     """``ndarray.data`` of the stand-in: the address, and the asynchronous host-to-device copy (a memmove)."""
@@ -633,6 +1017,7 @@ class _Stream:
         self.capturing = False
         self.copies = 0
         self.launches = 0
+        self.kernels = []  # the name of each kernel launched, in order
 
     def is_capturing(self):
         return self.capturing
@@ -644,6 +1029,29 @@ class _Stream:
         pass
 
 
+def _stored_values(address, storage_format, length, math):
+    """``length`` stored values from ``address`` as float64 (the grad_stats emulation's read of a grad)."""
+    dtype = {tables.NATIVE: math, tables.FLOAT32: np.float32, tables.FLOAT16: np.float16}.get(storage_format, np.uint16)
+    itemsize = np.dtype(dtype).itemsize
+    values = np.frombuffer((ctypes.c_char * (length * itemsize)).from_address(address), dtype=dtype)
+    if dtype == np.uint16:  # bfloat16 bits
+        values = (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float64)
+
+
+def _block_sum(values, zero):
+    """A block's sum of ``values`` in the kernels' order: each of BLOCK threads adds its stride sequentially, then a
+    tree halves the partial sums (fused.cu: finish_grad_control)."""
+    partial = [zero] * cuda.BLOCK
+    for index, value in enumerate(values):
+        partial[index % cuda.BLOCK] += value
+    half = cuda.BLOCK // 2
+    while half:
+        partial = [partial[t] + partial[t + half] for t in range(half)] + partial[half:]
+        half //= 2
+    return partial[0]
+
+
 class _Kernel:
     """One launch of a fused.cu kernel, emulated in fused.cu's order (see the ``cp`` fixture)."""
 
@@ -652,48 +1060,49 @@ class _Kernel:
 
     def __call__(self, grid, block, args):
         self.stream.launches += 1
+        self.stream.kernels.append(self.name)
         assert block == (cuda.BLOCK,)
-        kind, ctype = self.name.rsplit("_", 1)
-        dtype = {"float": np.float32, "double": np.float64}[ctype]
-        itemsize = np.dtype(dtype).itemsize
         for array in args:
             if isinstance(array, np.ndarray):
                 assert isinstance(array, StandInArray) and array.flags.c_contiguous
             else:  # CuPy passes a Python int as long long and a float as double: the host passes NumPy scalars
                 assert type(array) in (np.int64, np.float64)
+        if self.name == "finish_grad_control":
+            return self._finish_grad_control(grid, *args)
+        mixed = self.name.endswith("_mixed")
+        kind, ctype = self.name.removesuffix("_mixed").rsplit("_", 1)
+        dtype = {"float": np.float32, "double": np.float64}[ctype]
         if kind == "grad_stats":
-            addresses, chunk_tensor, chunk_start, chunk_length, chunk_count, sums, counts = args
-            assert grid == (chunk_count,) and sums.dtype == np.float64 and counts.dtype == np.int64
-            for chunk in range(chunk_count):
-                address = int(addresses[chunk_tensor[chunk], tables.GRAD]) + int(chunk_start[chunk]) * itemsize
-                length = int(chunk_length[chunk])
-                buffer = (ctypes.c_char * (length * itemsize)).from_address(address)
-                values = np.frombuffer(buffer, dtype=dtype).astype(np.float64)
-                sums[chunk] = np.sum(values * values)
-                counts[chunk] = np.count_nonzero(~np.isfinite(values))
-            return
-        (addresses, chunk_tensor, chunk_start, chunk_length, chunk_count, tensor_group, tensor_step, tensor_count,
-         group_hyper, schedule_program, schedule_size, schedule_base, counters, lr_factor) = args
-        assert type(lr_factor) is np.float64
-        for array in (addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, schedule_base,
-                      counters):
+            return self._grad_stats(grid, dtype, *args)
+        (addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, chunk_count, tensor_group, tensor_step,
+         tensor_count, group_hyper, schedule_program, schedule_size, schedule_base, counters, lr_factor, grad_control,
+         rounding_seed) = args
+        assert type(lr_factor) is np.float64 and type(rounding_seed) is np.int64
+        for array in (addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step,
+                      schedule_base, counters):
             assert array.dtype == np.int64
-        assert group_hyper.dtype == schedule_program.dtype == np.float64
+        assert group_hyper.dtype == schedule_program.dtype == grad_control.dtype == np.float64
         assert grid == (max(int(chunk_count), 1),) and chunk_tensor.size == chunk_count
         assert addresses.shape == (tensor_count, tables.SLOTS) and schedule_program.size == schedule_size
+        assert tensor_format.shape == (tensor_count, tables.FORMAT_COLUMNS)
+        assert grad_control.shape == (tables.GRAD_CONTROLS,) and counters.shape == (cuda.COUNTERS,)
         assert counters[cuda.TICKET] == 0
-        update = getattr(self.shim, f"{kind.replace('_step', '_update')}_{ctype}")
+        # The plain kernel is built without the loop for other formats: the host must pick the mixed one.
+        assert mixed or not tensor_format.any(), f"{self.name} launched on a bucket with other storage formats"
+        if grad_control[tables.SKIP] != 0:  # every block returns; the first counts the skip
+            counters[cuda.SKIPPED_STEPS] += 1
+            return
+        run_block = getattr(self.shim, f"{kind.replace('_step', '_block')}_{ctype}")
         # Every block: its chunk, with the counts as they were when the launch began.
         for chunk in range(chunk_count):
-            tensor = chunk_tensor[chunk]
+            tensor = int(chunk_tensor[chunk])
             if addresses[tensor, tables.GRAD] == 0:
                 continue
-            start = int(chunk_start[chunk])
-            group = tensor_group[tensor]
-            update(*(None if address == 0 else int(address) + start * itemsize for address in addresses[tensor]),
-                   int(chunk_length[chunk]), group_hyper[group].ctypes.data, schedule_program.ctypes.data,
-                   int(schedule_size), int(schedule_base[group]), int(counters[cuda.OPTIMIZER_STEP]),
-                   float(lr_factor), int(tensor_step[tensor]))
+            group = int(tensor_group[tensor])
+            run_block(addresses[tensor].ctypes.data, tensor_format[tensor].ctypes.data, int(chunk_start[chunk]),
+                      int(chunk_length[chunk]), group_hyper[group].ctypes.data, schedule_program.ctypes.data,
+                      int(schedule_size), int(schedule_base[group]), int(counters[cuda.OPTIMIZER_STEP]),
+                      float(lr_factor), int(tensor_step[tensor]), grad_control.ctypes.data, int(rounding_seed), tensor)
         # The last block: the counts.
         momentum = tables.SGD_COLUMNS.index("momentum")
         for tensor in range(tensor_count):
@@ -701,6 +1110,35 @@ class _Kernel:
                     kind != "sgd_step" or group_hyper[tensor_group[tensor], momentum] != 0):
                 tensor_step[tensor] += 1
         counters[cuda.OPTIMIZER_STEP] += 1
+
+    @staticmethod
+    def _grad_stats(grid, dtype, addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, chunk_count, sums,
+                    counts):
+        assert grid == (chunk_count,) and sums.dtype == np.float64 and counts.dtype == np.int64
+        assert sums.size == counts.size == chunk_count
+        for chunk in range(chunk_count):
+            tensor = chunk_tensor[chunk]
+            storage_format = int(tensor_format[tensor, tables.GRAD_FORMAT])
+            itemsize = {tables.NATIVE: np.dtype(dtype).itemsize, tables.FLOAT32: 4}.get(storage_format, 2)
+            address = int(addresses[tensor, tables.GRAD]) + int(chunk_start[chunk]) * itemsize
+            values = _stored_values(address, storage_format, int(chunk_length[chunk]), dtype)
+            sums[chunk] = np.sum(values * values)
+            counts[chunk] = np.count_nonzero(~np.isfinite(values))
+
+    def _finish_grad_control(self, grid, sums, counts, chunk_count, unscale, scale, scale_format, max_norm,
+                             skip_nonfinite, grad_control, statistics):
+        assert grid == (1,) and sums.dtype == np.float64 and counts.dtype == np.int64
+        assert grad_control.shape == (tables.GRAD_CONTROLS,) and statistics.shape == (cuda.STATISTICS,)
+        if scale_format == cuda.SCALE_FLOAT32:
+            unscale = float(np.float32(1.0 / float(np.float32(scale.reshape(-1)[0]))))
+        elif scale_format == cuda.SCALE_FLOAT64:
+            unscale = float(np.float32(1.0 / float(scale.reshape(-1)[0])))
+        else:
+            assert scale_format == cuda.SCALE_ON_HOST
+        total = _block_sum([float(value) for value in sums[:chunk_count]], 0.0)
+        nonfinite = _block_sum([int(value) for value in counts[:chunk_count]], 0)
+        self.shim.host_set_grad_control(total, nonfinite, float(unscale), float(max_norm), int(skip_nonfinite),
+                                        grad_control.ctypes.data, statistics.ctypes.data)
 
 
 class CupyStandIn:

@@ -21,9 +21,11 @@ from fastopt.backends import cuda
 from fastopt.kernels.cpu import conversions
 from test_conversions import ALL_PATTERNS, bfloat16_values, float16_values, rounding_cases, same_bits_or_both_nan
 from test_cuda_host_math import build_host_library
-from test_cuda_compile import ARCHITECTURES, compiler, parse_ptxas  # noqa: F401 (compiler: a pytest fixture)
+import test_cuda_compile
+from test_cuda_compile import ARCHITECTURES, parse_ptxas
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
+compiler = test_cuda_compile.compiler  # the CUDA compiler (a fixture)
 
 # The Numba module's array helpers, name for name, over the header's element functions.
 SHIM = r"""

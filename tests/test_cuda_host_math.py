@@ -7,10 +7,18 @@ loaded with ctypes; ``__host__ __device__`` is defined away outside nvcc/NVRTC. 
 ``--fmad=false``, so on the device the same functions round the same way; only the device's double ``cos`` and
 ``pow`` differ (within 2 ulp), which tests/test_cuda.py covers on a GPU.
 
+The shim runs one block of a step kernel the way fused.cu does: the chunk's streams from its tensor's address and
+format rows, then step_math.cuh's chunk loop for every thread index in turn, so the host build covers the loop,
+its loads and stores in every storage format (storage.cuh), not only the element math. Only the kernels' own
+scaffolding (barriers, the skip check, the last block's step counts, the grad statistics' reductions) is device-only;
+tests/test_cuda.py's NumPy stand-in for CuPy emulates it around this shim.
+
 Two checks per case:
 - against the float64 reference, with the tolerances of tests/conftest.py (every optimizer option of CONFIGS in
   tests/test_optimizers.py, float32 and float64; every schedule of CASES in tests/test_schedules.py);
-- against the CPU (Numba) kernels, bit for bit: the same operations in the same order, and the same libm.
+- against the CPU (Numba) kernels, bit for bit: the same operations in the same order, and the same libm; the
+  storage conversions against the Numba kernels' widen_bits/narrow_bits, and the grad control against
+  backends.GradControl.
 """
 import ctypes
 import shutil
@@ -23,6 +31,8 @@ import fastopt as fo
 from conftest import assert_close, tolerance
 from fastopt import schedules as S
 from fastopt.backends import cuda
+from fastopt.backends import GradControl
+from fastopt.kernels.cpu import conversions, tables
 from fastopt.kernels.cpu.schedule_math import schedule_values
 from test_optimizers import CONFIG_IDS, CONFIGS, STEPS, make_problem, run_reference
 from test_schedules import CASES, EPS
@@ -36,82 +46,87 @@ extern "C" double host_schedule_value(const double* words, int64 size, int64 bas
     return schedule_value(Program{words, size}, base, step);
 }
 
-// One tensor's step, as one block of the fused kernels runs one chunk (kernels/cuda/fused.cu), over all elements:
-// the group's lr from its schedule at the optimizer step, the coefficients, then the per-element body.
-// ``tensor_step`` is the tensor's step count before this step, as the kernel reads it from tensor_step.
-template <typename T>
-void sgd_update(T* param, const T* grad, const T* lr_scale, T* momentum_buffer, int64 size, const double* hyper,
-                const double* words, int64 words_size, int64 base, int64 optimizer_step, double lr_factor,
-                int64 tensor_step) {
-    const double lr = group_learning_rate(Program{words, words_size}, base, optimizer_step, lr_factor);
-    const SgdCoefficients<T> c = sgd_coefficients<T>(hyper, lr, tensor_step);
-    const bool has_lr_scale = lr_scale != nullptr;
-    for (int64 i = 0; i < size; ++i) {
-        T p = param[i], g = grad[i], s = has_lr_scale ? lr_scale[i] : T(0);
-        T b = sgd_reads_momentum_buffer(c) ? momentum_buffer[i] : T(0);
-        sgd_chunk_element(p, g, s, b, c, has_lr_scale);
-        param[i] = p;
-        if (c.use_momentum) momentum_buffer[i] = b;
+// One block's work on one chunk, as the step kernels of kernels/cuda/fused.cu do it once the block's first thread has
+// formed the coefficients: the chunk's streams from the tensor's address and format rows, then the chunk loop of
+// step_math.cuh for every thread index in turn (each element is its own; the order does not matter). The group's lr
+// comes from its schedule at the optimizer step; ``tensor_step`` is the tensor's step count before this step, as the
+// kernel reads it from tensor_step; ``tensor`` its position in its bucket (the stochastic rounding's key).
+#define CHUNK_PARAMETERS                                                                                        \
+    const int64 *address_row, const int64 *format_row, int64 start, int64 length, const double *hyper,         \
+        const double *words, int64 words_size, int64 base, int64 optimizer_step, double lr_factor,             \
+        int64 tensor_step, const double *grad_control, int64 seed, int64 tensor
+#define CHUNK_ARGUMENTS                                                                                         \
+    address_row, format_row, start, length, hyper, words, words_size, base, optimizer_step, lr_factor,         \
+        tensor_step, grad_control, seed, tensor
+
+#define RUN_BLOCK(LOOP)                                                                                        \
+    const Rounding rounding = chunk_rounding(seed, optimizer_step, tensor, start);                              \
+    const bool has_lr_scale = address_row[LR_SCALE] != 0;                                                       \
+    const bool mixed = is_mixed(format_row);                                                                    \
+    const ChunkStreams<T> s = mixed ? chunk_streams<T, true>(address_row, format_row, start, rounding)          \
+                                    : chunk_streams<T, false>(address_row, format_row, start, rounding);        \
+    for (int thread = 0; thread < BLOCK; ++thread) {                                                            \
+        run_chunk<LOOP, true>(s, mixed, int(length), c, has_lr_scale, thread);                                  \
     }
+
+template <typename T>
+void sgd_block(CHUNK_PARAMETERS) {
+    const double lr = group_learning_rate(Program{words, words_size}, base, optimizer_step, lr_factor);
+    const SgdCoefficients<T> c = sgd_coefficients<T>(hyper, lr, tensor_step, grad_control);
+    RUN_BLOCK(SgdLoop)
 }
 
 template <typename T>
-void rmsprop_update(T* param, const T* grad, const T* lr_scale, T* square_avg, T* momentum_buffer, T* grad_avg,
-                    int64 size, const double* hyper, const double* words, int64 words_size, int64 base,
-                    int64 optimizer_step, double lr_factor, int64 tensor_step) {
+void rmsprop_block(CHUNK_PARAMETERS) {
     const double lr = group_learning_rate(Program{words, words_size}, base, optimizer_step, lr_factor);
-    const RmspropCoefficients<T> c = rmsprop_coefficients<T>(hyper, lr);
-    const bool has_lr_scale = lr_scale != nullptr;
-    for (int64 i = 0; i < size; ++i) {
-        T p = param[i], g = grad[i], s = has_lr_scale ? lr_scale[i] : T(0), v = square_avg[i];
-        T b = c.use_momentum ? momentum_buffer[i] : T(0), a = c.centered ? grad_avg[i] : T(0);
-        rmsprop_chunk_element(p, g, s, v, b, a, c, has_lr_scale);
-        param[i] = p;
-        square_avg[i] = v;
-        if (c.use_momentum) momentum_buffer[i] = b;
-        if (c.centered) grad_avg[i] = a;
-    }
+    const RmspropCoefficients<T> c = rmsprop_coefficients<T>(hyper, lr, grad_control);
+    RUN_BLOCK(RmspropLoop)
 }
 
 template <typename T>
-void adam_update(T* param, const T* grad, const T* lr_scale, T* exp_avg, T* exp_avg_sq, T* max_exp_avg_sq,
-                 int64 size, const double* hyper, const double* words, int64 words_size, int64 base,
-                 int64 optimizer_step, double lr_factor, int64 tensor_step) {
+void adam_block(CHUNK_PARAMETERS) {
     const double lr = group_learning_rate(Program{words, words_size}, base, optimizer_step, lr_factor);
-    const AdamCoefficients<T> c = adam_coefficients<T>(hyper, lr, tensor_step + 1);
-    const bool has_lr_scale = lr_scale != nullptr;
-    for (int64 i = 0; i < size; ++i) {
-        T p = param[i], g = grad[i], s = has_lr_scale ? lr_scale[i] : T(0), m = exp_avg[i], v = exp_avg_sq[i];
-        T v_max = c.amsgrad ? max_exp_avg_sq[i] : T(0);
-        adam_chunk_element(p, g, s, m, v, v_max, c, has_lr_scale);
-        param[i] = p;
-        exp_avg[i] = m;
-        exp_avg_sq[i] = v;
-        if (c.amsgrad) max_exp_avg_sq[i] = v_max;
-    }
+    const AdamCoefficients<T> c = adam_coefficients<T>(hyper, lr, tensor_step + 1, grad_control);
+    RUN_BLOCK(AdamLoop)
 }
 
-#define TAIL int64 size, const double* hyper, const double* words, int64 words_size, int64 base, \
-             int64 optimizer_step, double lr_factor, int64 tensor_step
-#define TAIL_ARGUMENTS size, hyper, words, words_size, base, optimizer_step, lr_factor, tensor_step
 #define INSTANTIATE(T)                                                                                          \
-    extern "C" void sgd_update_##T(T* p, const T* g, const T* s, T* s0, T* s1, T* s2, TAIL) {                \
-        sgd_update<T>(p, g, s, s0, TAIL_ARGUMENTS);                                                           \
-    }                                                                                                         \
-    extern "C" void rmsprop_update_##T(T* p, const T* g, const T* s, T* s0, T* s1, T* s2, TAIL) {            \
-        rmsprop_update<T>(p, g, s, s0, s1, s2, TAIL_ARGUMENTS);                                               \
-    }                                                                                                         \
-    extern "C" void adam_update_##T(T* p, const T* g, const T* s, T* s0, T* s1, T* s2, TAIL) {               \
-        adam_update<T>(p, g, s, s0, s1, s2, TAIL_ARGUMENTS);                                                  \
-    }
+    extern "C" void sgd_block_##T(CHUNK_PARAMETERS) { sgd_block<T>(CHUNK_ARGUMENTS); }                        \
+    extern "C" void rmsprop_block_##T(CHUNK_PARAMETERS) { rmsprop_block<T>(CHUNK_ARGUMENTS); }                \
+    extern "C" void adam_block_##T(CHUNK_PARAMETERS) { adam_block<T>(CHUNK_ARGUMENTS); }
 INSTANTIATE(float)
 INSTANTIATE(double)
+
+// finish_grad_control's arithmetic once the partial sums are added.
+extern "C" void host_set_grad_control(double sum_of_squares, int64 nonfinite, double unscale, double max_norm,
+                                      int64 skip_nonfinite, double* grad_control, double* statistics) {
+    set_grad_control(sum_of_squares, nonfinite, unscale, max_norm, skip_nonfinite != 0, grad_control, statistics);
+}
+
+// storage.cuh's loads and stores over whole arrays under float math: ``out[i]`` = the stream's element ``i`` widened;
+// ``stream[i]`` = ``values[i]`` stored in ``format`` (the stochastic key of element ``i`` of the chunk that starts at
+// ``start`` of tensor ``tensor``).
+extern "C" void host_widen_float(const void* stream, int64 format, int64 size, float* out) {
+    for (int i = 0; i < int(size); ++i) out[i] = widen<float, RUNTIME>(load_bits<float, RUNTIME>(stream, int(format), i), int(format));
+}
+extern "C" void host_store_float(const float* values, int64 format, int64 size, void* stream, int64 seed, int64 step,
+                                 int64 tensor, int64 start) {
+    const Rounding rounding = chunk_rounding(seed, step, tensor, start);
+    for (int i = 0; i < int(size); ++i) store_value<float, RUNTIME>(stream, int(format), i, values[i], rounding);
+}
+extern "C" void host_widen_double(const void* stream, int64 format, int64 size, double* out) {
+    for (int i = 0; i < int(size); ++i) {
+        out[i] = widen<double, RUNTIME>(load_bits<double, RUNTIME>(stream, int(format), i), int(format));
+    }
+}
 """
 
-UPDATE_ARGUMENTS = [ctypes.c_void_p] * 6 + [ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong,
-                                            ctypes.c_longlong, ctypes.c_longlong, ctypes.c_double, ctypes.c_longlong]
-KERNEL_NAMES = {"sgd_step": "sgd_update", "rmsprop_step": "rmsprop_update", "adam_step": "adam_update"}
+BLOCK_ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_double,
+                   ctypes.c_longlong, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong]
+KERNEL_NAMES = {"sgd_step": "sgd_block", "rmsprop_step": "rmsprop_block", "adam_step": "adam_block"}
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+PLAIN_CONTROL = np.array([1.0, 1.0, 0.0])  # grad_control without loss scale, clipping or skip
 
 
 def build_host_library(tmp_path_factory, name, source, defines=()):
@@ -142,7 +157,16 @@ def shim(tmp_path_factory):
         for ctype in CTYPES.values():
             function = getattr(loaded, f"{name}_{ctype}")
             function.restype = None
-            function.argtypes = UPDATE_ARGUMENTS
+            function.argtypes = BLOCK_ARGUMENTS
+    loaded.host_set_grad_control.restype = None
+    loaded.host_set_grad_control.argtypes = [ctypes.c_double, ctypes.c_longlong, ctypes.c_double, ctypes.c_double,
+                                             ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p]
+    for name in ("host_widen_float", "host_widen_double"):
+        getattr(loaded, name).restype = None
+        getattr(loaded, name).argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
+    loaded.host_store_float.restype = None
+    loaded.host_store_float.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p] + \
+        [ctypes.c_longlong] * 4
     return loaded
 
 
@@ -155,13 +179,36 @@ def pointer(array):
     return None if array is None else array.ctypes.data
 
 
+def address_row(param, grad, lr_scale=None, states=(), master=None):
+    """A tensor's row of the address table (kernels/cpu/tables.py's slots; 0: absent) from host arrays."""
+    row = np.zeros(tables.SLOTS, dtype=np.int64)
+    row[tables.PARAM], row[tables.GRAD] = param.ctypes.data, grad.ctypes.data
+    row[tables.LR_SCALE] = 0 if lr_scale is None else lr_scale.ctypes.data
+    for slot, state in zip((tables.STATE0, tables.STATE1, tables.STATE2), states):
+        row[slot] = 0 if state is None else state.ctypes.data
+    row[tables.MASTER] = 0 if master is None else master.ctypes.data
+    return row
+
+
+def run_block(shim, kernel, dtype, row, size, hyper, program, *, formats=(0, 0, 0), start=0, base=0,
+              optimizer_step=0, lr_factor=1.0, tensor_step=0, control=PLAIN_CONTROL, seed=0, tensor=0):
+    """One block of the step kernel ``kernel`` (e.g. "adam_step") on elements [start, start + size) of the tensor
+    whose address row is ``row``, through the shim."""
+    formats = np.asarray(formats, dtype=np.int64)
+    control = np.ascontiguousarray(control, dtype=np.float64)
+    program = np.ascontiguousarray(program, dtype=np.float64)
+    hyper = np.ascontiguousarray(hyper, dtype=np.float64)
+    getattr(shim, f"{KERNEL_NAMES[kernel]}_{CTYPES[np.dtype(dtype)]}")(
+        pointer(row), pointer(formats), start, size, pointer(hyper), pointer(program), program.size, base,
+        optimizer_step, lr_factor, tensor_step, pointer(control), seed, tensor)
+
+
 # ---------------------------------------------------------------- optimizers
 def run_shim(shim, cls, kwargs, params0, params1, scales1, grads, schedule, lrs1):
     """The steps of tests/test_optimizers.py's problem, each tensor updated by the shim as the fused kernel updates
     it: group 0 follows ``schedule``, group 1 has the float lr ``lrs1[t]`` (a constant schedule) and lr_scale."""
     params = [p.copy() for p in params0 + params1]
     dtype = params[0].dtype
-    update = getattr(shim, f"{KERNEL_NAMES[cls.KERNEL]}_{CTYPES[dtype]}")
     states = [[np.zeros_like(param) for _ in cls.STATE_SLOTS] for param in params]
     scales = [None] * len(params0) + list(scales1)
     group = dict(cls.DEFAULTS, **kwargs)
@@ -172,9 +219,9 @@ def run_shim(shim, cls, kwargs, params0, params1, scales1, grads, schedule, lrs1
     for t in range(STEPS):
         for index, (param, grad) in enumerate(zip(params, grads[t])):
             program = schedule.program() if index < len(params0) else S.constant(lrs1[t]).program()
-            slots = states[index] + [None] * (3 - len(states[index]))  # SGD has one state slot, the others three
-            update(pointer(param), pointer(grad), pointer(scales[index]), *(pointer(s) for s in slots), param.size,
-                   pointer(hyper), pointer(program), program.size, 0, t, 1.0, tensor_steps[index])
+            row = address_row(param, grad, scales[index], states[index])  # SGD has one state slot, the others three
+            run_block(shim, cls.KERNEL, dtype, row, param.size, hyper, program, optimizer_step=t,
+                      tensor_step=tensor_steps[index])
             tensor_steps[index] += counts_step
     named = [dict(zip(cls.STATE_SLOTS, buffers)) for buffers in states]
     return params, named
@@ -215,10 +262,8 @@ def test_lr_factor_scales_the_rate(shim, dtype):
     """The divergence guard's back-off multiplies the scheduled lr before the coefficients are formed."""
     param, grad = np.zeros(3, dtype), np.ones(3, dtype)
     hyper = np.array([fo.SGD.group_row(dict(fo.SGD.DEFAULTS))[name] for name in fo.SGD.COLUMNS])
-    program = S.constant(0.5).program()
-    getattr(shim, f"sgd_update_{CTYPES[np.dtype(dtype)]}")(
-        pointer(param), pointer(grad), None, None, None, None, param.size, pointer(hyper), pointer(program),
-        program.size, 0, 0, 0.25, 0)
+    run_block(shim, "sgd_step", dtype, address_row(param, grad), param.size, hyper, S.constant(0.5).program(),
+              lr_factor=0.25)
     np.testing.assert_array_equal(param, -0.125)
 
 
@@ -228,9 +273,8 @@ def test_nan_and_inf_propagate_like_torch(shim):
     grad = np.array([np.nan, np.inf, -np.inf, 1.0], np.float32)
     states = [np.zeros(4, np.float32) for _ in range(3)]
     hyper = np.array([fo.Adam.group_row(dict(fo.Adam.DEFAULTS))[name] for name in fo.Adam.COLUMNS])
-    program = S.constant(0.1).program()
-    shim.adam_update_float(pointer(param), pointer(grad), None, *(pointer(s) for s in states), 4, pointer(hyper),
-                           pointer(program), program.size, 0, 0, 1.0, 0)
+    run_block(shim, "adam_step", np.float32, address_row(param, grad, None, states), 4, hyper,
+              S.constant(0.1).program())
     assert np.isnan(param[:3]).all() and np.isfinite(param[3])
 
 
@@ -275,3 +319,62 @@ def test_onecycle_holds_its_final_value(shim):
     schedule = S.onecycle(0.1, total_steps=100, three_phase=True)
     t = np.arange(99, 400)
     assert np.all(host_schedule_values(shim, schedule.program(), 0, t) == 0.1 / 25.0 / 1e4)
+
+
+# ---------------------------------------------------------------- storage formats and grad control
+def test_widening_matches_the_cpu_kernels(shim):
+    """storage.cuh's load and widen against the Numba kernels' widen_bits / widen_float: every 16-bit pattern in
+    each 16-bit format, float32 values (NaN included) as they are and as float32 grads under double math."""
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    for storage_format in (tables.BFLOAT16, tables.BFLOAT16_STOCHASTIC, tables.FLOAT16):
+        ours, theirs = np.empty(patterns.size, np.float32), np.empty(patterns.size, np.float32)
+        shim.host_widen_float(pointer(patterns), storage_format, patterns.size, pointer(ours))
+        conversions.widen_bits(patterns, storage_format, theirs)
+        np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32), err_msg=str(storage_format))
+    singles = np.random.default_rng(5).integers(0, 1 << 32, 1 << 16, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    ours = np.empty(singles.size, np.float32)
+    shim.host_widen_float(pointer(singles), tables.NATIVE, singles.size, pointer(ours))
+    np.testing.assert_array_equal(ours.view(np.uint32), singles.view(np.uint32))
+    widened, theirs = np.empty(singles.size, np.float64), np.empty(singles.size, np.float64)
+    shim.host_widen_double(pointer(singles), tables.FLOAT32, singles.size, pointer(widened))
+    conversions.widen_float(singles, theirs)
+    np.testing.assert_array_equal(widened.view(np.uint64), theirs.view(np.uint64))
+
+
+@pytest.mark.parametrize("seed,step,tensor,start", [(0, 0, 0, 0), (7, 3, 2, 4096), (2 ** 40 + 1, 10 ** 6, 5, 123)])
+def test_stores_match_the_cpu_kernels(shim, seed, step, tensor, start):
+    """storage.cuh's stores against the Numba kernels' narrow_bits, keyed as store_strip keys a param's chunk: to
+    nearest even (bfloat16, float16) and stochastically, over every rounding case of test_cuda_conversions."""
+    from test_cuda_conversions import float32_cases
+    from test_conversions import bfloat16_values
+
+    values = float32_cases(bfloat16_values)
+    for storage_format in (tables.BFLOAT16, tables.FLOAT16, tables.BFLOAT16_STOCHASTIC):
+        ours, theirs = np.empty(values.size, np.uint16), np.empty(values.size, np.uint16)
+        shim.host_store_float(pointer(values), storage_format, values.size, pointer(ours), seed, step, tensor, start)
+        conversions.narrow_bits(values, storage_format, theirs, seed, step, (tensor << 40) + start)
+        np.testing.assert_array_equal(ours, theirs, err_msg=str(storage_format))
+    native = np.empty(values.size, np.float32)
+    shim.host_store_float(pointer(values), tables.NATIVE, values.size, pointer(native), seed, step, tensor, start)
+    np.testing.assert_array_equal(native.view(np.uint32), values.view(np.uint32))
+
+
+@pytest.mark.parametrize("sum_of_squares,nonfinite,unscale,max_norm,skip_nonfinite", [
+    (1234.5, 0, float(np.float32(1 / 256)), 2.0, True),
+    (1234.5, 0, 1.0, 1e9, True),
+    (0.0, 0, 1.0, 1.0, True),
+    (3e5, 0, 0.5, None, True),
+    (np.inf, 3, 1.0, 2.0, True),
+    (np.nan, 1, 0.25, 2.0, True),
+    (np.nan, 1, 0.25, 2.0, False),
+])
+def test_grad_control_matches_the_host(shim, sum_of_squares, nonfinite, unscale, max_norm, skip_nonfinite):
+    """finish_grad_control's arithmetic (step_math.cuh: set_grad_control) against backends.GradControl, bit for
+    bit: the norm of the unscaled grads, the clip factor (1 without clipping or with a non-finite norm), the skip."""
+    expected = GradControl(sum_of_squares, nonfinite, unscale, max_norm, skip_nonfinite)
+    control, statistics = np.full(tables.GRAD_CONTROLS, 123.0), np.full(cuda.STATISTICS, 123.0)
+    shim.host_set_grad_control(sum_of_squares, nonfinite, unscale, -1.0 if max_norm is None else max_norm,
+                               skip_nonfinite, pointer(control), pointer(statistics))
+    np.testing.assert_array_equal(control, expected.values)
+    np.testing.assert_array_equal(statistics[cuda.STATISTIC_NORM], expected.norm)
+    assert statistics[cuda.STATISTIC_NONFINITE] == expected.nonfinite

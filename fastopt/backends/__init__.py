@@ -5,11 +5,16 @@
 - ``cuda``: fused CUDA kernels over CuPy arrays (:mod:`.cuda`, needs CuPy and a GPU).
 
 An engine class provides the array checks and buffer handling the optimizer needs for its kind of array
-(``check_array``, ``address``, ``allocate_state``, ``to_numpy``, ``copy_from_numpy``,
-``all_finite_nonnegative``) and, as an instance bound to one optimizer, ``step``, ``tensor_steps`` and
-``set_tensor_steps``.
+(``check_array``, ``storage_name``, ``address``, ``allocate_state``, ``copy_widened``, ``to_numpy``,
+``copy_from_numpy``, ``all_finite_nonnegative``) and, as an instance bound to one optimizer, ``grad_control``,
+``step``, ``tensor_steps`` and ``set_tensor_steps``.
 """
+import math
+
 import numpy as np
+
+from .. import dtypes
+from ..kernels.cpu import tables as layout  # not `tables`: that name is this package's submodule
 
 NAMES = ("auto", "cpu", "reference", "cuda")
 
@@ -39,8 +44,46 @@ def select(name, params):
     return CudaBackend
 
 
+# torch.nn.utils.clip_grad_norm_'s guard against a zero norm: clip factor = max_norm / (norm + 1e-6).
+CLIP_EPSILON = 1e-6
+
+
+class GradControl:
+    """One step's gradient handling, decided on the host: ``values`` is the kernels' ``grad_control`` (1 / loss
+    scale, clip factor, skip), ``norm`` the global L2 norm of the unscaled grads, ``nonfinite`` the number of
+    NaN/inf grad values (any skips the step, unless ``skip_nonfinite`` is False: a guard that lets them through)."""
+
+    def __init__(self, sum_of_squares, nonfinite, unscale, max_norm, skip_nonfinite=True):
+        self.norm = math.sqrt(sum_of_squares) * unscale
+        self.nonfinite = int(nonfinite)
+        clip = 1.0
+        if max_norm is not None and math.isfinite(self.norm):
+            clip = min(1.0, max_norm / (self.norm + CLIP_EPSILON))
+        self.values = np.zeros(layout.GRAD_CONTROLS)
+        skip = skip_nonfinite and self.nonfinite > 0
+        self.values[[layout.GRAD_UNSCALE, layout.GRAD_CLIP, layout.SKIP]] = unscale, clip, float(skip)
+
+    @staticmethod
+    def plain():
+        """The control of a step without loss scale, clipping or check: the grads as they are."""
+        return GradControl(0.0, 0, 1.0, None)
+
+    def skip(self):
+        self.values[layout.SKIP] = 1.0
+
+    @property
+    def skipped(self):
+        return bool(self.values[layout.SKIP])
+
+
 class HostArrays:
     """Array handling shared by the engines that work on NumPy arrays in host memory."""
+
+    @staticmethod
+    def storage_name(dtype):
+        """How this engine stores values of ``dtype``: 'float64', 'float32', 'bfloat16' (``ml_dtypes.bfloat16``)
+        or 'float16'; None if it cannot."""
+        return dtypes.storage_name(dtype)
 
     @staticmethod
     def check_array(array, where, *, writable):
@@ -60,15 +103,22 @@ class HostArrays:
         return array.__array_interface__["data"][0]
 
     @staticmethod
-    def allocate_state(param, ordinal):
-        """A zeroed buffer shaped like ``param``, starting on a cache line (NumPy's large arrays start 16 bytes
-        past one, which cost up to 20% bandwidth here) and staggered by a few lines per buffer: equal-sized
-        buffers that all begin at the same page offset alias in the cache and lose bandwidth."""
-        itemsize = param.dtype.itemsize
+    def allocate_state(param, ordinal, storage):
+        """A zeroed buffer shaped like ``param`` stored as ``storage`` (a storage name), starting on a cache line
+        (NumPy's large arrays start 16 bytes past one, which cost up to 20% bandwidth here) and staggered by a few
+        lines per buffer: equal-sized buffers that all begin at the same page offset alias in the cache and lose
+        bandwidth."""
+        dtype = dtypes.numpy_dtype(storage)
+        itemsize = dtype.itemsize
         spare = (64 + (ordinal % 16) * 256) // itemsize
-        base = np.zeros(param.size + spare, dtype=param.dtype)
+        base = np.zeros(param.size + spare, dtype=dtype)
         start = (-base.__array_interface__["data"][0] % 64) // itemsize + (ordinal % 16) * 256 // itemsize
         return base[start:start + param.size].reshape(param.shape)
+
+    @staticmethod
+    def copy_widened(target, source):
+        """``target[...] = source`` for a float32 master copy of a 16-bit param: exact."""
+        target[...] = source.astype(target.dtype)
 
     @staticmethod
     def to_numpy(buffer):

@@ -3,12 +3,25 @@
 Per step the host work is proportional to the number of tensors, not elements: the grads' addresses go into
 the address table; the group table and packed schedules are rebuilt only when a group's hyperparameters
 changed, the other addresses only when the optimizer's buffers did (its ``_layout_version``).
+
+One bucket per math dtype: float32, bfloat16 and float16 params share its tables. The kernels take the storage
+of each stream from the element type of a typed scratch array (uint16: bfloat16 bits, int16: float16 bits, see
+kernels/cpu/conversions.load), so a bucket whose tensors are stored in several ways is stepped by one kernel call
+per way ("kind"), each with the grads of the other kinds masked out.
 """
 import numpy as np
 
-from . import HostArrays
-from .tables import chunk_table, fill_tensor_tables, group_tables, indices_by_dtype, set_grad_addresses
+from . import GradControl, HostArrays
+from .. import dtypes
+from .tables import chunk_table, fill_tensor_tables, group_tables, indices_by_math_dtype, set_grads
 from ..kernels.cpu import fused, tables
+
+# Typing samples for the grad-norm kernel's views of stored grads: 16-bit bits, and float32 grads of float64 math.
+_BITS_LIKE = np.zeros(1, dtype=np.uint16)
+_SINGLE_LIKE = np.zeros(1, dtype=np.float32)
+# The element type the kernels see for each storage (Numba has no 16-bit floats).
+_KERNEL_DTYPES = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.int16), "float32": np.dtype(np.float32),
+                  "float64": np.dtype(np.float64)}
 
 
 def _address(array):
@@ -16,7 +29,7 @@ def _address(array):
 
 
 class _DtypeBucket:
-    """The tensors of one dtype and the tables one kernel call reads."""
+    """The tensors of one math dtype and the tables one kernel call reads."""
 
     def __init__(self, dtype, indices, params, kernel_name):
         self.dtype = dtype
@@ -24,6 +37,7 @@ class _DtypeBucket:
         self.params = [params[i] for i in indices]
         count = len(indices)
         self.addresses = np.zeros((count, tables.SLOTS), dtype=np.int64)
+        self.tensor_format = np.zeros((count, tables.FORMAT_COLUMNS), dtype=np.int64)
         self.tensor_group = np.zeros(count, dtype=np.int64)
         self.tensor_step = np.zeros(count, dtype=np.int64)
         self.coefficients = np.zeros((count, tables.COEFFICIENTS), dtype=dtype)
@@ -36,6 +50,15 @@ class _DtypeBucket:
                                                                              tables.CHUNK)
         serial = int(self.chunk_length.sum()) < tables.SERIAL_BELOW
         self.kernel = getattr(fused, kernel_name + ("_serial" if serial else ""))
+        self.scratches = {self.scratch.dtype: self.scratch}
+        self.static_kinds = None  # per tensor: (param dtype, state dtype, master?, stochastic?) as the kernels see them
+
+    def like(self, dtype):
+        """A scratch array of ``dtype`` (SLOTS chunks of distinct, written memory, as ``scratch``): it types a
+        kernel's stream and stands in for that stream's absent buffers."""
+        if dtype not in self.scratches:
+            self.scratches[dtype] = np.zeros(tables.SLOTS * tables.CHUNK, dtype=dtype)
+        return self.scratches[dtype]
 
 
 class CpuBackend(HostArrays):
@@ -43,7 +66,8 @@ class CpuBackend(HostArrays):
         self.optimizer = optimizer
         params = optimizer._params
         self.buckets = [_DtypeBucket(dtype, indices, params, optimizer.KERNEL)
-                        for dtype, indices in indices_by_dtype(params).items()]
+                        for dtype, indices in indices_by_math_dtype(optimizer).items()]
+        self.plain_control = GradControl.plain().values
         self.group_hyper = self.schedule_program = self.schedule_base = None
         self.layout_version = None
 
@@ -53,28 +77,71 @@ class CpuBackend(HostArrays):
             self.group_hyper, self.schedule_program, self.schedule_base = group_tables(optimizer)
         if self.layout_version != optimizer._layout_version:
             for bucket in self.buckets:
-                fill_tensor_tables(optimizer, bucket.indices, bucket.addresses, bucket.tensor_group, _address)
+                fill_tensor_tables(optimizer, bucket.indices, bucket.addresses, bucket.tensor_group,
+                                   bucket.tensor_format, bucket.dtype, _address)
+                bucket.static_kinds = [
+                    (_KERNEL_DTYPES[optimizer.param_storage(index)], _KERNEL_DTYPES[optimizer.state_storage(index)],
+                     optimizer.has_master(index),
+                     optimizer.rounding == "stochastic" and optimizer.param_storage(index) == "bfloat16")
+                    for index in bucket.indices]
             self.layout_version = optimizer._layout_version
+
+    def _set_grads(self, bucket, grads):
+        set_grads(bucket.addresses, bucket.tensor_format, bucket.indices, grads, bucket.dtype, _address,
+                  self.storage_name)
 
     def grad_stats(self, grads):
         """(sum of squares, number of non-finite values) over all grads, one parallel read."""
         sum_of_squares, nonfinite = 0.0, 0
         for bucket in self.buckets:
-            set_grad_addresses(bucket.addresses, bucket.indices, grads, _address)
-            total, count = fused.grad_stats(bucket.addresses, bucket.chunk_tensor, bucket.chunk_start,
-                                            bucket.chunk_length, bucket.scratch)
+            self._set_grads(bucket, grads)
+            total, count = fused.grad_stats(bucket.addresses, bucket.tensor_format, bucket.chunk_tensor,
+                                            bucket.chunk_start, bucket.chunk_length, bucket.scratch, _BITS_LIKE,
+                                            _SINGLE_LIKE)
             sum_of_squares += total
             nonfinite += count
         return sum_of_squares, nonfinite
 
-    def step(self, grads, step_count, groups_changed, lr_factor=1.0):
+    def grad_control(self, grads, unscale, max_norm, skip_nonfinite=True):
+        """This step's :class:`GradControl` from one read of the grads."""
+        return GradControl(*self.grad_stats(grads), unscale, max_norm, skip_nonfinite)
+
+    def step(self, grads, step_count, groups_changed, lr_factor=1.0, control=None):
         self._refresh_tables(groups_changed)
+        values = self.plain_control if control is None else control.values
+        seed = np.int64(self.optimizer.seed)
         for bucket in self.buckets:
-            set_grad_addresses(bucket.addresses, bucket.indices, grads, _address)
-            bucket.kernel(bucket.addresses, bucket.chunk_tensor, bucket.chunk_start, bucket.chunk_length,
-                        bucket.tensor_group, bucket.tensor_step, self.group_hyper, self.schedule_program,
-                        self.schedule_base, np.int64(step_count), np.float64(lr_factor), bucket.coefficients,
-                        bucket.scratch)
+            self._set_grads(bucket, grads)
+            for kind, addresses in self._kinds(bucket, grads):
+                param_dtype, state_dtype, has_master, stochastic, grad_dtype = kind
+                bucket.kernel(addresses, bucket.chunk_tensor, bucket.chunk_start, bucket.chunk_length,
+                              bucket.tensor_group, bucket.tensor_step, self.group_hyper, self.schedule_program,
+                              self.schedule_base, np.int64(step_count), np.float64(lr_factor), values,
+                              bucket.coefficients, bucket.scratch, bucket.like(param_dtype), bucket.like(grad_dtype),
+                              bucket.like(state_dtype), bucket.scratch if has_master else None,
+                              seed if stochastic else None)
+
+    @staticmethod
+    def _kinds(bucket, grads):
+        """[(kind, address table)]: the ways the bucket's tensors with a grad this step are stored, each with the
+        address table of one kernel call (the bucket's own when there is one kind; else a copy in which the
+        grads of the other kinds are 0, so that call skips them)."""
+        kinds = {}
+        for position, index in enumerate(bucket.indices):
+            grad = grads[index]
+            if grad is not None:
+                kind = bucket.static_kinds[position] + (_KERNEL_DTYPES[dtypes.storage_name(grad.dtype)],)
+                kinds.setdefault(kind, []).append(position)
+        if len(kinds) <= 1:
+            return [(kind, bucket.addresses) for kind in kinds]
+        calls = []
+        for kind, positions in kinds.items():
+            addresses = bucket.addresses.copy()
+            keep = np.zeros(len(bucket.indices), dtype=bool)
+            keep[positions] = True
+            addresses[~keep, tables.GRAD] = 0
+            calls.append((kind, addresses))
+        return calls
 
     def tensor_steps(self):
         steps = np.zeros(len(self.optimizer._params), dtype=np.int64)

@@ -1,31 +1,49 @@
-"""The CUDA backend: fused CUDA kernels over CuPy arrays, one launch per param dtype per step.
+"""The CUDA backend: fused CUDA kernels over CuPy arrays, one launch per math dtype per step.
 
 The kernels (``kernels/cuda/fused.cu``) are compiled at run time with NVRTC (through CuPy) and loaded as a CuPy
 ``RawModule``, cached per device in the process and on disk per hash of every CUDA source, headers included (a
 ``-D`` option carries the headers' hash), of the options and of the architecture (see :func:`load_module` for why
 not ``RawModule(code=...)``: denormals). The constants the kernels share with the CPU (schedule kind codes, table
-slots and group-table columns) are passed as ``-D`` options generated from ``fastopt.kernels.cpu.schedule_codes``
-and ``tables``: one source of truth for both backends.
+slots, group-table columns, storage formats and grad-control entries) are passed as ``-D`` options generated from
+``fastopt.kernels.cpu.schedule_codes`` and ``tables``: one source of truth for both backends.
 
 Design (see ``kernels/cuda/fused.cu`` for the device side):
 
-- **Many tensors, one launch.** The tensors of one dtype form a bucket with a device address table (param, grad,
-  lr_scale and state addresses per tensor) and a chunk table (tensor, start, length); one block runs one chunk.
-- **Step counts on the device.** Each bucket holds ``counters`` (the optimizer step and a ticket) and the tensors'
-  step counts in device memory; the kernel evaluates the schedule and bias corrections from them and its last
-  block advances them. The host counts steps too (``Optimizer.step_count``) and re-uploads the device counter
-  only when the two disagree (a loaded state dict, a step count set by hand), so a steady-state step makes no
-  host-device synchronisation and no host-to-device copy.
-- **Uploads only on change.** The grads' addresses, the group table and the packed schedules are compared with
-  what was last uploaded; a change is copied from pinned memory with ``cudaMemcpyAsync`` on the current stream
+- **Many tensors, one launch.** The tensors of one math dtype (float32 for float32, bfloat16 and float16 params;
+  float64) form a bucket with a device address table (param, grad, lr_scale, state and master addresses per
+  tensor), a format table (how each tensor's param, grad and states are stored) and a chunk table (tensor, start,
+  length); one block runs one chunk.
+- **Mixed precision in registers.** CuPy has no bfloat16: bfloat16 arrays are ``uint16`` arrays of the bits
+  (:meth:`CupyArrays.storage_name`). A chunk of a tensor with a 16-bit or float32-under-double stream widens it
+  exactly after the load and rounds it at the store, element by element in registers (``kernels/cuda/storage.cuh``);
+  a tensor stored in its math dtype runs the plain loop. The result is the CPU kernels' function, bit for bit
+  (stochastic rounding included: the same counter-based hash, keyed alike). A bucket stored entirely in its math
+  dtype launches kernels built without the mixed loop (``<name>_<type>``; else ``<name>_<type>_mixed``), so that
+  float32 training keeps the registers and occupancy it had.
+- **Step counts on the device.** Each bucket holds ``counters`` (the optimizer step, a ticket, the skipped steps)
+  and the tensors' step counts in device memory; the kernel evaluates the schedule and bias corrections from them
+  and its last block advances them. The host counts steps too (``Optimizer.step_count``) and re-uploads the device
+  counter only when the two disagree (a loaded state dict, a step count set by hand), so a steady-state step makes
+  no host-device synchronisation and no host-to-device copy.
+- **Grad control on the device.** With a loss scale, clipping or a guard, :meth:`CudaBackend.grad_control` reads
+  the grads once (``grad_stats``, per chunk) and a one-block kernel (``finish_grad_control``) adds the partial sums in
+  a fixed order and writes the step's grad factors and skip flag to a fixed device buffer that the step kernels read:
+  a step with non-finite grads is skipped on the device, without a host synchronisation (it is counted in the
+  device's skipped-steps counter, and the device's step count does not advance). Only a guard reads the non-finite
+  count on the host (a synchronisation, so a step with a guard cannot be captured in a graph).
+- **Uploads only on change.** The grads' addresses and formats, the group table and the packed schedules are
+  compared with what was last uploaded; a change is copied from pinned memory with ``cudaMemcpyAsync`` on the current stream
   (no synchronisation; the pinned buffer is kept until an event says the copy is done). Passing the same grad
   buffers every step (as CUDA-graph users must anyway) uploads nothing.
 - **Streams and graphs.** Every launch and copy goes to CuPy's current stream, so ``with
   cupy.cuda.ExternalStream(ptr):`` (or ``Stream.from_external``) runs the step on a foreign stream. A step can be
   captured with ``Stream.begin_capture`` once one eager step has uploaded the tables: each replay advances the
   device step counts and so the schedule. A step that would need an upload while its stream is capturing raises
-  instead of recording a copy from host memory that the replays would repeat. After replays the device holds the
-  true step count (``device_step_count()``); the host's ``step_count`` counts only the eager ``step`` calls.
+  instead of recording a copy from host memory that the replays would repeat. After replays (or steps the device
+  skipped) the device holds the true step count (``device_step_count()``); the host's ``step_count`` counts the
+  eager ``step`` calls until it asks the device (``state_dict``, ``current_lr``). Every buffer a captured step
+  reads or writes is a fixed allocation (tables, counters, the grad control and its partial sums), so a captured
+  step with a loss scale or clipping replays with the grads of the replay.
 
 Importing this module does not import CuPy; :func:`gpu_available` never raises.
 """
@@ -39,10 +57,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import kernels
+from .. import dtypes, kernels
 from ..kernels.cpu import schedule_codes, tables
-from . import _describe, is_gpu_array
-from .tables import chunk_table, fill_tensor_tables, group_tables, indices_by_dtype, set_grad_addresses
+from . import CLIP_EPSILON, _describe, is_gpu_array
+from .tables import chunk_table, fill_tensor_tables, group_tables, indices_by_math_dtype, set_grads
 
 SOURCE_DIR = (Path(kernels.__file__).parent / "cuda").resolve()
 SOURCE = "fused.cu"
@@ -56,29 +74,52 @@ MIN_CHUNK = 1 << 11
 MAX_CHUNK = 1 << 16
 BLOCKS_PER_MULTIPROCESSOR = 8
 
-# Device counters of one bucket (tables.cuh): the optimizer's step count and the last-block ticket.
-OPTIMIZER_STEP, TICKET = 0, 1
-COUNTERS = 2
+# Device counters of one bucket (tables.cuh): the optimizer's step count, the last-block ticket, and the launches
+# that skipped the step (grad_control's SKIP set on the device).
+OPTIMIZER_STEP, TICKET, SKIPPED_STEPS = 0, 1, 2
+COUNTERS = 3
+
+# What finish_grad_control writes beside the grad control: the norm of the unscaled grads, the non-finite count.
+STATISTIC_NORM, STATISTIC_NONFINITE = 0, 1
+STATISTICS = 2
+# Where finish_grad_control takes the loss scale from: the host's 1 / scale, or a one-element device array.
+SCALE_ON_HOST, SCALE_FLOAT32, SCALE_FLOAT64 = 0, 1, 2
+SCALE_FORMATS = {np.dtype(np.float32): SCALE_FLOAT32, np.dtype(np.float64): SCALE_FLOAT64}
 
 KERNEL_DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+# The dtype of a CuPy array of each storage (CuPy has no bfloat16: its bits, as uint16).
+STORAGE_DTYPES = {"float64": np.dtype(np.float64), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+                  "bfloat16": np.dtype(np.uint16)}
 
 
 # ---------------------------------------------------------------- compiling
 def compile_defines():
     """The ``-D`` macros every CUDA source needs: the schedule kind codes (``FASTOPT_SCHEDULE_<NAME>``), the
     address slots (``FASTOPT_SLOT_<NAME>``), each group-table column's index (``FASTOPT_<OPTIMIZER>_<COLUMN>``) and
-    width (``FASTOPT_<OPTIMIZER>_COLUMNS``), the counters, the block size, ILP and the largest chunk."""
+    width (``FASTOPT_<OPTIMIZER>_COLUMNS``), the storage formats (``FASTOPT_FORMAT_<NAME>``) and format-table columns,
+    the grad-control entries, the counters, the block size, ILP and the largest chunk."""
     defines = {f"FASTOPT_SCHEDULE_{name}": value for name, value in vars(schedule_codes).items()
                if name.isupper() and isinstance(value, int)}
-    for slot in ("PARAM", "GRAD", "LR_SCALE", "STATE0", "STATE1", "STATE2"):
+    for slot in ("PARAM", "GRAD", "LR_SCALE", "STATE0", "STATE1", "STATE2", "MASTER"):
         defines[f"FASTOPT_SLOT_{slot}"] = getattr(tables, slot)
     defines["FASTOPT_SLOTS"] = tables.SLOTS
     for optimizer, columns in (("SGD", tables.SGD_COLUMNS), ("RMSPROP", tables.RMSPROP_COLUMNS),
                                ("ADAM", tables.ADAM_COLUMNS)):
         defines.update({f"FASTOPT_{optimizer}_{column.upper()}": index for index, column in enumerate(columns)})
         defines[f"FASTOPT_{optimizer}_COLUMNS"] = len(columns)
+    for name in ("NATIVE", "FLOAT32", "BFLOAT16", "FLOAT16", "BFLOAT16_STOCHASTIC"):
+        defines[f"FASTOPT_FORMAT_{name}"] = getattr(tables, name)
+    for name in ("PARAM_FORMAT", "GRAD_FORMAT", "STATE_FORMAT", "FORMAT_COLUMNS", "GRAD_UNSCALE", "GRAD_CLIP", "SKIP",
+                 "GRAD_CONTROLS"):
+        defines[f"FASTOPT_{name}"] = getattr(tables, name)
+    defines.update(FASTOPT_STATISTIC_NORM=STATISTIC_NORM, FASTOPT_STATISTIC_NONFINITE=STATISTIC_NONFINITE,
+                   FASTOPT_STATISTICS=STATISTICS, FASTOPT_CLIP_EPSILON=repr(float(CLIP_EPSILON)),
+                   FASTOPT_SCALE_ON_HOST=SCALE_ON_HOST, FASTOPT_SCALE_FLOAT32=SCALE_FLOAT32,
+                   FASTOPT_SCALE_FLOAT64=SCALE_FLOAT64)
     defines.update(FASTOPT_COUNTER_OPTIMIZER_STEP=OPTIMIZER_STEP, FASTOPT_COUNTER_TICKET=TICKET,
-                   FASTOPT_COUNTERS=COUNTERS, FASTOPT_BLOCK=BLOCK, FASTOPT_ILP=ILP, FASTOPT_MAX_CHUNK=MAX_CHUNK)
+                   FASTOPT_COUNTER_SKIPPED_STEPS=SKIPPED_STEPS, FASTOPT_COUNTERS=COUNTERS, FASTOPT_BLOCK=BLOCK,
+                   FASTOPT_ILP=ILP, FASTOPT_MAX_CHUNK=MAX_CHUNK)
     return defines
 
 
@@ -204,6 +245,18 @@ class CupyArrays:
     """Array handling for CuPy arrays on the current GPU (the GPU twin of ``HostArrays``)."""
 
     @staticmethod
+    @functools.lru_cache(maxsize=None)  # called per tensor per step
+    def storage_name(dtype):
+        """How this engine stores values of ``dtype``: 'float64', 'float32', 'float16', or 'bfloat16' for ``uint16``
+        (CuPy has no bfloat16 dtype: a bfloat16 array is a uint16 array of its bits, as a torch bfloat16 tensor
+        viewed as ``torch.uint16`` reaches CuPy through DLPack); None otherwise."""
+        dtype = np.dtype(dtype)
+        for name, stored in STORAGE_DTYPES.items():
+            if dtype == stored:
+                return name
+        return None
+
+    @staticmethod
     def check_array(array, where, *, writable):
         """A contiguous ``cupy.ndarray`` on the current device (CuPy arrays have no read-only flag: ``writable``
         needs no check)."""
@@ -231,18 +284,40 @@ class CupyArrays:
         return array.data.ptr
 
     @staticmethod
-    def allocate_state(param, ordinal):
-        """A zeroed buffer shaped like ``param`` on its device. (No staggering as on the host: device allocations
-        are 512-byte aligned and GPU memory has no cache-set aliasing between equal-size buffers to avoid.)"""
-        return _cupy().zeros_like(param)
+    def allocate_state(param, ordinal, storage):
+        """A zeroed buffer shaped like ``param`` on its device, stored as ``storage`` (a storage name; bfloat16 as
+        uint16 bits). (No staggering as on the host: device allocations are 512-byte aligned and GPU memory has no
+        cache-set aliasing between equal-size buffers to avoid.)"""
+        return _cupy().zeros(param.shape, dtype=STORAGE_DTYPES[storage])
+
+    @staticmethod
+    def copy_widened(target, source):
+        """``target[...] = source`` for the float32 master copy of a 16-bit param, on the device, exactly: a bfloat16's
+        bits are the upper half of its float32's."""
+        if source.dtype == STORAGE_DTYPES["bfloat16"]:
+            target[...] = (source.astype(np.uint32) << 16).view(np.float32)
+        else:
+            target[...] = source.astype(np.float32)
 
     @staticmethod
     def to_numpy(buffer):
-        return _cupy().asnumpy(buffer)
+        """A NumPy copy of ``buffer``; bfloat16 (uint16 bits) as ``ml_dtypes.bfloat16``, as the CPU engine keeps it."""
+        values = _cupy().asnumpy(buffer)
+        if buffer.dtype == STORAGE_DTYPES["bfloat16"]:
+            return values.view(dtypes.numpy_dtype("bfloat16"))
+        return values
 
     @staticmethod
     def copy_from_numpy(buffer, values):
-        buffer.set(np.ascontiguousarray(values, dtype=buffer.dtype).reshape(buffer.shape))
+        """``buffer[...] = values`` from host values already in the buffer's storage dtype (``ml_dtypes.bfloat16``
+        for a bfloat16 buffer: its bits are copied)."""
+        values = np.asarray(values)
+        if buffer.dtype == STORAGE_DTYPES["bfloat16"]:
+            if values.dtype != buffer.dtype:
+                values = values.astype(dtypes.numpy_dtype("bfloat16")).view(np.uint16)
+        else:
+            values = values.astype(buffer.dtype, copy=False)
+        buffer.set(np.ascontiguousarray(values).reshape(buffer.shape))
 
     @staticmethod
     def all_finite_nonnegative(array):
@@ -250,8 +325,34 @@ class CupyArrays:
         return bool(cupy.all(cupy.isfinite(array)) & ~cupy.any(array < 0))
 
 
+class DeviceGradControl:
+    """One step's gradient handling decided on the device (the twin of ``backends.GradControl``): ``values`` is the
+    device ``grad_control`` the step kernels read (1 / loss scale, clip factor, skip flag), ``norm`` a device scalar
+    (0-d array) holding the global L2 norm of the unscaled grads, ``nonfinite`` the number of NaN/inf grad values
+    (reading it synchronises). A skip the device decides (non-finite grads) is not ``skipped``: the step kernels skip
+    and count it (``CudaBackend.device_skipped_steps``); ``skip()`` decides one on the host (the guard's), and then no
+    kernel runs."""
+
+    def __init__(self, values, statistics):
+        self.values = values
+        self.statistics = statistics
+        self.norm = statistics[STATISTIC_NORM]
+        self._skipped = False
+
+    @property
+    def nonfinite(self):
+        return int(_cupy().asnumpy(self.statistics)[STATISTIC_NONFINITE])
+
+    def skip(self):
+        self._skipped = True
+
+    @property
+    def skipped(self):
+        return self._skipped
+
+
 class _DtypeBucket:
-    """The tensors of one dtype: host copies of their tables, the device tables one launch reads, and the device
+    """The tensors of one math dtype: host copies of their tables, the device tables one launch reads, and the device
     step counts."""
 
     def __init__(self, cupy, dtype, indices, params, multiprocessors):
@@ -267,24 +368,36 @@ class _DtypeBucket:
         # A launch with no chunks (all tensors empty) still needs one block: the last block advances the counts.
         self.grid = max(self.chunk_count, 1)
         self.addresses = np.zeros((count, tables.SLOTS), dtype=np.int64)
+        self.tensor_format = np.zeros((count, tables.FORMAT_COLUMNS), dtype=np.int64)
         self.tensor_group = np.zeros(count, dtype=np.int64)
         # What the device tables hold (None: not uploaded yet).
         self.uploaded_addresses = None
+        self.uploaded_tensor_format = None
         self.uploaded_tensor_group = None
         self.device = {
             "addresses": cupy.zeros((count, tables.SLOTS), dtype=np.int64),
+            "tensor_format": cupy.zeros((count, tables.FORMAT_COLUMNS), dtype=np.int64),
             "chunk_tensor": cupy.asarray(chunk_tensor),
             "chunk_start": cupy.asarray(chunk_start),
             "chunk_length": cupy.asarray(chunk_length),
             "tensor_group": cupy.zeros(count, dtype=np.int64),
             "tensor_step": cupy.zeros(count, dtype=np.int64),
             "counters": cupy.zeros(COUNTERS, dtype=np.int64),
-            "chunk_sum_of_squares": cupy.zeros(self.grid, dtype=np.float64),
-            "chunk_nonfinite": cupy.zeros(self.grid, dtype=np.int64),
+            # "chunk_sum_of_squares", "chunk_nonfinite": this bucket's part of the engine's per-chunk grad
+            # statistics (set by CudaBackend; finish_grad_control reads them all).
         }
+
+    def kernel_name(self, optimizer_kernel):
+        """The step kernel for this bucket's formats as uploaded: the plain one unless a tensor is stored in another
+        format than the math dtype (fused.cu)."""
+        mixed = self.uploaded_tensor_format is not None and bool(self.uploaded_tensor_format.any())
+        return f"{optimizer_kernel}_{self.ctype}" + ("_mixed" if mixed else "")
 
 
 class CudaBackend(CupyArrays):
+    # grad_control takes the loss scale as a device array too (``scale=``), inverted on the device without a sync.
+    takes_device_scale = True
+
     def __init__(self, optimizer):
         cupy = _cupy()
         self.cupy = cupy
@@ -292,7 +405,24 @@ class CudaBackend(CupyArrays):
         self.device_id = cupy.cuda.runtime.getDevice()
         multiprocessors = cupy.cuda.Device(self.device_id).attributes["MultiProcessorCount"]
         self.buckets = [_DtypeBucket(cupy, dtype, indices, optimizer._params, multiprocessors)
-                        for dtype, indices in indices_by_dtype(optimizer._params).items()]
+                        for dtype, indices in indices_by_math_dtype(optimizer).items()]
+        # Per-chunk grad statistics of every bucket, one after the other: finish_grad_control adds them in order.
+        self.chunk_count = sum(bucket.chunk_count for bucket in self.buckets)
+        self.partial_sums = cupy.zeros(max(self.chunk_count, 1), dtype=np.float64)
+        self.partial_nonfinite = cupy.zeros(max(self.chunk_count, 1), dtype=np.int64)
+        offset = 0
+        for bucket in self.buckets:
+            bucket.device["chunk_sum_of_squares"] = self.partial_sums[offset:offset + bucket.chunk_count]
+            bucket.device["chunk_nonfinite"] = self.partial_nonfinite[offset:offset + bucket.chunk_count]
+            offset += bucket.chunk_count
+        # The grad controls the step kernels read, fixed allocations (a captured step replays reading them): a plain
+        # one (1, 1, no skip) for steps without gradient handling, and the one finish_grad_control writes; and the
+        # norm and non-finite count it writes while a step is captured (eager steps get their own, see grad_control).
+        plain = np.zeros(tables.GRAD_CONTROLS)
+        plain[[tables.GRAD_UNSCALE, tables.GRAD_CLIP]] = 1.0
+        self.plain_control = cupy.asarray(plain)
+        self.control_values = cupy.asarray(plain)
+        self.captured_statistics = cupy.zeros(STATISTICS, dtype=np.float64)
         # Per optimizer: the group table and the packed schedules, host copies as last uploaded and device arrays.
         self.group_hyper = None
         self.schedule_program = None
@@ -301,8 +431,9 @@ class CudaBackend(CupyArrays):
         self.layout_version = None
         self.device = {}
         # The optimizer step count the device counters hold once the queued work is done, as far as the host knows
-        # (None: never uploaded). Graph replays advance the device without the host's knowledge; that is fine, as
-        # the device is the source of truth while this value and the optimizer's step_count agree.
+        # (None: never uploaded). Graph replays and device-skipped steps change the device's count without the host's
+        # knowledge; that is fine, as the device is the source of truth while this value and the optimizer's
+        # step_count agree.
         self.expected_step_count = None
         # (event, pinned buffers) of copies in flight: a buffer is released only once its copy has run.
         self.staging = deque()
@@ -320,10 +451,11 @@ class CudaBackend(CupyArrays):
         cupy = self.cupy
         stream = cupy.cuda.get_current_stream()
         if stream.is_capturing():
-            raise RuntimeError("this fastopt step must copy tables to the GPU (the first step, new grad buffers, a "
-                               "changed hyperparameter or learning rate, or a changed step count), which cannot be "
-                               "captured in a CUDA graph: take one step before the capture, and capture steps "
-                               "with the same grad buffers and hyperparameters (use a schedule for the lr)")
+            raise RuntimeError("this fastopt step must copy tables to the GPU (the first step, new grad buffers or "
+                               "grad dtypes, a changed hyperparameter or learning rate, or a changed step count), "
+                               "which cannot be captured in a CUDA graph: take one step before the capture, and "
+                               "capture steps with the same grad buffers and hyperparameters (use a schedule for the "
+                               "lr)")
         while self.staging and self.staging[0][0].done:
             self.staging.popleft()
         buffers = []
@@ -345,7 +477,8 @@ class CudaBackend(CupyArrays):
 
     def _refresh_tables(self, pending, groups_changed):
         """Bring the host tables up to date as the CPU engine does (group table and schedules when a group
-        changed, addresses when the optimizer's buffers did); queue uploads of whatever differs from the device."""
+        changed, addresses and formats when the optimizer's buffers did); queue uploads of whatever differs from the
+        device."""
         optimizer = self.optimizer
         if groups_changed or self.group_hyper is None:
             group_hyper, schedule_program, schedule_base = group_tables(optimizer)
@@ -359,24 +492,31 @@ class CudaBackend(CupyArrays):
             self.staged_group_tables = group_hyper, schedule_program, schedule_base
         if self.layout_version != optimizer._layout_version:
             for bucket in self.buckets:
-                fill_tensor_tables(optimizer, bucket.indices, bucket.addresses, bucket.tensor_group, _address)
+                fill_tensor_tables(optimizer, bucket.indices, bucket.addresses, bucket.tensor_group,
+                                   bucket.tensor_format, bucket.dtype, _address)
                 if bucket.uploaded_tensor_group is None or not np.array_equal(bucket.uploaded_tensor_group,
                                                                               bucket.tensor_group):
                     pending.append((bucket.device["tensor_group"], bucket.tensor_group.copy()))
             self.layout_version = optimizer._layout_version
 
     def _prepare(self, grads, groups_changed, step_count=None):
-        """Bring every device table up to date for a step with ``grads`` (uploads only what changed)."""
+        """Bring every device table up to date for a step with ``grads`` (uploads only what changed: the grads'
+        addresses when the buffers change, their formats when their dtypes do)."""
         pending = []
         self._refresh_tables(pending, groups_changed)
         for bucket in self.buckets:
-            set_grad_addresses(bucket.addresses, bucket.indices, grads, _address)
+            set_grads(bucket.addresses, bucket.tensor_format, bucket.indices, grads, bucket.dtype, _address,
+                      self.storage_name)
             if bucket.uploaded_addresses is None or not np.array_equal(bucket.uploaded_addresses, bucket.addresses):
                 pending.append((bucket.device["addresses"], bucket.addresses.copy()))
+            if (bucket.uploaded_tensor_format is None
+                    or not np.array_equal(bucket.uploaded_tensor_format, bucket.tensor_format)):
+                pending.append((bucket.device["tensor_format"], bucket.tensor_format.copy()))
         if step_count is not None and step_count != self.expected_step_count:
-            counters = np.zeros(COUNTERS, dtype=np.int64)
-            counters[OPTIMIZER_STEP] = step_count
-            pending += [(bucket.device["counters"], counters) for bucket in self.buckets]
+            # The step count only: the skipped-steps counter keeps counting, and the ticket is 0 between launches.
+            count = np.array([step_count], dtype=np.int64)
+            pending += [(bucket.device["counters"][OPTIMIZER_STEP:OPTIMIZER_STEP + 1], count)
+                        for bucket in self.buckets]
         self._flush(pending)
         # Only now that every copy is queued do the host copies claim to match the device.
         if self.staged_group_tables is not None:
@@ -384,42 +524,69 @@ class CudaBackend(CupyArrays):
             self.staged_group_tables = None
         for bucket in self.buckets:
             bucket.uploaded_addresses = bucket.addresses.copy()
+            bucket.uploaded_tensor_format = bucket.tensor_format.copy()
             bucket.uploaded_tensor_group = bucket.tensor_group.copy()
 
     # ---------------------------------------------------------------- the engine interface
-    def grad_stats(self, grads):
-        """(sum of squares, number of non-finite values) over all grads: one launch per dtype, one read back (the
-        divergence guard needs the answer on the host, so this synchronises)."""
+    def grad_control(self, grads, unscale, max_norm, skip_nonfinite=True, *, scale=None):
+        """This step's :class:`DeviceGradControl`, decided on the device without a host synchronisation: one read of
+        the grads (``grad_stats``: per-chunk sums of squares and non-finite counts, any storage format), then one
+        block (``finish_grad_control``) that adds them up in a fixed order and writes the grad factors and the skip
+        flag the step kernels read (backends.GradControl's arithmetic).
+
+        ``unscale`` is 1 / the loss scale as a host float; or pass ``scale``, a one-element float32 or float64 CuPy
+        array holding the loss scale itself (GradScaler's), which the device inverts and rounds to float32 as the
+        host would (``unscale`` is then ignored), so that nothing synchronises and a captured step replays with the
+        scale of the replay. ``max_norm``: the clipping threshold, None for none. ``skip_nonfinite`` False: NaN/inf
+        grads do not skip the step (a guard that lets them through)."""
         cupy = self.cupy
         self._prepare(grads, self.group_hyper is None)
-        totals = []
+        scale_format = SCALE_ON_HOST
+        scale_array = self.control_values  # any device pointer: not read
+        if scale is not None:
+            if not isinstance(scale, cupy.ndarray) or scale.size != 1 or scale.dtype not in SCALE_FORMATS:
+                raise TypeError("a device loss scale must be a one-element float32 or float64 cupy.ndarray, got "
+                                f"{_describe(scale)} of dtype {getattr(scale, 'dtype', None)}")
+            self.check_array(scale, "grad_scale", writable=False)
+            scale_format, scale_array = SCALE_FORMATS[scale.dtype], scale
+        # The norm and count of an eager step in arrays of their own (a caller may keep last_grad_norm); a captured
+        # step writes the fixed ones, as its replays will.
+        capturing = cupy.cuda.get_current_stream().is_capturing()
+        statistics = self.captured_statistics if capturing else cupy.empty(STATISTICS, dtype=np.float64)
         for bucket in self.buckets:
             if bucket.chunk_count == 0:
                 continue
             device = bucket.device
             kernel(cupy, f"grad_stats_{bucket.ctype}")(
-                (bucket.grid,), (BLOCK,),
-                (device["addresses"], device["chunk_tensor"], device["chunk_start"], device["chunk_length"],
-                 np.int64(bucket.chunk_count), device["chunk_sum_of_squares"], device["chunk_nonfinite"]))
-            totals += [device["chunk_sum_of_squares"].sum(), device["chunk_nonfinite"].sum().astype(np.float64)]
-        if not totals:
-            return 0.0, 0
-        totals = cupy.asnumpy(cupy.stack(totals)).reshape(-1, 2)
-        # The count is exact in float64 below 2**53 values.
-        return float(totals[:, 0].sum()), int(totals[:, 1].sum())
+                (bucket.chunk_count,), (BLOCK,),
+                (device["addresses"], device["tensor_format"], device["chunk_tensor"], device["chunk_start"],
+                 device["chunk_length"], np.int64(bucket.chunk_count), device["chunk_sum_of_squares"],
+                 device["chunk_nonfinite"]))
+        kernel(cupy, "finish_grad_control")(
+            (1,), (BLOCK,),
+            (self.partial_sums, self.partial_nonfinite, np.int64(self.chunk_count), np.float64(unscale), scale_array,
+             np.int64(scale_format), np.float64(-1.0 if max_norm is None else max_norm), np.int64(skip_nonfinite),
+             self.control_values, statistics))
+        return DeviceGradControl(self.control_values, statistics)
 
-    def step(self, grads, step_count, groups_changed, lr_factor=1.0):
-        """One launch per dtype on the current stream; no synchronisation, and no copy unless a table changed."""
+    def step(self, grads, step_count, groups_changed, lr_factor=1.0, control=None):
+        """One launch per math dtype on the current stream; no synchronisation, and no copy unless a table changed.
+        ``control``: this step's :class:`DeviceGradControl` (None: the grads as they are); a step it skips on the
+        device writes nothing and leaves the device's step counts where they were. A skip decided on the host
+        launches nothing."""
+        if control is not None and control.skipped:
+            return
         self._prepare(grads, groups_changed, step_count)
+        values = self.plain_control if control is None else control.values
         for bucket in self.buckets:
             device = bucket.device
-            kernel(self.cupy, f"{self.optimizer.KERNEL}_{bucket.ctype}")(
+            kernel(self.cupy, bucket.kernel_name(self.optimizer.KERNEL))(
                 (bucket.grid,), (BLOCK,),
-                (device["addresses"], device["chunk_tensor"], device["chunk_start"], device["chunk_length"],
-                 np.int64(bucket.chunk_count), device["tensor_group"], device["tensor_step"],
+                (device["addresses"], device["tensor_format"], device["chunk_tensor"], device["chunk_start"],
+                 device["chunk_length"], np.int64(bucket.chunk_count), device["tensor_group"], device["tensor_step"],
                  np.int64(bucket.indices.size), self.device["group_hyper"], self.device["schedule_program"],
                  np.int64(self.schedule_program.size), self.device["schedule_base"], device["counters"],
-                 np.float64(lr_factor)))
+                 np.float64(lr_factor), values, np.int64(self.optimizer.seed)))
         self.expected_step_count = step_count + 1
 
     def tensor_steps(self):
@@ -437,15 +604,24 @@ class CudaBackend(CupyArrays):
         self.cupy.cuda.get_current_stream().synchronize()
 
     def sync_step_count(self, host_step_count):
-        """The optimizer step count to report: the device's, which graph replays advance behind the host's back
-        (synchronises), unless an upload of the host's own count is still due (after a load)."""
+        """The optimizer step count to report: the device's, which graph replays advance and device-skipped steps
+        leave behind the host's back (synchronises), unless an upload of the host's own count is still due (after a
+        load, or a count set by hand)."""
         if self.expected_step_count != host_step_count:
             return host_step_count
         self.expected_step_count = self.device_step_count()
         return self.expected_step_count
 
     def device_step_count(self):
-        """The optimizer step count held on the device (synchronises): ``step_count`` plus any graph replays."""
+        """The optimizer step count held on the device (synchronises): ``step_count`` plus any graph replays, less any
+        step skipped on the device."""
         if not self.buckets:
             return 0
         return int(self.cupy.asnumpy(self.buckets[0].device["counters"])[OPTIMIZER_STEP])
+
+    def device_skipped_steps(self):
+        """Steps the device skipped for non-finite grads (synchronises); ``Optimizer.skipped_steps`` adds them to the
+        host's count. Every bucket's launch counts the same steps: the first bucket's count is read."""
+        if not self.buckets:
+            return 0
+        return int(self.cupy.asnumpy(self.buckets[0].device["counters"])[SKIPPED_STEPS])

@@ -1,17 +1,27 @@
-"""The reference backend: each tensor updated by the float64 NumPy reference, for debugging.
+"""The reference backend: each tensor updated by the float64 NumPy reference, the oracle of the tests.
 
-Params and state stay in their own dtype between steps; each step computes in float64 and rounds once.
+Params and state stay in their storage dtypes between steps; each step widens them to float64, computes and
+rounds each result once to float32 and then, for 16-bit storage, once more to it, as the kernels (which compute
+in float32) do. With a master copy the update reads and writes the master and the param is its rounding.
+Stochastic rounding uses the kernels' (seed, step, element) keys, computed by :func:`fastopt.reference.counter_hash`
+(an independent NumPy implementation of the kernels' hash).
 """
 import numpy as np
 
-from .. import schedules
-from . import HostArrays
+from .. import dtypes, reference, schedules
+from ..optimizer import MASTER
+from . import GradControl, HostArrays
+from .tables import indices_by_math_dtype
 
 
 class ReferenceBackend(HostArrays):
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.steps = np.zeros(len(optimizer._params), dtype=np.int64)
+        # Each param's position in its kernel bucket: the tensor part of the stochastic-rounding key.
+        self.positions = np.zeros(len(optimizer._params), dtype=np.int64)
+        for indices in indices_by_math_dtype(optimizer).values():
+            self.positions[indices] = np.arange(len(indices))
 
     @staticmethod
     def grad_stats(grads):
@@ -19,8 +29,14 @@ class ReferenceBackend(HostArrays):
         return (sum(float(np.sum(grad * grad)) for grad in present),
                 sum(int(np.count_nonzero(~np.isfinite(grad))) for grad in present))
 
-    def step(self, grads, step_count, groups_changed, lr_factor=1.0):
+    def grad_control(self, grads, unscale, max_norm, skip_nonfinite=True):
+        sum_of_squares, nonfinite = self.grad_stats(grads)
+        return GradControl(sum_of_squares, nonfinite, unscale, max_norm, skip_nonfinite)
+
+    def step(self, grads, step_count, groups_changed, lr_factor=1.0, control=None):
         optimizer = self.optimizer
+        self.step_count = step_count
+        self.control = GradControl.plain() if control is None else control
         index = 0
         for group in optimizer.param_groups:
             lr = float(schedules.as_schedule(group["lr"])(step_count)) * lr_factor
@@ -33,19 +49,31 @@ class ReferenceBackend(HostArrays):
 
     def _step_tensor(self, index, param, grad, scale, group, lr):
         optimizer = self.optimizer
-        buffers = optimizer.state[index]
+        buffers = {name: buffer for name, buffer in optimizer.state[index].items() if name != MASTER}
+        master = optimizer.state[index].get(MASTER)
         # A tensor that has not stepped starts from no state, which the reference reads as zeros (and SGD's
         # momentum buffer as torch's None: it starts as the gradient).
         steps = int(self.steps[index])
         state = {name: buffer.astype(np.float64) for name, buffer in buffers.items()} if steps else {}
         state["step"] = steps
-        work = param.astype(np.float64)
-        optimizer.reference_step(work, grad.astype(np.float64), state, group, lr,
+        work = (param if master is None else master).astype(np.float64)
+        # The kernels round the grad factors to the math dtype (torch's are float32 tensors for float32 grads).
+        math = dtypes.math_dtype(optimizer.param_storage(index))
+        unscale, clip = self.control.values[:2].astype(math)
+        optimizer.reference_step(work, grad.astype(np.float64) * float(unscale) * float(clip), state, group, lr,
                                  1.0 if scale is None else scale.astype(np.float64))
-        param[...] = work
+        if master is not None:
+            master[...] = reference.round_to_storage(work, master.dtype)
+            param[...] = master.astype(param.dtype)
+        elif optimizer.rounding == "stochastic" and param.dtype.itemsize == 2:
+            elements = (int(self.positions[index]) << 40) + np.arange(param.size)
+            param[...] = reference.round_to_storage(work, param.dtype, seed=optimizer.seed, step=self.step_count,
+                                                    elements=elements).reshape(param.shape)
+        else:
+            param[...] = reference.round_to_storage(work, param.dtype)
         for name, buffer in buffers.items():
             if name in state:
-                buffer[...] = state[name]
+                buffer[...] = reference.round_to_storage(state[name], buffer.dtype)
         if optimizer.counts_step(group):
             self.steps[index] += 1
 

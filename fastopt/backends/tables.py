@@ -5,15 +5,16 @@ dtype (a "bucket"); the functions here fill them from the optimizer, given the e
 """
 import numpy as np
 
-from .. import schedules
+from .. import dtypes, schedules
 from ..kernels.cpu import tables
 
 
-def indices_by_dtype(params):
-    """{dtype: the indices of the params of that dtype}, in order: one bucket, and one kernel call, per dtype."""
+def indices_by_math_dtype(optimizer):
+    """{math dtype: the indices of the params whose update runs in it}, in order: one bucket, and one kernel call,
+    per math dtype (float32 holds the float32, bfloat16 and float16 params)."""
     by_dtype = {}
-    for index, param in enumerate(params):
-        by_dtype.setdefault(param.dtype, []).append(index)
+    for index in range(len(optimizer._params)):
+        by_dtype.setdefault(dtypes.math_dtype(optimizer.param_storage(index)), []).append(index)
     return by_dtype
 
 
@@ -40,8 +41,9 @@ def group_tables(optimizer):
     return group_hyper, np.concatenate(programs), schedule_base
 
 
-def fill_tensor_tables(optimizer, indices, addresses, tensor_group, address_of):
-    """Each tensor's group and the addresses of its param, lr_scale and state buffers (0 where absent)."""
+def fill_tensor_tables(optimizer, indices, addresses, tensor_group, tensor_format, math, address_of):
+    """Each tensor's group, the addresses of its param, lr_scale, state and master buffers (0 where absent) and
+    the storage formats of its param and states under the bucket's ``math`` dtype."""
     group_of, lr_scale_of = [], []
     for number, group in enumerate(optimizer.param_groups):
         group_of += [number] * len(group["params"])
@@ -55,12 +57,27 @@ def fill_tensor_tables(optimizer, indices, addresses, tensor_group, address_of):
         for slot, name in enumerate(optimizer.STATE_SLOTS):
             buffer = state.get(name)
             addresses[position, tables.STATE0 + slot] = 0 if buffer is None else address_of(buffer)
+        master = state.get("master_param")
+        # An empty master has no address; -1 marks it present, as for grads (it has no chunks to read).
+        addresses[position, tables.MASTER] = 0 if master is None else (address_of(master) or -1)
+        tensor_format[position, tables.PARAM_FORMAT] = dtypes.kernel_format(
+            optimizer.param_storage(index), math, stochastic=optimizer.rounding == "stochastic")
+        tensor_format[position, tables.STATE_FORMAT] = dtypes.kernel_format(optimizer.state_storage(index), math)
 
 
-def set_grad_addresses(addresses, indices, grads, address_of):
-    """The GRAD column for this step: 0 skips the tensor (no grad); an empty grad has no address, so -1 marks
-    it present (it has no chunks to read, but its step still counts)."""
+def set_grads(addresses, tensor_format, indices, grads, math, address_of, storage_name):
+    """The GRAD column and grad formats for this step: address 0 skips the tensor (no grad); an empty grad has
+    no address, so -1 marks it present (it has no chunks to read, but its step still counts). Returns whether a
+    grad format changed (the formats change only when the grads' dtypes do)."""
     column = addresses[:, tables.GRAD]
+    formats = tensor_format[:, tables.GRAD_FORMAT]
+    changed = False
     for position, index in enumerate(indices):
         grad = grads[index]
         column[position] = 0 if grad is None else (address_of(grad) or -1)
+        if grad is not None:
+            grad_format = dtypes.kernel_format(storage_name(grad.dtype), math)
+            if formats[position] != grad_format:
+                formats[position] = grad_format
+                changed = True
+    return changed

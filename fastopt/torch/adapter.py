@@ -17,14 +17,16 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from .. import schedules
+from .. import dtypes, schedules
 from ..serialization import decode, encode
 
 # Keywords of torch's signatures that choose an implementation rather than the math. fastopt always runs one
 # fused multi-tensor kernel, so foreach and fused are accepted whatever their value; capturable and
 # differentiable promise things fastopt cannot do and are rejected when True.
 IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
-_FLOAT_DTYPES = (torch.float32, torch.float64)
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Keyword options of the fastopt core that the torch classes take beyond torch's signature (mixed precision).
+CORE_OPTIONS = ("master_weights", "state_dtype", "rounding", "seed", "max_grad_norm")
 
 
 def _plain(value):
@@ -44,15 +46,25 @@ class _HostViews:
     @staticmethod
     def view(tensor):
         # .numpy() refuses tensors that require grad; detach() costs a tensor object, so only where needed.
-        return tensor.detach().numpy() if tensor.requires_grad else tensor.numpy()
+        tensor = tensor.detach() if tensor.requires_grad else tensor
+        if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: the same bits as ml_dtypes.bfloat16
+            return tensor.view(torch.int16).numpy().view(dtypes.numpy_dtype("bfloat16"))
+        return tensor.numpy()
 
     @staticmethod
     def expose(buffer):
+        if dtypes.storage_name(buffer.dtype) == "bfloat16":
+            return torch.from_numpy(buffer.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(buffer)
 
+    @classmethod
+    def to_host(cls, tensor):
+        return cls.view(tensor.detach().cpu())
+
     @staticmethod
-    def to_host(tensor):
-        return tensor.detach().cpu().numpy()
+    def scale(tensor):
+        """GradScaler's scale (a one-element tensor) as the core's ``grad_scale``."""
+        return float(tensor)
 
     @staticmethod
     def on_device():
@@ -73,15 +85,23 @@ class _CudaViews:
         self._stream = (None, None)  # (torch stream handle, CuPy ExternalStream) of the last step
 
     def view(self, tensor):
-        return self.cupy.from_dlpack(tensor.detach() if tensor.requires_grad else tensor)
+        tensor = tensor.detach() if tensor.requires_grad else tensor
+        if tensor.dtype == torch.bfloat16:  # CuPy has no bfloat16: the engine reads uint16 arrays as its bits
+            return self.cupy.from_dlpack(tensor.view(torch.int16)).view(self.cupy.uint16)
+        return self.cupy.from_dlpack(tensor)
 
-    @staticmethod
-    def expose(buffer):
+    def expose(self, buffer):
+        if buffer.dtype == self.cupy.uint16:
+            return torch.from_dlpack(buffer.view(self.cupy.int16)).view(torch.bfloat16)
         return torch.from_dlpack(buffer)
 
     @staticmethod
     def to_host(tensor):
-        return tensor.detach().cpu().numpy()
+        return _HostViews.to_host(tensor)
+
+    def scale(self, tensor):
+        """GradScaler's scale as a device array: the CUDA engine inverts it on the device, without a sync."""
+        return self.view(tensor.detach().reshape(1).float())
 
     def on_device(self):
         """CuPy's current device set to the params' (the core's CUDA engine works on the current device)."""
@@ -112,19 +132,31 @@ class TorchOptimizer(torch.optim.Optimizer):
       gives the rates as floats.
     - A param group may hold ``"lr_scale"``: a list of tensors like its params (finite, >= 0); element ``j`` of a
       param learns at ``lr * lr_scale[j]``.
-    - Params must be float32 or float64, contiguous, and all on one device (the CPU or one CUDA device).
+    - Params may be float32, float64, bfloat16 or float16 (grads: the param's dtype or float32), contiguous, all on
+      one device (the CPU or one CUDA device). The core's mixed-precision options are keywords of every class:
+      ``master_weights``, ``state_dtype``, ``rounding``, ``seed`` and ``max_grad_norm`` (see
+      :class:`fastopt.Optimizer`); ``state[p]`` then shows ``master_param`` and the states in their storage dtype.
+    - ``torch.amp.GradScaler`` hands its scale to the step (``_step_supports_amp_scaling``): the kernel unscales
+      the grads, checks them for NaN/inf in the same read as the ``max_grad_norm`` clip, and skips the step if any
+      (the scaler's own check decides its scale update, as with torch's fused optimizers).
     - ``state[p]`` holds views of fastopt's buffers: change them in place (``.copy_()``, ``.zero_()``), not by
       assigning other tensors (use :meth:`load_state_dict` for that).
     """
 
     CORE: type = None
     STEP_IN_STATE = True
+    _step_supports_amp_scaling = True  # GradScaler sets grad_scale / found_inf and calls step (see step)
     _core = None  # also the marker for "build before the next step" (after unpickling, say)
     _layout_changed = False
     _saved_step_count = 0
+    _core_options = {}  # replaced per instance in __init__ (and restored by __setstate__)
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, options=None):
         self._check_flags(defaults, f"{type(self).__name__}")
+        unknown = set(options or ()) - set(CORE_OPTIONS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unknown)}")
+        self._core_options = dict(options or {})
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's check and message
         super().__init__(params, defaults)  # calls add_param_group per group
@@ -146,8 +178,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{where} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{where} has dtype {tensor.dtype}; fastopt.torch supports torch.float32 and "
-                            "torch.float64 (keep float32 master weights and use torch.autocast for mixed precision)")
+            raise TypeError(f"{where} has dtype {tensor.dtype}; fastopt.torch supports torch.float32, float64, "
+                            "bfloat16 and float16")
         if tensor.layout != torch.strided:
             raise TypeError(f"{where} has layout {tensor.layout}; fastopt.torch supports dense (strided) tensors")
         if tensor.device.type not in ("cpu", "cuda"):
@@ -212,7 +244,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         core_class = self._core_class()
         with views.on_device():
             core = core_class([self._core_group(group, views, f"param_groups[{index}]")
-                               for index, group in enumerate(self.param_groups)])
+                               for index, group in enumerate(self.param_groups)], **self._core_options)
         entries, counts = {}, np.zeros(len(params), dtype=np.int64)
         for index, param in enumerate(params):
             saved = self.state.get(param)
@@ -330,9 +362,18 @@ class TorchOptimizer(torch.optim.Optimizer):
         if self._params_changed():
             self._rebuild(self._step_count())
         self._sync_groups()
+        # Set by torch.amp.GradScaler.step: the loss scale still in the grads (None once unscale_ ran) and the
+        # scaler's own NaN/inf finding (with the grads already unscaled, the only check there is).
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and grad_scale is None and float(found_inf.sum()) != 0:
+            return loss
+        checked = grad_scale is not None or self._core.max_grad_norm is not None or self._core.guard is not None
+        skipped = self._core.skipped_steps if checked else None
         with self._views.stream():  # first: CUDA grads exported on torch's stream need no cross-stream wait
             grads = self._grads()
-            self._core.step(grads)
+            self._core.step(grads, grad_scale=None if grad_scale is None else self._views.scale(grad_scale))
+        if skipped is not None and self._core.skipped_steps != skipped:
+            return loss
         stepped = np.fromiter((grad is not None for grad in grads), dtype=bool, count=len(grads))
         if self._counted is not None:
             stepped &= self._counted
@@ -347,8 +388,12 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- rates
     def _step_count(self):
-        """Steps taken (the core's count; before the core is rebuilt after unpickling, the count saved with it)."""
-        return self._core.step_count if self._core is not None else self._saved_step_count
+        """Steps taken (the core's count, which on the GPU is the device's: a step the device skipped does not
+        count; before the core is rebuilt after unpickling, the count saved with it)."""
+        if self._core is None:
+            return self._saved_step_count
+        self._core._sync_step_count()
+        return self._core.step_count
 
     def current_lr(self):
         """The learning rate of each group for the next step, as floats (a schedule evaluated at the step count)."""
@@ -367,6 +412,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         ``torch.load(weights_only=True)`` and, into ``torch.optim``, continues at a constant lr."""
         state_dict = super().state_dict()
         step_count = self._step_count()
+        # The core's step count (schedules and stochastic rounding are keyed by it); torch's loaders ignore it.
+        state_dict["fastopt_step_count"] = step_count
         for group in state_dict["param_groups"]:  # packed copies: safe to edit
             lr = _plain(group["lr"])
             if isinstance(lr, schedules.Schedule):
@@ -382,7 +429,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         invalid hyperparameters) raises and leaves the optimizer as it was."""
         previous = self.state, self.param_groups
         super().load_state_dict(state_dict)  # torch's checks; self.state and param_groups now the checkpoint's
-        step_count = self._step_count()
+        self._restore_state_dtypes(state_dict)
+        step_count = int(state_dict.get("fastopt_step_count", self._step_count()))
         try:
             for group, old in zip(self.param_groups, previous[1]):
                 encoded = group.pop("fastopt_schedule", None)
@@ -399,6 +447,19 @@ class TorchOptimizer(torch.optim.Optimizer):
             self.state, self.param_groups = previous
             raise
 
+    def _restore_state_dtypes(self, state_dict):
+        """torch's load casts every floating state tensor to its param's dtype: the float32 states and master copy
+        of a 16-bit param would come back rounded to it. Take the checkpoint's values in their own dtypes (the core
+        converts each to its buffer's storage)."""
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            for name, value in state_dict["state"].get(saved_id, {}).items():
+                loaded = self.state[param].get(name)
+                if name != "step" and torch.is_tensor(value) and torch.is_tensor(loaded) \
+                        and value.dtype != loaded.dtype:
+                    self.state[param][name] = value.to(param.device)
+
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:  # checkpoints of older torch versions lack newer keys
@@ -408,4 +469,5 @@ class TorchOptimizer(torch.optim.Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state["_saved_step_count"] = self._step_count()
+        state["_core_options"] = self._core_options
         return state

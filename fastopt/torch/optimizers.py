@@ -1,7 +1,9 @@
 """SGD, RMSprop, Adam and AdamW with exactly torch.optim's signatures, defaults and ``defaults`` keys.
 
 The update rules are fastopt's (:mod:`fastopt.optimizers`), which follow torch's for-loop implementations
-operation by operation; the results agree with ``torch.optim`` to float rounding.
+operation by operation; the results agree with ``torch.optim`` to float rounding. Beyond torch's keywords each
+class takes the core's mixed-precision options (``master_weights``, ``state_dtype``, ``rounding``, ``seed``,
+``max_grad_norm``).
 """
 import numpy as np
 
@@ -17,10 +19,10 @@ class SGD(TorchOptimizer):
     STEP_IN_STATE = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None):
+                 maximize=False, foreach=None, differentiable=False, fused=None, **options):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize, foreach=foreach,
-                                      differentiable=differentiable, fused=fused))
+                                      differentiable=differentiable, fused=fused), options)
 
     def _counted_mask(self):
         # The core counts a param's momentum steps (0: its buffer starts as the grad); without momentum neither
@@ -36,10 +38,10 @@ class RMSprop(TorchOptimizer):
     CORE = core.RMSprop
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False):
+                 capturable=False, foreach=None, maximize=False, differentiable=False, **options):
         super().__init__(params, dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                                       weight_decay=weight_decay, capturable=capturable, foreach=foreach,
-                                      maximize=maximize, differentiable=differentiable))
+                                      maximize=maximize, differentiable=differentiable), options)
 
 
 class Adam(TorchOptimizer):
@@ -51,11 +53,11 @@ class Adam(TorchOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False):
+                 decoupled_weight_decay=False, **options):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize, foreach=foreach, capturable=capturable,
                                       differentiable=differentiable, fused=fused,
-                                      decoupled_weight_decay=decoupled_weight_decay))
+                                      decoupled_weight_decay=decoupled_weight_decay), options)
 
     def _core_class(self):
         decoupled = {bool(group["decoupled_weight_decay"]) for group in self.param_groups}
@@ -69,10 +71,10 @@ class AdamW(Adam):
     """``torch.optim.AdamW`` run by :class:`fastopt.AdamW` (default ``weight_decay=1e-2``)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, **options):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True)
+                         decoupled_weight_decay=True, **options)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -9,13 +9,16 @@ Stochastic rounding (``float32_to_bfloat16_stochastic``) rounds up with probabil
 lower neighbour, using a counter-based random number keyed by (seed, step, element): the same inputs give the
 same bits in any thread order, on any backend.
 
-The groundwork of mixed-precision storage (issue 7): not yet wired into the fused optimizer kernels.
+The fused kernels (fused.py) read and write every stream through ``load`` and ``store`` (below), which pick the
+conversion from the array's element type when compiled; the array versions (``widen_bits``, ``narrow_bits``...)
+serve the grad-norm kernel and the tests.
 """
 import numpy as np
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .jit import jit
+from .tables import BFLOAT16_STOCHASTIC, FLOAT16
 
 
 @intrinsic
@@ -143,3 +146,77 @@ def float32_to_float16_array(values, out):
 def float32_to_bfloat16_stochastic_array(values, seed, step, out):
     for i in range(values.shape[0]):
         out[i] = float32_to_bfloat16_stochastic(values[i], seed, step, i)
+
+
+@jit
+def widen_bits(bits, storage_format, out):
+    """``out[i]`` = the 16-bit value ``bits[i]`` (BFLOAT16 or FLOAT16 bits; BFLOAT16_STOCHASTIC reads as
+    BFLOAT16), exactly. One loop per format, each vectorised."""
+    if storage_format == FLOAT16:
+        for i in range(out.shape[0]):
+            out[i] = float16_bits_to_float32(bits[i])
+    else:
+        for i in range(out.shape[0]):
+            out[i] = bfloat16_bits_to_float32(bits[i])
+
+
+@jit
+def widen_float(values, out):
+    """``out[i]`` = ``values[i]``: float32 into float64, exactly."""
+    for i in range(out.shape[0]):
+        out[i] = values[i]
+
+
+@jit
+def narrow_bits(values, storage_format, out, seed, step, first_element):
+    """``out[i]`` = the float32 ``values[i]`` rounded to the 16-bit ``storage_format``: to nearest even, or for
+    BFLOAT16_STOCHASTIC stochastically, keyed by (seed, step, first_element + i)."""
+    if storage_format == FLOAT16:
+        for i in range(out.shape[0]):
+            out[i] = float32_to_float16_bits(values[i])
+    elif storage_format == BFLOAT16_STOCHASTIC:
+        for i in range(out.shape[0]):
+            out[i] = float32_to_bfloat16_stochastic(values[i], seed, step, first_element + i)
+    else:
+        for i in range(out.shape[0]):
+            out[i] = float32_to_bfloat16_bits(values[i])
+
+
+# ---------------------------------------------------------------- typed element access of the fused loops
+# The fused loops read and write every stream through load/store, resolved at compile time from the array's
+# element type: float arrays are read and written as they are (the float32/float64 loops are unchanged), uint16
+# arrays hold bfloat16 bits and int16 arrays float16 bits (Numba has no 16-bit float type), widened exactly on
+# load and rounded to nearest even on store.
+def load(array, i):
+    """``array[i]`` as a float (the Python twin of the Numba overload)."""
+    raise NotImplementedError("fastopt.kernels.cpu.conversions.load is compiled only")
+
+
+def store(array, i, value):
+    """``array[i] = value``, rounded to the array's storage (the Python twin of the Numba overload)."""
+    raise NotImplementedError("fastopt.kernels.cpu.conversions.store is compiled only")
+
+
+@overload(load, jit_options=dict(cache=True))
+def _load(array, i):
+    if array.dtype == types.uint16:
+        return lambda array, i: bfloat16_bits_to_float32(array[i])
+    if array.dtype == types.int16:
+        return lambda array, i: float16_bits_to_float32(np.uint16(array[i]))
+    return lambda array, i: array[i]
+
+
+@overload(store, jit_options=dict(cache=True))
+def _store(array, i, value):
+    if array.dtype == types.uint16:
+        def store_bfloat16(array, i, value):
+            array[i] = float32_to_bfloat16_bits(value)
+        return store_bfloat16
+    if array.dtype == types.int16:
+        def store_float16(array, i, value):
+            array[i] = np.int16(float32_to_float16_bits(value))
+        return store_float16
+
+    def store_float(array, i, value):
+        array[i] = value
+    return store_float

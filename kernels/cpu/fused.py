@@ -8,16 +8,31 @@ signed rates) in float64, rounding each once into the param dtype, as torch does
 
 Tensors whose GRAD address is 0 have no gradient this step and are skipped, step count included (torch
 skips parameters whose .grad is None).
+
+Mixed precision: the element type of each stream's array says how it is stored (``conversions.load`` /
+``store``): float arrays as themselves, uint16 as bfloat16 bits, int16 as float16 bits; the math runs in the
+math dtype of the bucket (the coefficients' dtype). A float32 MASTER copy of a 16-bit param, where there is one,
+is the param the math reads and writes, and the 16-bit param is written as its rounding (``param_out``);
+without one, a bfloat16 param may be rounded stochastically (``seed``, keyed by (seed, step, (tensor << 40) +
+element)). The kernels take one typed scratch array per stream kind (``param_like``, ``grad_like``,
+``state_like``, ``master_like``), so each combination of storage formats compiles, on first use, into loops with
+no per-element branches: the float32 and float64 steps are the same code as without mixed precision.
 """
 import numba
 import numpy as np
 from numba import prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
+from .conversions import float32_to_bfloat16_stochastic, load, store, widen_bits
 from .element_math import adam_element, rmsprop_element, sgd_element
-from .jit import jit, parallel_jit, serial_twin
+from .jit import jit, parallel_jit, reduction_jit, serial_twin
 from .schedule_math import schedule_value
-from .tables import ADAM_COLUMNS, CHUNK, GRAD, LR_SCALE, PARAM, RMSPROP_COLUMNS, SGD_COLUMNS, STATE0, STATE1, STATE2
+from .tables import (ADAM_COLUMNS, CHUNK, COEFFICIENT_GRAD_CLIP, COEFFICIENT_GRAD_UNSCALE, FLOAT32, GRAD,
+                     GRAD_CLIP, GRAD_FORMAT, GRAD_UNSCALE, LR_SCALE, MASTER, NATIVE, PARAM, RMSPROP_COLUMNS,
+                     SGD_COLUMNS, SKIP, STATE0, STATE1, STATE2)
+
+# Elements per strip of 16-bit grads widened to float32 for the norm (a strip stays in L1).
+STRIP = 1024
 
 # Coefficient-row columns, per optimizer.
 SGD_RATE, SGD_WEIGHT_DECAY, SGD_MOMENTUM, SGD_DAMPENING_COMPLEMENT = range(4)
@@ -66,6 +81,67 @@ def stream(addresses, tensor, slot, start, length, scratch):
 
 
 @jit
+def storage_stream(addresses, tensor, slot, start, length, like):
+    """Elements [start, start + length) of the (present) buffer in ``slot``, typed as ``like``'s elements."""
+    address = addresses[tensor, slot] + start * like.itemsize
+    return numba.carray(address_as_pointer(address, like), length)
+
+
+@jit
+def window(array, offset, length):
+    """``array[offset:offset + length]`` as a contiguous array (see ``stream``)."""
+    return numba.carray(address_as_pointer(array.ctypes.data + offset * array.itemsize, array), length)
+
+
+@jit
+def strip_row(strips, row, length):
+    """The first ``length`` elements of row ``row`` of ``strips``, as a contiguous array (see ``stream``)."""
+    address = strips.ctypes.data + row * strips.shape[1] * strips.itemsize
+    return numba.carray(address_as_pointer(address, strips), length)
+
+
+@jit
+def write_param(param, param_out, i, value, seed, step, first_element):
+    """Store an updated param element: into ``param`` (rounded to nearest, or with a ``seed`` stochastically:
+    bfloat16 params without a master copy), and with a master copy (``param`` is then the master) its rounding
+    into the 16-bit ``param_out``. ``param_out``/``seed`` are None or not per compiled variant: no branch is left
+    in the loop."""
+    if seed is None:
+        store(param, i, value)
+    else:
+        param[i] = float32_to_bfloat16_stochastic(value, seed, step, first_element + i)
+    if param_out is not None:
+        store(param_out, i, value)
+
+
+def param_streams(addresses, tensor, start, length, param_like, master_like):
+    """(the param the math reads and writes, the 16-bit param written as its rounding): (the param, None), or
+    with a master copy (``master_like`` not None) (the master, the param). Chosen by type when compiled."""
+    raise NotImplementedError("fastopt.kernels.cpu.fused.param_streams is compiled only")
+
+
+@overload(param_streams, jit_options=dict(cache=True))
+def _param_streams(addresses, tensor, start, length, param_like, master_like):
+    if isinstance(master_like, types.NoneType):
+        def without_master(addresses, tensor, start, length, param_like, master_like):
+            return stream(addresses, tensor, PARAM, start, length, param_like), None
+        return without_master
+
+    def with_master(addresses, tensor, start, length, param_like, master_like):
+        return (stream(addresses, tensor, MASTER, start, length, master_like),
+                stream(addresses, tensor, PARAM, start, length, param_like))
+    return with_master
+
+
+@jit
+def set_grad_coefficients(addresses, grad_control, coefficients):
+    """Every tensor's grad factors, rounded once to the math dtype (GradScaler's inverse scale is a float32)."""
+    for tensor in range(addresses.shape[0]):
+        coefficients[tensor, COEFFICIENT_GRAD_UNSCALE] = grad_control[GRAD_UNSCALE]
+        coefficients[tensor, COEFFICIENT_GRAD_CLIP] = grad_control[GRAD_CLIP]
+
+
+@jit
 def group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor):
     """Each group's schedule at the optimizer step, times ``lr_factor`` (the divergence guard's back-off; 1.0
     leaves the rate exactly as scheduled)."""
@@ -75,20 +151,52 @@ def group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_fac
     return learning_rates
 
 
+@reduction_jit
+def sum_of_squares(values):
+    """The sum of ``values[i]**2`` in float64, re-associated into vector lanes (a plain running sum is a chain of
+    dependent additions, 10x slower here). NaN and inf still propagate: the sum is finite exactly when every
+    value is, for float32 and narrower values, whose squares cannot overflow float64."""
+    total = 0.0
+    for i in range(values.shape[0]):
+        value = np.float64(values[i])
+        total += value * value
+    return total
+
+
+@jit
+def count_nonfinite(values):
+    count = 0
+    for i in range(values.shape[0]):
+        count += not np.isfinite(values[i])
+    return count
+
+
 @jit
 def chunk_grad_stats(grad):
-    """Sum of squares and count of non-finite values of one chunk, in float64 (no fastmath: NaN must count)."""
+    """Sum of squares (float64) and count of non-finite values of one chunk: the values are counted only when
+    the sum is not finite, so the common case is one vectorised read. (A float64 grad beyond 1e154 overflows the
+    sum: its norm is inf, as in float64 torch, and it counts as no non-finite value.)"""
+    total = sum_of_squares(grad)
+    return total, 0 if np.isfinite(total) else count_nonfinite(grad)
+
+
+@jit
+def chunk_grad_stats_bits(bits, storage_format, strip):
+    """chunk_grad_stats of 16-bit grads (BFLOAT16 or FLOAT16 bits), widened strip by strip into ``strip``."""
     total = 0.0
     nonfinite = 0
-    for i in range(grad.shape[0]):
-        value = np.float64(grad[i])
-        total += value * value
-        nonfinite += not np.isfinite(value)
+    for offset in range(0, bits.shape[0], strip.shape[0]):
+        length = min(strip.shape[0], bits.shape[0] - offset)
+        values = strip_row(strip, 0, length)
+        widen_bits(window(bits, offset, length), storage_format, values)
+        strip_total, strip_nonfinite = chunk_grad_stats(values)
+        total += strip_total
+        nonfinite += strip_nonfinite
     return total, nonfinite
 
 
 @parallel_jit
-def grad_stats(addresses, chunk_tensor, chunk_start, chunk_length, scratch):
+def grad_stats(addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, scratch, bits_like, single_like):
     """One read of every grad: the global sum of squares (for the L2 norm) and the number of non-finite values."""
     total = 0.0
     nonfinite = 0
@@ -96,64 +204,88 @@ def grad_stats(addresses, chunk_tensor, chunk_start, chunk_length, scratch):
         tensor = chunk_tensor[chunk]
         if addresses[tensor, GRAD] == 0:
             continue
-        chunk_total, chunk_nonfinite = chunk_grad_stats(
-            stream(addresses, tensor, GRAD, chunk_start[chunk], chunk_length[chunk], scratch))
+        start, length = chunk_start[chunk], chunk_length[chunk]
+        grad_format = tensor_format[tensor, GRAD_FORMAT]
+        if grad_format == NATIVE:
+            chunk_total, chunk_nonfinite = chunk_grad_stats(stream(addresses, tensor, GRAD, start, length, scratch))
+        elif grad_format == FLOAT32:
+            chunk_total, chunk_nonfinite = chunk_grad_stats(
+                storage_stream(addresses, tensor, GRAD, start, length, single_like))
+        else:
+            chunk_total, chunk_nonfinite = chunk_grad_stats_bits(
+                storage_stream(addresses, tensor, GRAD, start, length, bits_like), grad_format,
+                np.empty((1, STRIP), dtype=np.float32))
         total += chunk_total
         nonfinite += chunk_nonfinite
     return total, nonfinite
 
 
 @jit
-def sgd_loop(has_lr_scale, use_momentum, first_momentum_step, param, grad, lr_scale, momentum_buffer, coefficients,
-             maximize, use_weight_decay, nesterov):
+def unscaled_grad(grad, grad_unscale, grad_clip, maximize):
+    """The gradient the update uses: unscaled (GradScaler's multiply by 1 / scale), clipped (clip_grad_norm_'s
+    multiply by the clip factor), in that order as in torch, then negated for maximize. Both factors are exactly
+    1 without a loss scale or clipping, and x * 1 is x for every x."""
+    g = grad * grad_unscale * grad_clip
+    return -g if maximize else g
+
+
+@jit
+def sgd_loop(has_lr_scale, use_momentum, first_momentum_step, param, param_out, grad, lr_scale, momentum_buffer,
+             coefficients, maximize, use_weight_decay, nesterov, seed, step, first_element):
     rate = coefficients[SGD_RATE]
     weight_decay = coefficients[SGD_WEIGHT_DECAY]
     momentum = coefficients[SGD_MOMENTUM]
     dampening_complement = coefficients[SGD_DAMPENING_COMPLEMENT]
+    grad_unscale = coefficients[COEFFICIENT_GRAD_UNSCALE]
+    grad_clip = coefficients[COEFFICIENT_GRAD_CLIP]
     for i in range(param.shape[0]):
-        g = -grad[i] if maximize else grad[i]
+        g = unscaled_grad(load(grad, i), grad_unscale, grad_clip, maximize)
         element_rate = rate * lr_scale[i] if has_lr_scale else rate
-        buffer = momentum_buffer[i] if use_momentum and not first_momentum_step else g
-        p, buffer = sgd_element(param[i], g, buffer, element_rate, weight_decay, momentum, dampening_complement,
-                                use_weight_decay, use_momentum, first_momentum_step, nesterov)
-        param[i] = p
+        buffer = load(momentum_buffer, i) if use_momentum and not first_momentum_step else g
+        p, buffer = sgd_element(load(param, i), g, buffer, element_rate, weight_decay, momentum,
+                                dampening_complement, use_weight_decay, use_momentum, first_momentum_step, nesterov)
+        write_param(param, param_out, i, p, seed, step, first_element)
         if use_momentum:
-            momentum_buffer[i] = buffer
+            store(momentum_buffer, i, buffer)
 
 
 @jit
-def sgd_chunk(param, grad, lr_scale, momentum_buffer, coefficients, has_lr_scale, maximize, use_weight_decay,
-              use_momentum, first_momentum_step, nesterov):
+def sgd_chunk(param, param_out, grad, lr_scale, momentum_buffer, coefficients, has_lr_scale, maximize,
+              use_weight_decay, use_momentum, first_momentum_step, nesterov, seed, step, first_element):
     """sgd_loop with the flags that decide which streams are read or written passed as literals: Numba compiles
     one loop per combination with the unused streams absent, and each vectorises (LLVM does not reliably
     unswitch a loop on five run-time flags, and a conditional load blocks vectorisation)."""
     if has_lr_scale:
         if not use_momentum:
-            sgd_loop(True, False, False, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov)
+            sgd_loop(True, False, False, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov, seed, step, first_element)
         elif first_momentum_step:
-            sgd_loop(True, True, True, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov)
+            sgd_loop(True, True, True, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov, seed, step, first_element)
         else:
-            sgd_loop(True, True, False, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov)
+            sgd_loop(True, True, False, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov, seed, step, first_element)
     else:
         if not use_momentum:
-            sgd_loop(False, False, False, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov)
+            sgd_loop(False, False, False, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov, seed, step, first_element)
         elif first_momentum_step:
-            sgd_loop(False, True, True, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov)
+            sgd_loop(False, True, True, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov, seed, step, first_element)
         else:
-            sgd_loop(False, True, False, param, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov)
+            sgd_loop(False, True, False, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
+                     use_weight_decay, nesterov, seed, step, first_element)
 
 
 @parallel_jit
 def sgd_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
-             schedule_program, schedule_base, optimizer_step, lr_factor, coefficients, scratch):
+             schedule_program, schedule_base, optimizer_step, lr_factor, grad_control, coefficients, scratch,
+             param_like, grad_like, state_like, master_like, seed):
     """One SGD step over all tensors; ``tensor_step`` counts momentum steps (0: the buffer starts as the grad)."""
+    if grad_control[SKIP] != 0:
+        return
     learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor)
+    set_grad_coefficients(addresses, grad_control, coefficients)
     for tensor in range(tensor_group.shape[0]):
         if addresses[tensor, GRAD] == 0:
             continue
@@ -169,21 +301,21 @@ def sgd_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, t
         start = chunk_start[chunk]
         length = chunk_length[chunk]
         hyper = group_hyper[tensor_group[tensor]]
-        sgd_chunk(stream(addresses, tensor, PARAM, start, length, scratch),
-                  stream(addresses, tensor, GRAD, start, length, scratch),
+        param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
+        sgd_chunk(param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
                   stream(addresses, tensor, LR_SCALE, start, length, scratch),
-                  stream(addresses, tensor, STATE0, start, length, scratch),
-                  coefficients[tensor], addresses[tensor, LR_SCALE] != 0, hyper[SGD_H_MAXIMIZE] != 0,
-                  hyper[SGD_H_WEIGHT_DECAY] != 0, hyper[SGD_H_MOMENTUM] != 0, tensor_step[tensor] == 0,
-                  hyper[SGD_H_NESTEROV] != 0)
+                  stream(addresses, tensor, STATE0, start, length, state_like), coefficients[tensor],
+                  addresses[tensor, LR_SCALE] != 0, hyper[SGD_H_MAXIMIZE] != 0, hyper[SGD_H_WEIGHT_DECAY] != 0,
+                  hyper[SGD_H_MOMENTUM] != 0, tensor_step[tensor] == 0, hyper[SGD_H_NESTEROV] != 0, seed,
+                  optimizer_step, (np.int64(tensor) << np.int64(40)) + start)
     for tensor in range(tensor_group.shape[0]):
         if addresses[tensor, GRAD] != 0 and group_hyper[tensor_group[tensor], SGD_H_MOMENTUM] != 0:
             tensor_step[tensor] += 1
 
 
 @jit
-def rmsprop_loop(has_lr_scale, use_momentum, centered, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
-                 coefficients, maximize, use_weight_decay):
+def rmsprop_loop(has_lr_scale, use_momentum, centered, param, param_out, grad, lr_scale, square_avg,
+                 momentum_buffer, grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element):
     rate = coefficients[RMSPROP_RATE]
     alpha = coefficients[RMSPROP_ALPHA]
     alpha_complement = coefficients[RMSPROP_ALPHA_COMPLEMENT]
@@ -191,61 +323,67 @@ def rmsprop_loop(has_lr_scale, use_momentum, centered, param, grad, lr_scale, sq
     weight_decay = coefficients[RMSPROP_WEIGHT_DECAY]
     momentum = coefficients[RMSPROP_MOMENTUM]
     one = coefficients[RMSPROP_ONE]
+    grad_unscale = coefficients[COEFFICIENT_GRAD_UNSCALE]
+    grad_clip = coefficients[COEFFICIENT_GRAD_CLIP]
     for i in range(param.shape[0]):
-        g = -grad[i] if maximize else grad[i]
+        g = unscaled_grad(load(grad, i), grad_unscale, grad_clip, maximize)
         element_rate = rate * lr_scale[i] if has_lr_scale else rate
-        buffer = momentum_buffer[i] if use_momentum else g
-        average = grad_avg[i] if centered else g
-        p, s, buffer, average = rmsprop_element(param[i], g, square_avg[i], buffer, average, element_rate, alpha,
-                                                alpha_complement, eps, weight_decay, momentum, one,
-                                                use_weight_decay, use_momentum, centered)
-        param[i] = p
-        square_avg[i] = s
+        buffer = load(momentum_buffer, i) if use_momentum else g
+        average = load(grad_avg, i) if centered else g
+        p, v, buffer, average = rmsprop_element(load(param, i), g, load(square_avg, i), buffer, average,
+                                                element_rate, alpha, alpha_complement, eps, weight_decay, momentum,
+                                                one, use_weight_decay, use_momentum, centered)
+        write_param(param, param_out, i, p, seed, step, first_element)
+        store(square_avg, i, v)
         if use_momentum:
-            momentum_buffer[i] = buffer
+            store(momentum_buffer, i, buffer)
         if centered:
-            grad_avg[i] = average
+            store(grad_avg, i, average)
 
 
 @jit
-def rmsprop_chunk(param, grad, lr_scale, square_avg, momentum_buffer, grad_avg, coefficients, has_lr_scale,
-                  maximize, use_weight_decay, use_momentum, centered):
+def rmsprop_chunk(param, param_out, grad, lr_scale, square_avg, momentum_buffer, grad_avg, coefficients,
+                  has_lr_scale, maximize, use_weight_decay, use_momentum, centered, seed, step, first_element):
     """rmsprop_loop with the stream-selecting flags as literals (see sgd_chunk)."""
     if has_lr_scale:
         if use_momentum:
             if centered:
-                rmsprop_loop(True, True, True, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
-                             coefficients, maximize, use_weight_decay)
+                rmsprop_loop(True, True, True, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
+                             grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
             else:
-                rmsprop_loop(True, True, False, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
-                             coefficients, maximize, use_weight_decay)
+                rmsprop_loop(True, True, False, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
+                             grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
         elif centered:
-            rmsprop_loop(True, False, True, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
-                         coefficients, maximize, use_weight_decay)
+            rmsprop_loop(True, False, True, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
+                         grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
         else:
-            rmsprop_loop(True, False, False, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
-                         coefficients, maximize, use_weight_decay)
+            rmsprop_loop(True, False, False, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
+                         grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
     else:
         if use_momentum:
             if centered:
-                rmsprop_loop(False, True, True, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
-                             coefficients, maximize, use_weight_decay)
+                rmsprop_loop(False, True, True, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
+                             grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
             else:
-                rmsprop_loop(False, True, False, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
-                             coefficients, maximize, use_weight_decay)
+                rmsprop_loop(False, True, False, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
+                             grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
         elif centered:
-            rmsprop_loop(False, False, True, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
-                         coefficients, maximize, use_weight_decay)
+            rmsprop_loop(False, False, True, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
+                         grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
         else:
-            rmsprop_loop(False, False, False, param, grad, lr_scale, square_avg, momentum_buffer, grad_avg,
-                         coefficients, maximize, use_weight_decay)
+            rmsprop_loop(False, False, False, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
+                         grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
 
 
 @parallel_jit
 def rmsprop_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
-                 schedule_program, schedule_base, optimizer_step, lr_factor, coefficients, scratch):
+                 schedule_program, schedule_base, optimizer_step, lr_factor, grad_control, coefficients, scratch,
+                 param_like, grad_like, state_like, master_like, seed):
     """One RMSprop step over all tensors (state slots: square_avg, momentum_buffer, grad_avg)."""
+    if grad_control[SKIP] != 0:
+        return
     learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor)
+    set_grad_coefficients(addresses, grad_control, coefficients)
     for tensor in range(tensor_group.shape[0]):
         if addresses[tensor, GRAD] == 0:
             continue
@@ -265,19 +403,20 @@ def rmsprop_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_grou
         start = chunk_start[chunk]
         length = chunk_length[chunk]
         hyper = group_hyper[tensor_group[tensor]]
-        rmsprop_chunk(stream(addresses, tensor, PARAM, start, length, scratch),
-                      stream(addresses, tensor, GRAD, start, length, scratch),
+        param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
+        rmsprop_chunk(param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
                       stream(addresses, tensor, LR_SCALE, start, length, scratch),
-                      stream(addresses, tensor, STATE0, start, length, scratch),
-                      stream(addresses, tensor, STATE1, start, length, scratch),
-                      stream(addresses, tensor, STATE2, start, length, scratch),
-                      coefficients[tensor], addresses[tensor, LR_SCALE] != 0, hyper[RMS_H_MAXIMIZE] != 0,
-                      hyper[RMS_H_WEIGHT_DECAY] != 0, hyper[RMS_H_MOMENTUM] > 0, hyper[RMS_H_CENTERED] != 0)
+                      stream(addresses, tensor, STATE0, start, length, state_like),
+                      stream(addresses, tensor, STATE1, start, length, state_like),
+                      stream(addresses, tensor, STATE2, start, length, state_like), coefficients[tensor],
+                      addresses[tensor, LR_SCALE] != 0, hyper[RMS_H_MAXIMIZE] != 0, hyper[RMS_H_WEIGHT_DECAY] != 0,
+                      hyper[RMS_H_MOMENTUM] > 0, hyper[RMS_H_CENTERED] != 0, seed, optimizer_step,
+                      (np.int64(tensor) << np.int64(40)) + start)
 
 
 @jit
-def adam_loop(has_lr_scale, amsgrad, param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, maximize,
-              use_weight_decay, decoupled_weight_decay):
+def adam_loop(has_lr_scale, amsgrad, param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq,
+              coefficients, maximize, use_weight_decay, decoupled_weight_decay, seed, step, first_element):
     step_rate = coefficients[ADAM_STEP_RATE]
     decay_factor = coefficients[ADAM_DECAY_FACTOR]
     rate_weight_decay = coefficients[ADAM_RATE_WEIGHT_DECAY]
@@ -288,51 +427,57 @@ def adam_loop(has_lr_scale, amsgrad, param, grad, lr_scale, exp_avg, exp_avg_sq,
     eps = coefficients[ADAM_EPS]
     weight_decay = coefficients[ADAM_WEIGHT_DECAY]
     one = coefficients[ADAM_ONE]
+    grad_unscale = coefficients[COEFFICIENT_GRAD_UNSCALE]
+    grad_clip = coefficients[COEFFICIENT_GRAD_CLIP]
     for i in range(param.shape[0]):
-        g = -grad[i] if maximize else grad[i]
+        g = unscaled_grad(load(grad, i), grad_unscale, grad_clip, maximize)
         if has_lr_scale:
             element_step_rate = step_rate * lr_scale[i]
             element_decay_factor = one - rate_weight_decay * lr_scale[i]
         else:
             element_step_rate = step_rate
             element_decay_factor = decay_factor
-        v_max = max_exp_avg_sq[i] if amsgrad else g
-        p, m, v, v_max = adam_element(param[i], g, exp_avg[i], exp_avg_sq[i], v_max, element_step_rate,
-                                      element_decay_factor, beta1_complement, beta2, beta2_complement,
-                                      bias_correction2_sqrt, eps, weight_decay, one, use_weight_decay,
-                                      decoupled_weight_decay, amsgrad)
-        param[i] = p
-        exp_avg[i] = m
-        exp_avg_sq[i] = v
+        v_max = load(max_exp_avg_sq, i) if amsgrad else g
+        p, m, v, v_max = adam_element(load(param, i), g, load(exp_avg, i), load(exp_avg_sq, i), v_max,
+                                      element_step_rate, element_decay_factor, beta1_complement, beta2,
+                                      beta2_complement, bias_correction2_sqrt, eps, weight_decay, one,
+                                      use_weight_decay, decoupled_weight_decay, amsgrad)
+        write_param(param, param_out, i, p, seed, step, first_element)
+        store(exp_avg, i, m)
+        store(exp_avg_sq, i, v)
         if amsgrad:
-            max_exp_avg_sq[i] = v_max
+            store(max_exp_avg_sq, i, v_max)
 
 
 @jit
-def adam_chunk(param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, has_lr_scale, maximize,
-               use_weight_decay, decoupled_weight_decay, amsgrad):
+def adam_chunk(param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, has_lr_scale,
+               maximize, use_weight_decay, decoupled_weight_decay, amsgrad, seed, step, first_element):
     """adam_loop with the stream-selecting flags as literals (see sgd_chunk)."""
     if has_lr_scale:
         if amsgrad:
-            adam_loop(True, True, param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
-                      maximize, use_weight_decay, decoupled_weight_decay)
+            adam_loop(True, True, param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                      coefficients, maximize, use_weight_decay, decoupled_weight_decay, seed, step, first_element)
         else:
-            adam_loop(True, False, param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
-                      maximize, use_weight_decay, decoupled_weight_decay)
+            adam_loop(True, False, param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                      coefficients, maximize, use_weight_decay, decoupled_weight_decay, seed, step, first_element)
     else:
         if amsgrad:
-            adam_loop(False, True, param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
-                      maximize, use_weight_decay, decoupled_weight_decay)
+            adam_loop(False, True, param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                      coefficients, maximize, use_weight_decay, decoupled_weight_decay, seed, step, first_element)
         else:
-            adam_loop(False, False, param, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients,
-                      maximize, use_weight_decay, decoupled_weight_decay)
+            adam_loop(False, False, param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                      coefficients, maximize, use_weight_decay, decoupled_weight_decay, seed, step, first_element)
 
 
 @parallel_jit
 def adam_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
-              schedule_program, schedule_base, optimizer_step, lr_factor, coefficients, scratch):
+              schedule_program, schedule_base, optimizer_step, lr_factor, grad_control, coefficients, scratch,
+              param_like, grad_like, state_like, master_like, seed):
     """One Adam/AdamW step over all tensors (state slots: exp_avg, exp_avg_sq, max_exp_avg_sq)."""
+    if grad_control[SKIP] != 0:
+        return
     learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor)
+    set_grad_coefficients(addresses, grad_control, coefficients)
     for tensor in range(tensor_group.shape[0]):
         if addresses[tensor, GRAD] == 0:
             continue
@@ -359,14 +504,15 @@ def adam_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, 
         start = chunk_start[chunk]
         length = chunk_length[chunk]
         hyper = group_hyper[tensor_group[tensor]]
-        adam_chunk(stream(addresses, tensor, PARAM, start, length, scratch),
-                   stream(addresses, tensor, GRAD, start, length, scratch),
+        param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
+        adam_chunk(param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
                    stream(addresses, tensor, LR_SCALE, start, length, scratch),
-                   stream(addresses, tensor, STATE0, start, length, scratch),
-                   stream(addresses, tensor, STATE1, start, length, scratch),
-                   stream(addresses, tensor, STATE2, start, length, scratch),
-                   coefficients[tensor], addresses[tensor, LR_SCALE] != 0, hyper[ADAM_H_MAXIMIZE] != 0,
-                   hyper[ADAM_H_WEIGHT_DECAY] != 0, hyper[ADAM_H_DECOUPLED] != 0, hyper[ADAM_H_AMSGRAD] != 0)
+                   stream(addresses, tensor, STATE0, start, length, state_like),
+                   stream(addresses, tensor, STATE1, start, length, state_like),
+                   stream(addresses, tensor, STATE2, start, length, state_like), coefficients[tensor],
+                   addresses[tensor, LR_SCALE] != 0, hyper[ADAM_H_MAXIMIZE] != 0, hyper[ADAM_H_WEIGHT_DECAY] != 0,
+                   hyper[ADAM_H_DECOUPLED] != 0, hyper[ADAM_H_AMSGRAD] != 0, seed, optimizer_step,
+                   (np.int64(tensor) << np.int64(40)) + start)
 
 
 # Single-threaded twins for small buckets (see tables.SERIAL_BELOW).

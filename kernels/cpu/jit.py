@@ -11,6 +11,9 @@ import types
 import numba
 
 jit = numba.njit(cache=True, error_model="numpy", nogil=True)
+# Re-association only (NaN and inf keep their meaning): for reductions, which LLVM vectorises only when it may
+# reorder the additions. The order is then fixed by the compiled code: the same total from run to run.
+reduction_jit = numba.njit(cache=True, error_model="numpy", nogil=True, fastmath={"reassoc"})
 parallel_jit = numba.njit(cache=True, error_model="numpy", nogil=True, parallel=True)
 
 

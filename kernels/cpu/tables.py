@@ -6,8 +6,11 @@ Per optimizer step the host passes:
 - ``chunk_tensor``, ``chunk_start``, ``chunk_length`` int64 [chunks]: the work split, at most CHUNK elements each.
 - ``tensor_group`` int64 [tensors] and ``tensor_step`` int64 [tensors] (steps taken, advanced by the kernel).
 - ``group_hyper`` float64 [groups, columns] below, plus the packed schedules (see schedule_codes).
-- ``coefficients`` [tensors, COEFFICIENTS] in the param dtype: workspace the kernel fills with each tensor's
-  step scalars, computed in float64 and rounded once to the param dtype, as torch passes Python floats.
+- ``tensor_format`` int64 [tensors, FORMAT_COLUMNS]: how each tensor's param, grad and state buffers are stored
+  (the storage formats below); the math runs in the bucket's math dtype (float32, or float64 for float64 params).
+- ``grad_control`` float64 [GRAD_CONTROLS]: this step's gradient handling (loss-scale inverse, clip factor, skip).
+- ``coefficients`` [tensors, COEFFICIENTS] in the math dtype: workspace the kernel fills with each tensor's
+  step scalars, computed in float64 and rounded once to the math dtype, as torch passes Python floats.
 """
 
 # Elements per unit of parallel work: 64K float32 = 256 KiB per stream, large enough to amortise the
@@ -18,9 +21,20 @@ CHUNK = 1 << 16
 # second core saves, and a parallel step of a small model waits for a free core whenever another process holds one.
 SERIAL_BELOW = 4 * CHUNK
 
-# Address-table slots shared by all optimizers.
-PARAM, GRAD, LR_SCALE, STATE0, STATE1, STATE2 = range(6)
-SLOTS = 6
+# Address-table slots shared by all optimizers. MASTER: the float32 master copy of a 16-bit param (0: none).
+PARAM, GRAD, LR_SCALE, STATE0, STATE1, STATE2, MASTER = range(7)
+SLOTS = 7
+
+# Storage formats (tensor_format entries). NATIVE: the math dtype itself, read and written in place. The others
+# are converted on the way in (exactly) and on the way out (round to nearest even, or stochastically).
+NATIVE, FLOAT32, BFLOAT16, FLOAT16, BFLOAT16_STOCHASTIC = range(5)
+PARAM_FORMAT, GRAD_FORMAT, STATE_FORMAT = range(3)
+FORMAT_COLUMNS = 3
+
+# grad_control entries: the grads are multiplied by GRAD_UNSCALE (1 / loss scale) and then by GRAD_CLIP (the
+# global-norm clip factor) before the update; SKIP != 0 skips the whole step (non-finite grads).
+GRAD_UNSCALE, GRAD_CLIP, SKIP = range(3)
+GRAD_CONTROLS = 3
 
 # State slots per optimizer, in torch's state names.
 SGD_STATES = ("momentum_buffer",)
@@ -32,5 +46,7 @@ SGD_COLUMNS = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
 RMSPROP_COLUMNS = ("alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
 ADAM_COLUMNS = ("beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
 
-# Width of the per-tensor coefficient workspace (the widest optimizer's need).
-COEFFICIENTS = 10
+# Width of the per-tensor coefficient workspace: the widest optimizer's need, then the two grad factors
+# (grad_control's GRAD_UNSCALE and GRAD_CLIP rounded to the math dtype), shared by all optimizers.
+COEFFICIENTS = 12
+COEFFICIENT_GRAD_UNSCALE, COEFFICIENT_GRAD_CLIP = COEFFICIENTS - 2, COEFFICIENTS - 1

@@ -8,9 +8,10 @@
 // rounds the same on the host and the device, and does not depend on --ftz or the rounding mode.
 //
 // Stochastic rounding (float32_to_bfloat16_stochastic) draws its random bits from counter_hash(seed, step,
-// element): the same inputs give the same bits in any thread order, on any backend.
+// element): the same inputs give the same bits in any thread order, on any backend. The fused kernels mix (seed,
+// step) once per block (counter_key) and each element in (counter_hash_keyed): the same hash, split in two.
 //
-// The groundwork of mixed-precision storage (issue 7): not yet wired into the fused kernels.
+// storage.cuh uses these to load and store the kernels' 16-bit streams.
 #pragma once
 
 #include "host_device.cuh"
@@ -126,29 +127,43 @@ FASTOPT_HOST_DEVICE uint16 float32_to_float16_bits(float value) {
     return uint16(sign | ((significand + bias) >> shift));
 }
 
-// A 32-bit random number from (seed, step, element): SplitMix64's finaliser over a mix of the three, a bijection
-// of its 64-bit input with full avalanche, so neighbouring elements and steps get independent bits. Negative
-// arguments wrap modulo 2^64, as np.uint64 does in the Numba function.
-FASTOPT_HOST_DEVICE uint32 counter_hash(int64 seed, int64 step, int64 element) {
-    uint64 state = (uint64(seed) * 0x9E3779B97F4A7C15ull
-                    ^ uint64(step) * 0xC2B2AE3D27D4EB4Full
-                    ^ uint64(element) * 0x165667B19E3779F9ull);
+// The (seed, step) part of counter_hash's input mix, computed once for many elements.
+FASTOPT_HOST_DEVICE uint64 counter_key(int64 seed, int64 step) {
+    return uint64(seed) * 0x9E3779B97F4A7C15ull ^ uint64(step) * 0xC2B2AE3D27D4EB4Full;
+}
+
+// counter_hash(seed, step, element) given counter_key(seed, step): the mix is an exclusive or, so the key can be
+// formed first.
+FASTOPT_HOST_DEVICE uint32 counter_hash_keyed(uint64 key, int64 element) {
+    uint64 state = key ^ uint64(element) * 0x165667B19E3779F9ull;
     state = (state ^ (state >> 30)) * 0xBF58476D1CE4E5B9ull;
     state = (state ^ (state >> 27)) * 0x94D049BB133111EBull;
     state = state ^ (state >> 31);
     return uint32(state >> 32);
 }
 
-// A float32 rounded to one of its two bfloat16 neighbours, up with probability (value - lower) / (upper - lower):
-// adding 16 random bits below the kept half and truncating. Unbiased in expectation; exact values stay exact;
-// NaN and infinities as in round to nearest.
-FASTOPT_HOST_DEVICE uint16 float32_to_bfloat16_stochastic(float value, int64 seed, int64 step, int64 element) {
+// A 32-bit random number from (seed, step, element): SplitMix64's finaliser over a mix of the three, a bijection
+// of its 64-bit input with full avalanche, so neighbouring elements and steps get independent bits. Negative
+// arguments wrap modulo 2^64, as np.uint64 does in the Numba function.
+FASTOPT_HOST_DEVICE uint32 counter_hash(int64 seed, int64 step, int64 element) {
+    return counter_hash_keyed(counter_key(seed, step), element);
+}
+
+// float32_to_bfloat16_stochastic with the random bits of counter_hash_keyed(key, element).
+FASTOPT_HOST_DEVICE uint16 float32_to_bfloat16_stochastic_keyed(float value, uint64 key, int64 element) {
     const uint32 bits = float32_bits(value);
     if ((bits & FLOAT32_ABS_MASK) >= FLOAT32_INFINITY_BITS) {
         return float32_to_bfloat16_bits(value);
     }
-    const uint32 noise = counter_hash(seed, step, element) >> 16;
+    const uint32 noise = counter_hash_keyed(key, element) >> 16;
     return uint16((bits + noise) >> 16);
+}
+
+// A float32 rounded to one of its two bfloat16 neighbours, up with probability (value - lower) / (upper - lower):
+// adding 16 random bits below the kept half and truncating. Unbiased in expectation; exact values stay exact;
+// NaN and infinities as in round to nearest.
+FASTOPT_HOST_DEVICE uint16 float32_to_bfloat16_stochastic(float value, int64 seed, int64 step, int64 element) {
+    return float32_to_bfloat16_stochastic_keyed(value, counter_key(seed, step), element);
 }
 
 }  // namespace fastopt

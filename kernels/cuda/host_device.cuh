@@ -8,9 +8,11 @@
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define FASTOPT_HOST_DEVICE __host__ __device__ __forceinline__
+#define FASTOPT_UNROLL _Pragma("unroll")
 #else
 #include <math.h>
 #define FASTOPT_HOST_DEVICE inline
+#define FASTOPT_UNROLL  // the shim's loops run once per thread index; g++ -Wall would warn of an unknown pragma
 #endif
 
 namespace fastopt {
