@@ -145,20 +145,15 @@ def make_step(spec, size, variant):
     return fastopt_step(spec, size, variant)
 
 
-@pytest.mark.parametrize("optimizer, size, threads", list(cases()))
-def test_step(benchmark, optimizer, size, threads):
-    """All variants of one (optimizer, size, threads) group, timed interleaved: each round runs every variant once,
-    in an order that rotates from round to round, so slow drifts of the host's bandwidth fall on all variants
-    alike and their ratios hold. The benchmark's own figure is the whole round; each variant's median step is in
-    ``extra_info["variants"]``."""
-    spec = OPTIMIZERS[optimizer]
-    numba.set_num_threads(threads)
-    torch.set_num_threads(threads)
-    names = variants(optimizer, size)
-    steps = {name: make_step(spec, size, name) for name in names}
+def time_interleaved(benchmark, group, steps):
+    """{variant: [seconds per round]} for ``steps`` ({variant: a step}), timed interleaved: each of ROUNDS rounds runs
+    every variant once, in an order that rotates from round to round, so slow drifts of the host's bandwidth fall
+    on all variants alike. Every step runs twice first (compiles or loads the cache, allocates state, faults pages
+    in); the steps (and the optimizers and state they hold) are dropped at the end."""
+    names = list(steps)
     times = {name: [] for name in names}
     for step in steps.values():
-        step()  # compiles (or loads the cache), allocates state, faults pages in
+        step()
         step()
     rounds = iter(range(1 << 30))
 
@@ -170,11 +165,26 @@ def test_step(benchmark, optimizer, size, threads):
             times[name].append(time.perf_counter() - start)
 
     try:
-        benchmark.group = f"{optimizer} {size} {threads} thread{'s' if threads > 1 else ''}"
+        benchmark.group = group
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     finally:
         steps.clear()  # the optimizers and their state go now, not when pytest lets go of the frame
         gc.collect()
+    return times
+
+
+@pytest.mark.parametrize("optimizer, size, threads", list(cases()))
+def test_step(benchmark, optimizer, size, threads):
+    """All variants of one (optimizer, size, threads) group, timed interleaved: each round runs every variant once,
+    in an order that rotates from round to round, so slow drifts of the host's bandwidth fall on all variants
+    alike and their ratios hold. The benchmark's own figure is the whole round; each variant's median step is in
+    ``extra_info["variants"]``."""
+    spec = OPTIMIZERS[optimizer]
+    numba.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    names = variants(optimizer, size)
+    times = time_interleaved(benchmark, f"{optimizer} {size} {threads} thread{'s' if threads > 1 else ''}",
+                             {name: make_step(spec, size, name) for name in names})
     ceiling = row_bytes(spec, size, "ceiling") / float(np.median(times["ceiling"]))
     results = {}
     for name in names:

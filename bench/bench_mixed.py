@@ -23,9 +23,6 @@ issue's 1.6x speaks of) and, for ``bf16_bf16states``, ``torch_fused`` (``torch.o
 bfloat16 params, whose states are bfloat16 too: the same 14 B). ``grad_norm`` times the fused global-norm and
 finiteness pass (``max_grad_norm`` / ``grad_scale`` / the guard) against a read-only ceiling.
 """
-import gc
-import time
-
 import ml_dtypes
 import numba
 import numpy as np
@@ -33,7 +30,7 @@ import pytest
 import torch
 
 import fastopt as fo
-from bench_cpu import GPT2_PARAMS, staggered
+from bench_cpu import GPT2_PARAMS, ROUNDS, staggered, time_interleaved
 from fastopt.kernels.cpu.jit import parallel_jit
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -46,9 +43,6 @@ CONFIGS = {
     "bf16_bf16states": (BF16, BF16, dict(state_dtype="bfloat16"), 14),
     "grad_norm": (np.float32, np.float32, dict(max_grad_norm=1.0), 4),
 }
-ROUNDS = 7
-
-
 # ---------------------------------------------------------------- ceilings: the traffic, trivial math
 @parallel_jit
 def ceiling_f32(param, grad, m, v):
@@ -183,26 +177,8 @@ def test_step(benchmark, config, size, threads):
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
     names = variants(config)
-    steps = {name: make_step(config, size, name) for name in names}
-    times = {name: [] for name in names}
-    for step in steps.values():
-        step()  # compiles (or loads the cache), allocates state, faults pages in
-        step()
-    rounds = iter(range(1 << 30))
-
-    def one_round():
-        shift = next(rounds) % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-
-    try:
-        benchmark.group = f"{config} {size} {threads} thread{'s' if threads > 1 else ''}"
-        benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
-    finally:
-        steps.clear()
-        gc.collect()
+    times = time_interleaved(benchmark, f"{config} {size} {threads} thread{'s' if threads > 1 else ''}",
+                             {name: make_step(config, size, name) for name in names})
     ceiling = row_bytes(config, size, "ceiling") / float(np.median(times["ceiling"]))
     results = {}
     for name in names:

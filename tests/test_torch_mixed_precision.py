@@ -2,13 +2,13 @@
 optimizer's on the same grads, bit for bit), works with torch.amp.GradScaler, and keeps float32 states and
 master copies float32 through torch's state_dict/load_state_dict (which would cast them to the param dtype)."""
 import io
-import os
 
 import numpy as np
 import pytest
 
 import fastopt as fo
 import fastopt.torch as ft
+from test_torch_adapter import requires_gpu
 
 torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -145,18 +145,6 @@ def test_unknown_keyword_is_refused():
 
 
 # ---------------------------------------------------------------- on the GPU
-def _gpu_ready():
-    if not torch.cuda.is_available():  # first: then a CPU-only run never imports CuPy
-        return False
-    from fastopt.backends import cuda
-
-    return cuda.gpu_available()
-
-
-requires_gpu = pytest.mark.skipif(not _gpu_ready() and os.environ.get("REQUIRE_GPU") != "1",
-                                  reason="needs a CUDA GPU and CuPy")
-
-
 def cupy_view(tensor):
     import cupy
 
