@@ -227,7 +227,7 @@ def test_last_grad_norm_is_the_unscaled_global_norm(rng):
     optimizer = fo.Adam(params, max_grad_norm=1e9)
     optimizer.step([g * 8 for g in grads], grad_scale=8.0)
     expected = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
-    assert optimizer.last_grad_norm == pytest.approx(expected, rel=4 * np.finfo(F32).eps)
+    assert optimizer.last_grad_norm == pytest.approx(expected, rel=4 * float(np.finfo(F32).eps))
 
 
 @pytest.mark.parametrize("storage", STORAGE, ids=storage_id)
