@@ -7,8 +7,10 @@
 defaults: param groups, ``zero_grad``, ``step(closure)``, torch's lr schedulers, ``torch.amp.GradScaler`` and
 ``state_dict`` checkpoints (interchangeable with ``torch.optim``'s) work as with torch. The step is one fused
 fastopt kernel over zero-copy views of the params: Numba on CPU tensors, CUDA through CuPy on CUDA tensors
-(float32 and float64, contiguous, one device per optimizer). See :class:`fastopt.torch.adapter.TorchOptimizer`
-for what goes beyond torch (fastopt schedules as ``lr``, per-element ``lr_scale``).
+(float32, float64, bfloat16 and float16, contiguous, one device per optimizer). See
+:class:`fastopt.torch.adapter.TorchOptimizer` for what goes beyond torch (fastopt schedules as ``lr``, per-element
+``lr_scale``, mixed precision: master weights, bfloat16 states, stochastic rounding, fused clipping), and
+:mod:`fastopt.torch.distributed` for the sharded optimizer.
 """
 from .adapter import TorchOptimizer
 from .optimizers import SGD, Adam, AdamW, RMSprop
