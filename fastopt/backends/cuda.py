@@ -72,7 +72,7 @@ ILP = 4  # elements each thread loads before it computes and stores
 # streams; large ones get large chunks so each block's set-up (its schedule and coefficients) is amortised.
 MIN_CHUNK = 1 << 11
 MAX_CHUNK = 1 << 16
-BLOCKS_PER_MULTIPROCESSOR = 8
+BLOCKS_PER_MULTIPROCESSOR = 16  # measured best for the GPT-2 list (bench/GPU_TUNING.md)
 
 # Device counters of one bucket (tables.cuh): the optimizer's step count, the last-block ticket, and the launches
 # that skipped the step (grad_control's SKIP set on the device).
