@@ -45,7 +45,7 @@ CONFIGS = {
 }
 # ---------------------------------------------------------------- ceilings: the traffic, trivial math
 @parallel_jit
-def ceiling_f32(param, grad, m, v):
+def ceiling_same_type(param, grad, m, v):  # all float32, or all 16-bit bits: the same source, compiled per type
     for i in numba.prange(param.size):
         g = grad[i]
         m[i] = m[i] + g
@@ -71,15 +71,6 @@ def ceiling_bf16_master(param, grad, master, m, v):  # the param is only written
         m[i] = m[i] + g
         v[i] = v[i] + g
         param[i] = np.uint16(grad[i] + np.uint16(1))
-
-
-@parallel_jit
-def ceiling_bits(param, grad, m, v):  # everything 16-bit
-    for i in numba.prange(param.size):
-        g = grad[i]
-        m[i] = m[i] + g
-        v[i] = v[i] + g
-        param[i] = param[i] + g
 
 
 @parallel_jit
@@ -109,7 +100,7 @@ def ceiling_step(config, size):
         return lambda: ceiling_read(grad)
     if config == "fp32":
         arrays = [buffer(size, np.float32, k, rng) for k in range(4)]
-        return lambda: ceiling_f32(*arrays)
+        return lambda: ceiling_same_type(*arrays)
     bits = [buffer(size, np.uint16, k) for k in range(2)]
     if config == "bf16":
         states = [buffer(size, np.float32, 2 + k) for k in range(2)]
@@ -118,7 +109,7 @@ def ceiling_step(config, size):
         floats = [buffer(size, np.float32, 2 + k) for k in range(3)]
         return lambda: ceiling_bf16_master(*bits, *floats)
     states = [buffer(size, np.uint16, 2 + k) for k in range(2)]
-    return lambda: ceiling_bits(*bits, *states)
+    return lambda: ceiling_same_type(*bits, *states)
 
 
 def fastopt_step(config, size):

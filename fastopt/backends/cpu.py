@@ -16,9 +16,6 @@ from .. import dtypes
 from .tables import chunk_table, fill_tensor_tables, group_tables, indices_by_math_dtype, set_grads
 from ..kernels.cpu import fused, tables
 
-# Typing samples for the grad-norm kernel's views of stored grads: 16-bit bits, and float32 grads of float64 math.
-_BITS_LIKE = np.zeros(1, dtype=np.uint16)
-_SINGLE_LIKE = np.zeros(1, dtype=np.float32)
 # The element type the kernels see for each storage (Numba has no 16-bit floats).
 _KERNEL_DTYPES = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.int16), "float32": np.dtype(np.float32),
                   "float64": np.dtype(np.float64)}
@@ -96,8 +93,8 @@ class CpuBackend(HostArrays):
         for bucket in self.buckets:
             self._set_grads(bucket, grads)
             total, count = fused.grad_stats(bucket.addresses, bucket.tensor_format, bucket.chunk_tensor,
-                                            bucket.chunk_start, bucket.chunk_length, bucket.scratch, _BITS_LIKE,
-                                            _SINGLE_LIKE)
+                                            bucket.chunk_start, bucket.chunk_length, bucket.scratch,
+                                            bucket.like(_KERNEL_DTYPES["bfloat16"]), bucket.like(_KERNEL_DTYPES["float32"]))
             sum_of_squares += total
             nonfinite += count
         return sum_of_squares, nonfinite

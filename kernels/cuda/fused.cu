@@ -171,6 +171,20 @@ __device__ void adam_step(FASTOPT_STEP_PARAMETERS) {
 #undef FASTOPT_STEP_BODY
 
 // ---------------------------------------------------------------- gradient statistics
+// Each thread's (total, nonfinite) added over the block in a fixed tree (the same bits on every run): the sums land
+// in element 0 of the shared arrays, for thread 0 (which makes the last addition itself) to read.
+__device__ void block_sum(double* block_total, int64* block_nonfinite, double total, int64 nonfinite) {
+    block_total[threadIdx.x] = total;
+    block_nonfinite[threadIdx.x] = nonfinite;
+    for (int half = BLOCK / 2; half > 0; half /= 2) {
+        __syncthreads();
+        if (threadIdx.x < half) {
+            block_total[threadIdx.x] += block_total[threadIdx.x + half];
+            block_nonfinite[threadIdx.x] += block_nonfinite[threadIdx.x + half];
+        }
+    }
+}
+
 // Sum of squares (in double) and count of non-finite values of this thread's elements of one chunk's grad.
 template <typename T, int FORMAT>
 __device__ void chunk_grad_stats(const void* grad, int format, int length, double& total, int64& nonfinite) {
@@ -212,15 +226,7 @@ __device__ void grad_stats(const int64* addresses, const int64* tensor_format, c
             }
         }
     }
-    block_total[threadIdx.x] = total;
-    block_nonfinite[threadIdx.x] = nonfinite;
-    for (int half = BLOCK / 2; half > 0; half /= 2) {
-        __syncthreads();
-        if (threadIdx.x < half) {
-            block_total[threadIdx.x] += block_total[threadIdx.x + half];
-            block_nonfinite[threadIdx.x] += block_nonfinite[threadIdx.x + half];
-        }
-    }
+    block_sum(block_total, block_nonfinite, total, nonfinite);
     if (threadIdx.x == 0 && chunk < chunk_count) {
         chunk_sum_of_squares[chunk] = block_total[0];
         chunk_nonfinite[chunk] = block_nonfinite[0];
@@ -243,15 +249,7 @@ __device__ void finish_grad_control(const double* chunk_sum_of_squares, const in
         total += chunk_sum_of_squares[i];
         nonfinite += chunk_nonfinite[i];
     }
-    block_total[threadIdx.x] = total;
-    block_nonfinite[threadIdx.x] = nonfinite;
-    for (int half = BLOCK / 2; half > 0; half /= 2) {
-        __syncthreads();
-        if (threadIdx.x < half) {
-            block_total[threadIdx.x] += block_total[threadIdx.x + half];
-            block_nonfinite[threadIdx.x] += block_nonfinite[threadIdx.x + half];
-        }
-    }
+    block_sum(block_total, block_nonfinite, total, nonfinite);
     if (threadIdx.x == 0) {
         if (scale_format == SCALE_FLOAT32) {
             unscale = double(float(1.0 / double(*static_cast<const float*>(scale))));
