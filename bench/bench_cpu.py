@@ -10,6 +10,7 @@ a prange kernel with the optimizer's read/write pattern and trivial math. See be
     python -m pytest bench/bench_cpu.py -k "Adam-16M"                        # group ids: Adam-16M-2t
 """
 import gc
+import importlib
 import time
 
 import numba
@@ -22,7 +23,7 @@ from fastopt.benchmark import (CASES, ceiling_read2_write1, ceiling_read3_write2
                                gpt2_small_shapes, staggered as staggered_buffer)
 
 FLOAT32_BYTES = 4
-SIZES = {"1M": 1 << 20, "16M": 1 << 24, "64M": 1 << 26, "GPT2": None}  # GPT2: the list below
+SIZES = {"1M": 1 << 20, "16M": 1 << 24, "32M": 1 << 25, "64M": 1 << 26, "GPT2": None}  # GPT2: the list below
 
 
 GPT2_SHAPES = gpt2_small_shapes()
@@ -47,6 +48,8 @@ def variants(optimizer, size):
         rows.append("fastopt_lr_scale")
     if size == "1M":
         rows.append("reference")
+    if spec.anchor != "torch.optim":  # torch has no such optimizer: the package that defines it
+        return rows + [spec.anchor]
     rows += ["torch_forloop", "torch_foreach"] + (["torch_fused"] if spec.torch_fused else [])
     return rows
 
@@ -125,7 +128,8 @@ def torch_step(spec, size, variant):
         tensor = torch.from_numpy(param).requires_grad_()
         tensor.grad = torch.from_numpy(grad)
         tensors.append(tensor)
-    optimizer = getattr(torch.optim, spec.class_name)(tensors, **spec.kwargs, **TORCH_FLAGS[variant])
+    anchor = importlib.import_module(spec.anchor)
+    optimizer = getattr(anchor, spec.class_name)(tensors, **spec.kwargs, **TORCH_FLAGS.get(variant, {}))
     return optimizer.step
 
 
@@ -140,7 +144,7 @@ ROUNDS = 7
 def make_step(spec, size, variant):
     if variant == "ceiling":
         return ceiling_step(spec, size)
-    if variant.startswith("torch"):
+    if variant.startswith("torch") or variant == spec.anchor:
         return torch_step(spec, size, variant)
     return fastopt_step(spec, size, variant)
 

@@ -93,7 +93,7 @@ L2_MULTIPLE = 3
 @dataclass(frozen=True)
 class OptimizerSpec:
     fastopt: type
-    torch_name: str
+    torch_name: str  # None: torch.optim has no such optimizer
     kwargs: dict
     states: int  # state buffers per param
     torch_fused: bool  # torch.optim has a fused CUDA implementation
@@ -134,6 +134,7 @@ OPTIMIZERS = {
     "RMSprop": OptimizerSpec(fo.RMSprop, "RMSprop", dict(lr=1e-3), 1, False),
     "Adam": OptimizerSpec(fo.Adam, "Adam", dict(lr=1e-3), 2, True),
     "AdamW": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True),
+    "Adagrad": OptimizerSpec(fo.Adagrad, "Adagrad", dict(lr=1e-3), 1, False),  # torch's fused Adagrad: CPU only
     "AdamW_bf16_master": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "float32", True),
     "AdamW_bf16_bf16states": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "bfloat16"),
     "AdamW_bf16": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "float32"),
@@ -142,7 +143,8 @@ OPTIMIZERS = {
 
 def variants(optimizer):
     spec = OPTIMIZERS[optimizer]
-    rows = ["ceiling", "fastopt", "fastopt_graph"] + ([] if spec.mixed else ["torch_foreach"])
+    torch_foreach = not spec.mixed and spec.torch_name is not None
+    rows = ["ceiling", "fastopt", "fastopt_graph"] + (["torch_foreach"] if torch_foreach else [])
     return rows + (["torch_fused"] if spec.torch_fused else [])
 
 

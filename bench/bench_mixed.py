@@ -118,8 +118,8 @@ def fastopt_step(config, size):
     param, grad = buffer(size, param_dtype, 0, rng), buffer(size, grad_dtype, 1, rng)
     optimizer = fo.AdamW([param], lr=1e-3, **options)
     if config == "grad_norm":
-        backend = optimizer._backend
-        return lambda: backend.grad_control([grad], 1.0, 1.0)
+        backend, layout = optimizer._backend, optimizer._layout()
+        return lambda: backend.grad_control(layout, [grad], 1.0, 1.0)
     return lambda: optimizer.step([grad])
 
 

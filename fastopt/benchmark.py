@@ -2,8 +2,8 @@
 
 An optimizer step does almost no arithmetic per byte, so its speed limit is memory bandwidth. Each row's bytes
 are the least traffic one fused pass needs in float32 (every param, grad and state buffer read once, every
-updated one written once: Adam 28 B/param, SGD with momentum and RMSprop 20, plain SGD 12), the same count for
-every implementation, so GB/s reads directly against the ``ceiling`` row: a parallel Numba kernel with the
+updated one written once: 4 B per buffer read or written, so Adam moves 28 B/param, SGD with momentum 20, plain SGD
+12), the same count for every implementation, so GB/s reads directly against the ``ceiling`` row: a parallel Numba kernel with the
 optimizer's read/write pattern and trivial math, measured in the same run. Host bandwidth drifts by tens of
 percent over minutes, so the variants of one (optimizer, size) are timed in interleaved rounds and each row
 reports its median; compare ratios within one run, not GB/s across runs.
@@ -11,6 +11,7 @@ reports its median; compare ratios within one run, not GB/s across runs.
 The pytest-benchmark suite in the repository's ``bench/`` covers more variants and sizes; this module is the
 installed, self-contained version behind the command line.
 """
+import importlib
 import math
 import os
 import platform
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from . import optimizers
+from . import rules
 from .kernels.cpu.jit import parallel_jit
 
 FLOAT32_BYTES = 4
@@ -31,10 +32,11 @@ PAGE = 4096
 
 @dataclass(frozen=True)
 class OptimizerCase:
-    class_name: str  # the same in fastopt and in torch.optim
+    class_name: str  # the same in fastopt and in torch.optim (or the anchor's module)
     kwargs: dict
     states: int  # state buffers per param
     torch_fused: bool  # torch.optim has a fused CPU implementation
+    anchor: str = "torch.optim"  # the module of the implementation fastopt is measured against
 
     @property
     def bytes_per_param(self):  # reads: param, grad, states; writes: param, states
@@ -47,6 +49,7 @@ CASES = {
     "RMSprop": OptimizerCase("RMSprop", dict(lr=1e-3), 1, False),
     "Adam": OptimizerCase("Adam", dict(lr=1e-3), 2, True),
     "AdamW": OptimizerCase("AdamW", dict(lr=1e-3), 2, True),
+    "Adagrad": OptimizerCase("Adagrad", dict(lr=1e-3), 1, True),
 }
 QUICK = dict(sizes=(4 << 20,), repeats=5, sample_seconds=0.02)
 FULL = dict(sizes=(1 << 20, 16 << 20), repeats=9, sample_seconds=0.05)
@@ -112,14 +115,20 @@ def ceiling_step(case, param, grad):
 
 
 def fastopt_step(case, param, grad):
-    optimizer = getattr(optimizers, case.class_name)([param], **case.kwargs)
+    optimizer = getattr(rules, case.class_name)([param], **case.kwargs)
     return lambda: optimizer.step([grad])
 
 
 def torch_step(case, param, grad, torch, **flags):
+    """The step of the case's anchor implementation (torch.optim's, or another package's), None if that package is
+    not installed."""
+    try:
+        anchor = importlib.import_module(case.anchor)
+    except ImportError:
+        return None
     tensor = torch.from_numpy(param).requires_grad_()  # shares memory with param: no copy
     tensor.grad = torch.from_numpy(grad)
-    optimizer = getattr(torch.optim, case.class_name)([tensor], **case.kwargs, **flags)
+    optimizer = getattr(anchor, case.class_name)([tensor], **case.kwargs, **flags)
     return optimizer.step
 
 
@@ -235,6 +244,7 @@ def _measure_group(name, size, threads, repeats, sample_seconds, torch, bar):
         steps["torch"] = torch_step(case, param, grad, torch)
         if case.torch_fused:
             steps["torch-fused"] = torch_step(case, param, grad, torch, fused=True)
+    steps = {variant: step for variant, step in steps.items() if step is not None}
     counts = {}
     for variant, step in steps.items():
         step(), step()  # compile or load, allocate state

@@ -52,9 +52,9 @@ def bench(arguments):
           f"numba {machine['numba']}, torch {machine['torch'] or 'not installed'}; float32, median of "
           f"{settings['repeats']} interleaved rounds")
     print(benchmark.format_table(result))
-    print("GB/s: the bytes one fused pass must move (Adam 28 B/param, SGD momentum and RMSprop 20, SGD 12).\n"
-          "of ceiling: against a kernel with the same traffic and trivial math. fastopt speed-up: the torch row's\n"
-          "time over fastopt's. Compare ratios within a run, not GB/s across runs: host bandwidth drifts.")
+    print("GB/s: the bytes one fused pass must move (4 B for each param, grad and state read, each param and state\n"
+          "written). of ceiling: against a kernel with the same traffic and trivial math. fastopt speed-up: a torch\n"
+          "row's time over fastopt's. Compare ratios within a run, not GB/s across runs: host bandwidth drifts.")
     with open(arguments.json, "w") as file:
         json.dump(result, file, indent=1)
     print(f"wrote {arguments.json}")
@@ -209,15 +209,15 @@ def parser():
                               help="GB/s against the ceiling as a PNG (default: %(default)s)")
     bench_parser.set_defaults(run=bench)
 
-    from .demo import OPTIMIZERS, SCHEDULES  # the demo module imports no optional dependency at import
+    from .demo import DEFAULT_LR, OPTIMIZERS, SCHEDULES  # the demo module imports no optional dependency at import
 
     demo_parser = commands.add_parser("demo", help="train a small MLP on scikit-learn's digits",
                                       description="Train a one-hidden-layer MLP (NumPy, hand-written backprop) on "
                                       "scikit-learn's bundled digits with a fastopt optimizer and schedule.")
     demo_parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
     demo_parser.add_argument("--schedule", choices=SCHEDULES, default="onecycle")
-    demo_parser.add_argument("--lr", type=float, help="peak learning rate (default: adam(w) 3e-3, sgd 0.1, "
-                             "rmsprop 1e-3)")
+    demo_parser.add_argument("--lr", type=float, help="peak learning rate (default: " + ", ".join(
+        f"{name} {lr:g}" for name, lr in DEFAULT_LR.items()) + ")")
     demo_parser.add_argument("--epochs", type=int, default=20)
     demo_parser.add_argument("--batch-size", type=int, default=64)
     demo_parser.add_argument("--hidden", type=int, default=128, help="hidden units")

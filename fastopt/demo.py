@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import optimizers, schedules
+from . import rules, schedules
 
-OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop"}
+OPTIMIZERS = {cls.__name__.lower(): cls for cls in rules.OPTIMIZERS}
 SCHEDULES = ("onecycle", "cosine", "warmup_cosine", "step", "constant")
 # Peak rates that train this model well; SGD uses Nesterov momentum 0.9.
-DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.1, "rmsprop": 1e-3}
+DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.1, "rmsprop": 1e-3, "adagrad": 3e-2}
 
 
 @dataclass
@@ -105,12 +105,12 @@ def make_schedule(name, lr, total_steps):
 
 
 def make_optimizer(name, params, lr, **extra):
-    """``name`` (adamw, adam, sgd, rmsprop) over ``params`` with ``lr`` (a number or a schedule)."""
+    """``name`` (a key of OPTIMIZERS: adamw, adam, sgd, ...) over ``params`` with ``lr`` (a number or a schedule)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
     if name == "sgd":
         extra = {"momentum": 0.9, "nesterov": True, **extra}
-    return getattr(optimizers, OPTIMIZERS[name])(params, lr=lr, **extra)
+    return OPTIMIZERS[name](params, lr=lr, **extra)
 
 
 @contextlib.contextmanager

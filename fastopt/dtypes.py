@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 
-from .kernels.cpu import tables
+from .kernels.cpu import layout
 
 FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
@@ -43,14 +43,14 @@ def math_dtype(name):
 
 @functools.lru_cache(maxsize=None)
 def kernel_format(name, math, *, stochastic=False):
-    """The kernels' storage-format code (kernels/cpu/tables.py) of values stored as ``name`` under ``math``."""
+    """The kernels' storage-format code (kernels/cpu/layout.py) of values stored as ``name`` under ``math``."""
     if name == math.name:
-        return tables.NATIVE
+        return layout.NATIVE
     if name == "float32":
-        return tables.FLOAT32
+        return layout.FLOAT32
     if name == "float16":
-        return tables.FLOAT16
-    return tables.BFLOAT16_STOCHASTIC if stochastic else tables.BFLOAT16
+        return layout.FLOAT16
+    return layout.BFLOAT16_STOCHASTIC if stochastic else layout.BFLOAT16
 
 
 def numpy_dtype(name):

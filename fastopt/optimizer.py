@@ -11,9 +11,9 @@ import numbers
 import numpy as np
 
 from . import backends, dtypes, schedules
+from .backends.layout import MASTER, GroupTable, Layout
 from .guard import Guard
-
-MASTER = "master_param"  # the state name of a 16-bit param's float32 master copy
+from .kernels.cpu import layout as kernel_layout
 STATE_DTYPES = ("float32", "bfloat16")
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -25,10 +25,15 @@ def _is_array(value):
 class Optimizer:
     """Base of the fastopt optimizers.
 
-    Subclasses set ``DEFAULTS`` (torch's hyperparameters and defaults), ``STATE_SLOTS`` (torch's state names in
-    the kernels' slot order), ``COLUMNS`` and ``group_row`` (the kernels' per-group table), ``KERNEL`` (the fused
-    kernel's name), and implement ``validate_hyperparameters``, ``state_names(group)`` (the buffers a group's
-    hyperparameters use) and ``reference_step`` (the float64 reference update of one tensor).
+    Subclasses are the update rules (:mod:`fastopt.rules`). Each sets ``KERNEL`` (the name of its element math in
+    ``kernels/cpu/rules`` and ``kernels/cuda/rules``), ``DEFAULTS`` (torch's hyperparameters and defaults),
+    ``STATE_SLOTS`` (torch's state names, in the kernels' slot order; at most three) and ``OPTIONAL_STATES`` (those
+    some groups do not use), ``COLUMNS`` (the group-table columns its kernels read; ``group_row`` fills them from a
+    group, by default as floats of the group's values of the same names) and ``REFERENCE`` (the float64 reference
+    of one tensor's step, taking the group's hyperparameters as keywords), and may override
+    ``validate_hyperparameters``, ``state_names(group)`` (the buffers a group uses; by default those not optional),
+    ``counts_step(group)`` (whether a step advances the params' step counts) and ``initial_state(name, group)`` (the
+    value a new state buffer starts at, 0 by default).
 
     Keyword options of every optimizer:
 
@@ -46,8 +51,12 @@ class Optimizer:
       - ``max_grad_norm``: clip the grads by their global L2 norm inside the step (see :meth:`step`).
     """
 
+    KERNEL: str = None
     DEFAULTS: dict = {}
     STATE_SLOTS: tuple = ()
+    OPTIONAL_STATES: tuple = ()
+    COLUMNS: tuple = ()
+    REFERENCE = None
 
     def __init__(self, params, defaults, *, backend="auto", guard=None, master_weights=False, state_dtype="float32",
                  rounding="nearest", seed=0, max_grad_norm=None):
@@ -83,12 +92,12 @@ class Optimizer:
         self.state = []  # per param, in group order: dict of torch-named state buffers
         self._params = []
         self.step_count = 0
-        self._layout_version = 0  # advanced whenever a buffer or lr_scale array the kernels address changes
+        self._frozen_layout = None  # the Layout the engine was last handed; None: a buffer changed since
+        self._group_table = None
         for group in groups:
             self._add_group(group)
-        self._backend = self._engine(self)
+        self._backend = self._engine(self._layout())
         self._group_snapshot = None
-        self._groups_pending = True  # group values the engine has not taken in yet
         self._missing_state = {}  # param index -> state buffers its group needs that it does not have yet
 
     # ---------------------------------------------------------------- groups
@@ -119,7 +128,8 @@ class Optimizer:
         steps = self._backend.tensor_steps()
         self._add_group(dict(group))
         self._skipped_steps = self.skipped_steps  # the old engine's count of device-skipped steps
-        self._backend = self._engine(self)
+        self._frozen_layout = None
+        self._backend = self._engine(self._layout())
         self._backend.set_tensor_steps(np.concatenate([steps, np.zeros(len(self._params) - steps.size, np.int64)]))
         self._group_snapshot = None
 
@@ -221,6 +231,55 @@ class Optimizer:
         """Every param, in group order (the order ``step`` takes grads in)."""
         return list(self._params)
 
+    def _layout(self):
+        """The frozen :class:`~fastopt.backends.layout.Layout` of every buffer the kernels address, built anew after
+        any of them changed."""
+        if self._frozen_layout is None:
+            tensor_group, lr_scale = [], []
+            for number, group in enumerate(self.param_groups):
+                tensor_group += [number] * len(group["params"])
+                lr_scale += list(group["lr_scale"] or [None] * len(group["params"]))
+            self._frozen_layout = Layout(
+                rule=type(self), params=self._params, tensor_group=tensor_group, lr_scale=lr_scale,
+                states=[[state.get(name) for name in self.STATE_SLOTS] for state in self.state],
+                master=[state.get(MASTER) for state in self.state],
+                param_storage=[self.param_storage(index) for index in range(len(self._params))],
+                state_storage=[self.state_storage(index) for index in range(len(self._params))],
+                stochastic=self.rounding == "stochastic", seed=self.seed)
+        return self._frozen_layout
+
+    # ---------------------------------------------------------------- the rule
+    @classmethod
+    def column_indices(cls):
+        """The group-table index of each of ``COLUMNS``, in order (the rule's columns follow the generic ones)."""
+        return tuple(range(kernel_layout.GROUP_COLUMNS, kernel_layout.GROUP_COLUMNS + len(cls.COLUMNS)))
+
+    @classmethod
+    def group_row(cls, group):
+        """The kernels' values of ``COLUMNS`` for ``group``, as floats (booleans as 0.0 / 1.0)."""
+        return {name: float(group[name]) for name in cls.COLUMNS if name in group}
+
+    @classmethod
+    def state_names(cls, group):
+        """The state buffers (torch's names) that ``group``'s hyperparameters use."""
+        return tuple(name for name in cls.STATE_SLOTS if name not in cls.OPTIONAL_STATES)
+
+    @classmethod
+    def counts_step(cls, group):
+        """Whether a step of ``group``'s params advances their step counts (what the kernels do too)."""
+        return True
+
+    @classmethod
+    def initial_state(cls, name, group):
+        """The value state buffer ``name`` of a param of ``group`` starts at."""
+        return 0.0
+
+    @classmethod
+    def reference_step(cls, param, grad, state, group, lr, lr_scale):
+        """The float64 reference update of one tensor (``REFERENCE`` with the group's hyperparameters)."""
+        cls.REFERENCE(param, grad, state, lr=lr, lr_scale=lr_scale,
+                      **{key: group[key] for key in cls.DEFAULTS if key != "lr"})
+
     # ---------------------------------------------------------------- hyperparameter checks
     @staticmethod
     def check_number(value, name, where, *, low=None, high=None, low_open=False, high_open=False):
@@ -240,19 +299,21 @@ class Optimizer:
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{where}: {name} must be a bool, got {value!r}")
 
-    def validate_hyperparameters(self, group, where):
+    @classmethod
+    def check_betas(cls, betas, where):
+        """A pair (beta1, beta2), each in [0, 1)."""
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+        cls.check_number(betas[0], "beta1 (betas[0])", where, low=0.0, high=1.0, high_open=True)
+        cls.check_number(betas[1], "beta2 (betas[1])", where, low=0.0, high=1.0, high_open=True)
+
+    @classmethod
+    def validate_hyperparameters(cls, group, where):
+        """Check ``group``'s hyperparameters (torch's exception types: ValueError for a value out of range)."""
         if not isinstance(group["lr"], schedules.Schedule):
-            self.check_number(group["lr"], "lr", where, low=0.0)
-        self.check_flag(group["maximize"], "maximize", where)
-        self.check_number(group["weight_decay"], "weight_decay", where, low=0.0)
-
-    def state_names(self, group):
-        """The state buffers (torch's names) that ``group``'s hyperparameters use."""
-        raise NotImplementedError
-
-    def counts_step(self, group):
-        """Whether a step of ``group``'s params advances their step counts (the kernels' rule too)."""
-        return True
+            cls.check_number(group["lr"], "lr", where, low=0.0)
+        cls.check_flag(group["maximize"], "maximize", where)
+        cls.check_number(group["weight_decay"], "weight_decay", where, low=0.0)
 
     # ---------------------------------------------------------------- schedules
     def current_lr(self):
@@ -298,7 +359,7 @@ class Optimizer:
             if before is None or now[2] != before[2]:
                 if group["lr_scale"] is not None:
                     group["lr_scale"] = self._check_lr_scale(group["lr_scale"], group["params"], where)
-                self._layout_version += 1
+                self._frozen_layout = None
         self._missing_state = {}
         position = 0
         for group in self.param_groups:
@@ -309,6 +370,7 @@ class Optimizer:
                     self._missing_state[position] = missing
                 position += 1
         self._group_snapshot = snapshot
+        self._group_table = GroupTable(type(self), self.param_groups)
         return True
 
     def _allocate_state(self, grads):
@@ -321,7 +383,13 @@ class Optimizer:
             for name in self._missing_state.pop(index):
                 self.state[index][name] = self._new_buffer(index, name, ordinal)
                 ordinal += 1
-            self._layout_version += 1
+            self._frozen_layout = None
+
+    def initialize_state(self):
+        """Create every param's state buffers now rather than with its first grad (torch's Adagrad makes its state
+        at construction); their step counts stay 0."""
+        self._sync_groups()
+        self._allocate_state(self._params)
 
     def _new_buffer(self, index, name, ordinal):
         """A state buffer of param ``index``: zeros in its state storage, or for the master copy the param's
@@ -331,7 +399,16 @@ class Optimizer:
             master = self._engine.allocate_state(param, ordinal, "float32")
             self._engine.copy_widened(master, param)
             return master
-        return self._engine.allocate_state(param, ordinal, self.state_storage(index))
+        return self._engine.allocate_state(param, ordinal, self.state_storage(index),
+                                           self.initial_state(name, self._group_of(index)))
+
+    def _group_of(self, index):
+        """The param group that holds param ``index``."""
+        for group in self.param_groups:
+            if index < len(group["params"]):
+                return group
+            index -= len(group["params"])
+        raise IndexError(index)
 
     def _check_grads(self, grads):
         if _is_array(grads):
@@ -364,15 +441,15 @@ class Optimizer:
         grads = self._check_grads(grads)
         device_scale = self._device_scale(grad_scale)
         unscale = 1.0 if device_scale is not None else self._unscale(grad_scale)
-        # A change the engine has not applied yet stays pending through a skipped or refused step.
-        self._groups_pending |= self._sync_groups()
+        self._sync_groups()
         self._allocate_state(grads)
         if grad_scale is None and self.max_grad_norm is None and self.guard is None:
             control = None
         else:
             skip_nonfinite = self.guard is None or self.guard.skip_nonfinite
             scale = {} if device_scale is None else {"scale": device_scale}
-            control = self._backend.grad_control(grads, unscale, self.max_grad_norm, skip_nonfinite, **scale)
+            control = self._backend.grad_control(self._layout(), grads, unscale, self.max_grad_norm, skip_nonfinite,
+                                                 **scale)
             self.last_grad_norm = control.norm
             if self.guard is not None and not self.guard.admit(control.nonfinite):
                 control.skip()
@@ -380,8 +457,7 @@ class Optimizer:
                 self._skipped_steps += 1
                 return
         lr_factor = 1.0 if self.guard is None else self.guard.lr_factor
-        self._backend.step(grads, self.step_count, self._groups_pending, lr_factor, control)
-        self._groups_pending = False
+        self._backend.step(self._layout(), self._group_table, grads, self.step_count, lr_factor, control)
         self.step_count += 1
 
     def _device_scale(self, grad_scale):
@@ -494,13 +570,12 @@ class Optimizer:
                 self._engine.copy_from_numpy(state[name], value)
         self.step_count = step_count
         self._skipped_steps = skipped_steps
-        self._layout_version += 1
+        self._frozen_layout = None
         if self.guard is not None and "guard" in state_dict:
             self.guard.load_state_dict(state_dict["guard"])
         self._group_snapshot = None
-        self._groups_pending = True
         self._sync_groups()
-        self._backend = self._engine(self)
+        self._backend = self._engine(self._layout())
         self._backend.set_tensor_steps(steps)
 
     @staticmethod

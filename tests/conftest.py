@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fastopt.kernels.cpu.tables import CHUNK
+from fastopt.kernels.cpu.layout import CHUNK
 
 # Awkward sizes: empty, one element, an odd prime, and more than one kernel chunk.
 SIZES = (0, 1, 13, 2 * CHUNK + 7)

@@ -93,10 +93,29 @@ def test_bad_group_change_between_steps(change, error, message):
     (fo.RMSprop, dict(eps=0.0), ValueError, "eps"),
     (fo.RMSprop, dict(centered=1), TypeError, "centered must be a bool"),
     (fo.Adam, dict(backend="gpu"), ValueError, "unknown backend"),
+    (fo.Adagrad, dict(lr=-0.1), ValueError, "invalid lr"),
+    (fo.Adagrad, dict(lr_decay=-0.1), ValueError, "invalid lr_decay"),
+    (fo.Adagrad, dict(weight_decay=-0.1), ValueError, "invalid weight_decay"),
+    (fo.Adagrad, dict(initial_accumulator_value=-1.0), ValueError, "invalid initial_accumulator_value"),
+    (fo.Adagrad, dict(eps=-1e-10), ValueError, "invalid eps"),
 ])
 def test_bad_hyperparameters(cls, kwargs, error, message):
     with pytest.raises(error, match=message):
         cls([np.ones(3, np.float32)], **kwargs)
+
+
+@pytest.mark.parametrize("cls,change,message", [
+    (fo.Adagrad, dict(lr_decay=-1.0), "invalid lr_decay"),
+    (fo.Adagrad, dict(eps=float("inf")), "eps must be finite"),
+])
+def test_bad_group_change_of_the_new_rules(cls, change, message):
+    """Adagrad checks its hyperparameters before anything is written, as the others do."""
+    params, optimizer = make(cls)
+    before = snapshot(params, optimizer)
+    optimizer.param_groups[0].update(change)
+    with pytest.raises(ValueError, match=message):
+        optimizer.step(GOOD)
+    assert_untouched(params, optimizer, before)
 
 
 def test_unknown_keyword_is_an_error():

@@ -65,7 +65,7 @@ def test_bench_tiny(tmp_path, capsys):
 
 
 def test_bench_rejects_unknown_names(capsys, tmp_path):
-    assert cli.main(["bench", "--optimizers", "Adagrad", "--json", str(tmp_path / "b.json")]) == 2
+    assert cli.main(["bench", "--optimizers", "Yogi", "--json", str(tmp_path / "b.json")]) == 2
     assert "unknown optimizer" in capsys.readouterr().err
 
 

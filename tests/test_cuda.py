@@ -23,9 +23,10 @@ import fastopt as fo
 from conftest import SIZES, assert_close, tolerance
 from fastopt import dtypes
 from fastopt.backends import cuda
-from fastopt.kernels.cpu import tables
+from fastopt.kernels.cpu import layout as kernel_layout
+from fastopt.rules import RULES
 import test_cuda_host_math
-from test_optimizers import CONFIG_IDS, CONFIGS, STEPS, assert_matches_reference, make_problem, run_reference
+from configs import CONFIG_IDS, CONFIGS, STEPS, assert_matches_reference, make_problem, run_reference
 from test_schedules import CASES, EPS
 
 shim = test_cuda_host_math.shim  # the host build of the kernels' math (a fixture), for the stand-in
@@ -152,7 +153,8 @@ def test_matches_reference(cp, cls, kwargs, dtype, rng):
     assert_matches_reference(optimizer, host(cp, device0 + device1), expected_params, expected_states, dtype, STEPS)
 
 
-TRANSCENDENTAL_FREE = [(cls, kwargs) for cls, kwargs in CONFIGS if cls in (fo.SGD, fo.RMSprop)]
+# Every rule but Adam's (pow in its bias corrections).
+TRANSCENDENTAL_FREE = [(cls, kwargs) for cls, kwargs in CONFIGS if cls.KERNEL != "adam"]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -549,6 +551,7 @@ MIXED_OPTIMIZERS = [
     (fo.RMSprop, dict(centered=True)),
     (fo.AdamW, dict(betas=(0.5, 0.25), amsgrad=True)),
     (fo.Adam, dict(betas=(0.5, 0.25), weight_decay=0.01)),
+    (fo.Adagrad, dict(lr_decay=0.1, weight_decay=0.01, initial_accumulator_value=0.5)),
 ]
 MIXED_SIZES = (0, 1, 13, 5000)  # 5000: several chunks, on the GPU and in the stand-in
 MIXED_STEPS = 4
@@ -656,13 +659,13 @@ def test_grad_scale_and_clipping_bitwise_equal_to_cpu_kernels(cp, config, storag
     gpu = mixed_optimizer(cls, kwargs, options, gpu_params, to_device(cp, scales), "cuda")
     host_control = cpu._backend.grad_control
 
-    def with_the_gpus_clip_factor(step_grads, unscale, max_norm, skip_nonfinite=True):
-        control = host_control(step_grads, unscale, max_norm, skip_nonfinite)
+    def with_the_gpus_clip_factor(layout, step_grads, unscale, max_norm, skip_nonfinite=True):
+        control = host_control(layout, step_grads, unscale, max_norm, skip_nonfinite)
         device = cp.asnumpy(gpu._backend.control_values)
-        assert device[tables.GRAD_UNSCALE] == control.values[tables.GRAD_UNSCALE] == np.float32(1 / scale)
-        assert device[tables.SKIP] == control.values[tables.SKIP] == 0
-        assert device[tables.GRAD_CLIP] == pytest.approx(control.values[tables.GRAD_CLIP], rel=1e-12)
-        assert device[tables.GRAD_CLIP] < 1
+        assert device[kernel_layout.GRAD_UNSCALE] == control.values[kernel_layout.GRAD_UNSCALE] == np.float32(1 / scale)
+        assert device[kernel_layout.SKIP] == control.values[kernel_layout.SKIP] == 0
+        assert device[kernel_layout.GRAD_CLIP] == pytest.approx(control.values[kernel_layout.GRAD_CLIP], rel=1e-12)
+        assert device[kernel_layout.GRAD_CLIP] < 1
         assert float(gpu.last_grad_norm) == pytest.approx(control.norm, rel=1e-12)
         control.values[:] = device
         return control
@@ -748,14 +751,14 @@ def test_device_loss_scale_matches_the_host_one(cp, rng):
     optimizer = fo.AdamW(params, max_grad_norm=3.0, backend="cuda")
     optimizer.step(grads, grad_scale=384.0)
     backend = optimizer._backend
-    expected = backend.grad_control(grads, float(np.float32(1 / 384.0)), 3.0)
+    expected = backend.grad_control(backend.layout, grads, float(np.float32(1 / 384.0)), 3.0)
     expected_values, expected_norm = cp.asnumpy(expected.values).copy(), float(expected.norm)
     for dtype in (np.float32, np.float64):
-        control = backend.grad_control(grads, 1.0, 3.0, scale=cp.asarray(np.array([384.0], dtype)))
+        control = backend.grad_control(backend.layout, grads, 1.0, 3.0, scale=cp.asarray(np.array([384.0], dtype)))
         np.testing.assert_array_equal(cp.asnumpy(control.values), expected_values)
         assert float(control.norm) == expected_norm and control.nonfinite == 0 and not control.skipped
     with pytest.raises(TypeError, match="one-element float32 or float64"):
-        backend.grad_control(grads, 1.0, 3.0, scale=cp.asarray(np.array([384.0, 1.0])))
+        backend.grad_control(backend.layout, grads, 1.0, 3.0, scale=cp.asarray(np.array([384.0, 1.0])))
 
 
 def test_bfloat16_buffers_are_uint16_bits_on_the_device(cp, rng):
@@ -788,12 +791,12 @@ def test_plain_buckets_launch_the_plain_kernels(cp, rng):
     optimizer = fo.Adam(params, backend="cuda")
     assert len(optimizer._backend.buckets) == 2
     optimizer.step([cp.ones(5, dtype=np.float32), cp.ones(5, dtype=np.uint16), cp.ones(5, dtype=np.float64)])
-    assert cp.stream.kernels[-2:] == ["adam_step_float_mixed", "adam_step_double"]
+    assert cp.stream.kernels[-2:] == ["step_float_mixed", "step_double"]
     optimizer.step([cp.ones(5, dtype=np.float32), cp.ones(5, dtype=np.uint16), cp.ones(5, dtype=np.float32)])
-    assert cp.stream.kernels[-2:] == ["adam_step_float_mixed", "adam_step_double_mixed"]
+    assert cp.stream.kernels[-2:] == ["step_float_mixed", "step_double_mixed"]
     plain = fo.Adam([cp.zeros(5, dtype=np.float32)], backend="cuda")
     plain.step([cp.ones(5, dtype=np.float32)])
-    assert cp.stream.kernels[-1] == "adam_step_float"
+    assert cp.stream.kernels[-1] == "step_float"
 
 
 @pytest.mark.parametrize("options", [dict(state_dtype="bfloat16"), dict(state_dtype="bfloat16", master_weights=True)],
@@ -894,7 +897,7 @@ def bad_grads_cases(cp):
     ]
 
 
-@pytest.mark.parametrize("cls", [fo.SGD, fo.RMSprop, fo.Adam, fo.AdamW])
+@pytest.mark.parametrize("cls", [fo.SGD, fo.RMSprop, fo.Adam, fo.AdamW, fo.Adagrad])
 def test_bad_grads_leave_params_untouched(cp, cls):
     params = [cp.ones((2, 3), dtype=np.float32), cp.ones(5, dtype=np.float32)]
     kwargs = dict(momentum=0.9) if cls is fo.SGD else {}
@@ -974,7 +977,7 @@ def test_stand_in_captured_grad_control_writes_fixed_buffers(cp):
     cp.stream.capturing = True
     optimizer.step(grads, grad_scale=2.0)
     cp.stream.capturing = False
-    assert cp.stream.kernels[-3:] == ["grad_stats_float", "finish_grad_control", "sgd_step_float"]
+    assert cp.stream.kernels[-3:] == ["grad_stats_float", "finish_grad_control", "step_float"]
     assert backend.captured_statistics[cuda.STATISTIC_NORM] == float(eager_norm) == np.sqrt(5.0)
     clip = 1.0 / (np.sqrt(5.0) + 1e-6)
     np.testing.assert_array_equal(cp.asnumpy(backend.control_values), [np.float32(0.5), clip, 0.0])
@@ -1031,7 +1034,7 @@ class _Stream:
 
 def _stored_values(address, storage_format, length, math):
     """``length`` stored values from ``address`` as float64 (the grad_stats emulation's read of a grad)."""
-    dtype = {tables.NATIVE: math, tables.FLOAT32: np.float32, tables.FLOAT16: np.float16}.get(storage_format, np.uint16)
+    dtype = {kernel_layout.NATIVE: math, kernel_layout.FLOAT32: np.float32, kernel_layout.FLOAT16: np.float16}.get(storage_format, np.uint16)
     itemsize = np.dtype(dtype).itemsize
     values = np.frombuffer((ctypes.c_char * (length * itemsize)).from_address(address), dtype=dtype)
     if dtype == np.uint16:  # bfloat16 bits
@@ -1053,10 +1056,11 @@ def _block_sum(values, zero):
 
 
 class _Kernel:
-    """One launch of a fused.cu kernel, emulated in fused.cu's order (see the ``cp`` fixture)."""
+    """One launch of a kernel of fused.cu (compiled for the rule ``rule``) or of grad_control.cu (``rule`` None),
+    emulated in the kernel's order (see the ``cp`` fixture)."""
 
-    def __init__(self, name, shim, stream):
-        self.name, self.shim, self.stream = name, shim, stream
+    def __init__(self, name, rule, shim, stream):
+        self.name, self.rule, self.shim, self.stream = name, rule, shim, stream
 
     def __call__(self, grid, block, args):
         self.stream.launches += 1
@@ -1068,12 +1072,15 @@ class _Kernel:
             else:  # CuPy passes a Python int as long long and a float as double: the host passes NumPy scalars
                 assert type(array) in (np.int64, np.float64)
         if self.name == "finish_grad_control":
+            assert self.rule is None
             return self._finish_grad_control(grid, *args)
         mixed = self.name.endswith("_mixed")
         kind, ctype = self.name.removesuffix("_mixed").rsplit("_", 1)
         dtype = {"float": np.float32, "double": np.float64}[ctype]
         if kind == "grad_stats":
+            assert self.rule is None
             return self._grad_stats(grid, dtype, *args)
+        assert kind == "step" and self.rule in RULES
         (addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, chunk_count, tensor_group, tensor_step,
          tensor_count, group_hyper, schedule_program, schedule_size, schedule_base, counters, lr_factor, grad_control,
          rounding_seed) = args
@@ -1083,31 +1090,31 @@ class _Kernel:
             assert array.dtype == np.int64
         assert group_hyper.dtype == schedule_program.dtype == grad_control.dtype == np.float64
         assert grid == (max(int(chunk_count), 1),) and chunk_tensor.size == chunk_count
-        assert addresses.shape == (tensor_count, tables.SLOTS) and schedule_program.size == schedule_size
-        assert tensor_format.shape == (tensor_count, tables.FORMAT_COLUMNS)
-        assert grad_control.shape == (tables.GRAD_CONTROLS,) and counters.shape == (cuda.COUNTERS,)
+        assert addresses.shape == (tensor_count, kernel_layout.SLOTS) and schedule_program.size == schedule_size
+        assert tensor_format.shape == (tensor_count, kernel_layout.FORMAT_COLUMNS)
+        assert grad_control.shape == (kernel_layout.GRAD_CONTROLS,) and counters.shape == (cuda.COUNTERS,)
+        assert group_hyper.shape[1] == kernel_layout.GROUP_COLUMNS + len(RULES[self.rule].COLUMNS)
         assert counters[cuda.TICKET] == 0
         # The plain kernel is built without the loop for other formats: the host must pick the mixed one.
         assert mixed or not tensor_format.any(), f"{self.name} launched on a bucket with other storage formats"
-        if grad_control[tables.SKIP] != 0:  # every block returns; the first counts the skip
+        if grad_control[kernel_layout.SKIP] != 0:  # every block returns; the first counts the skip
             counters[cuda.SKIPPED_STEPS] += 1
             return
-        run_block = getattr(self.shim, f"{kind.replace('_step', '_block')}_{ctype}")
+        run_block = getattr(self.shim, f"{self.rule}_block_{ctype}")
         # Every block: its chunk, with the counts as they were when the launch began.
         for chunk in range(chunk_count):
             tensor = int(chunk_tensor[chunk])
-            if addresses[tensor, tables.GRAD] == 0:
+            if addresses[tensor, kernel_layout.GRAD] == 0:
                 continue
             group = int(tensor_group[tensor])
             run_block(addresses[tensor].ctypes.data, tensor_format[tensor].ctypes.data, int(chunk_start[chunk]),
                       int(chunk_length[chunk]), group_hyper[group].ctypes.data, schedule_program.ctypes.data,
                       int(schedule_size), int(schedule_base[group]), int(counters[cuda.OPTIMIZER_STEP]),
                       float(lr_factor), int(tensor_step[tensor]), grad_control.ctypes.data, int(rounding_seed), tensor)
-        # The last block: the counts.
-        momentum = tables.SGD_COLUMNS.index("momentum")
+        # The last block: the counts (of the tensors with a grad whose group counts steps).
         for tensor in range(tensor_count):
-            if addresses[tensor, tables.GRAD] != 0 and (
-                    kind != "sgd_step" or group_hyper[tensor_group[tensor], momentum] != 0):
+            if (addresses[tensor, kernel_layout.GRAD] != 0
+                    and group_hyper[tensor_group[tensor], kernel_layout.COUNTS_STEP] != 0):
                 tensor_step[tensor] += 1
         counters[cuda.OPTIMIZER_STEP] += 1
 
@@ -1118,9 +1125,9 @@ class _Kernel:
         assert sums.size == counts.size == chunk_count
         for chunk in range(chunk_count):
             tensor = chunk_tensor[chunk]
-            storage_format = int(tensor_format[tensor, tables.GRAD_FORMAT])
-            itemsize = {tables.NATIVE: np.dtype(dtype).itemsize, tables.FLOAT32: 4}.get(storage_format, 2)
-            address = int(addresses[tensor, tables.GRAD]) + int(chunk_start[chunk]) * itemsize
+            storage_format = int(tensor_format[tensor, kernel_layout.GRAD_FORMAT])
+            itemsize = {kernel_layout.NATIVE: np.dtype(dtype).itemsize, kernel_layout.FLOAT32: 4}.get(storage_format, 2)
+            address = int(addresses[tensor, kernel_layout.GRAD]) + int(chunk_start[chunk]) * itemsize
             values = _stored_values(address, storage_format, int(chunk_length[chunk]), dtype)
             sums[chunk] = np.sum(values * values)
             counts[chunk] = np.count_nonzero(~np.isfinite(values))
@@ -1128,7 +1135,7 @@ class _Kernel:
     def _finish_grad_control(self, grid, sums, counts, chunk_count, unscale, scale, scale_format, max_norm,
                              skip_nonfinite, grad_control, statistics):
         assert grid == (1,) and sums.dtype == np.float64 and counts.dtype == np.int64
-        assert grad_control.shape == (tables.GRAD_CONTROLS,) and statistics.shape == (cuda.STATISTICS,)
+        assert grad_control.shape == (kernel_layout.GRAD_CONTROLS,) and statistics.shape == (cuda.STATISTICS,)
         if scale_format == cuda.SCALE_FLOAT32:
             unscale = float(np.float32(1.0 / float(np.float32(scale.reshape(-1)[0]))))
         elif scale_format == cuda.SCALE_FLOAT64:
@@ -1155,9 +1162,16 @@ class CupyStandIn:
             get_current_stream=lambda: self.stream,
             alloc_pinned_memory=bytearray)
 
-    def load_module(self, cupy, source, name):  # stands in for fastopt.backends.cuda.load_module
-        assert cupy is self and '#include "step_math.cuh"' in source and name == "fused"
-        return SimpleNamespace(get_function=lambda kernel: _Kernel(kernel, self.shim, self.stream))
+    def load_module(self, cupy, source, name, options=()):  # stands in for fastopt.backends.cuda.load_module
+        assert cupy is self
+        if name == "grad_control":
+            assert '#include "grad_control.cuh"' in source and not options
+            rule = None
+        else:  # fused.cu, compiled for one rule
+            assert '#include "step_math.cuh"' in source
+            rule = name.removeprefix("fused-")
+            assert tuple(options) == cuda.rule_options(rule)
+        return SimpleNamespace(get_function=lambda kernel: _Kernel(kernel, rule, self.shim, self.stream))
 
     @staticmethod
     def asarray(array):

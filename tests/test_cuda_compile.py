@@ -3,12 +3,15 @@
 Runs without a GPU: the compiler is NVRTC from the ``nvidia-cuda-nvrtc-cu12`` wheel (or the CUDA 13 wheel
 ``nvidia-cuda-nvrtc``, or a system libnvrtc), loaded with ctypes, with ``--ptxas-options=-v`` so that ptxas reports
 registers and spills per kernel; the machine's ``nvcc -Xptxas -v`` is the fallback. Without either the tests skip,
-unless ``REQUIRE_CUDA_COMPILER=1``, which makes them fail. Each source is compiled once per architecture per session.
+unless ``REQUIRE_CUDA_COMPILER=1``, which makes them fail. Each unit (fused.cu once per rule of fastopt.rules.RULES,
+grad_control.cu once) is compiled once per architecture per session. ptxas differs between CUDA releases (nvcc 13.0
+spilled where NVRTC 12.9 did not), so where an ``nvcc`` is installed the units are built with it too, and must not
+spill either.
 
 The step kernels report a 40-byte stack frame: the local array of double ``cos``'s argument reduction for huge
 arguments (Payne-Hanek), not spills; spills are reported separately and must be zero. (That reduction is a call:
-what a kernel keeps live across it is saved on the stack and reported as spills, which is why fused.cu ends the
-first thread's coefficient work at a barrier and reads the chunk's tables again after it.)
+what a kernel keeps live across it is saved on the stack and reported as spills, which is why fused.cu's first
+thread evaluates the schedule alone, before a barrier, and reads the tables again after it.)
 """
 import ctypes
 import ctypes.util
@@ -23,13 +26,16 @@ from pathlib import Path
 import pytest
 
 from fastopt.backends import cuda
+from fastopt.rules import RULES
 
 ARCHITECTURES = ("80", "90")
-KERNELS = [f"{name}_{ctype}{variant}" for name in ("sgd_step", "rmsprop_step", "adam_step")
-           for ctype in ("float", "double") for variant in ("", "_mixed")]
-KERNELS += [f"grad_stats_{ctype}" for ctype in ("float", "double")] + ["finish_grad_control"]
-SOURCES = sorted(path.name for path in cuda.SOURCE_DIR.glob("*.cu"))
-HEADERS = sorted(path.name for path in cuda.SOURCE_DIR.glob("*.cuh"))
+STEP_KERNELS = [f"step_{ctype}{variant}" for ctype in ("float", "double") for variant in ("", "_mixed")]
+GRAD_CONTROL_KERNELS = [f"grad_stats_{ctype}" for ctype in ("float", "double")] + ["finish_grad_control"]
+# The compiled units: (id, source, extra options, kernels): the step once per rule, the grad control once.
+UNITS = [(f"{cuda.SOURCE}[{kernel}]", cuda.SOURCE, cuda.rule_options(kernel), STEP_KERNELS) for kernel in RULES]
+UNITS.append((cuda.GRAD_CONTROL_SOURCE, cuda.GRAD_CONTROL_SOURCE, (), GRAD_CONTROL_KERNELS))
+UNIT_IDS = [unit[0] for unit in UNITS]
+HEADERS = sorted(path.relative_to(cuda.SOURCE_DIR).as_posix() for path in cuda.SOURCE_DIR.rglob("*.cuh"))
 
 
 # ---------------------------------------------------------------- compilers
@@ -92,17 +98,31 @@ def missing_compiler(reason):
     pytest.skip(reason)
 
 
+def nvcc_path():
+    return shutil.which("nvcc") or next((str(path) for path in (Path("/usr/local/cuda/bin/nvcc"),) if path.exists()),
+                                        None)
+
+
 @pytest.fixture(scope="module")
 def compiler(tmp_path_factory):
     path = nvrtc_library()
     if path:
         nvrtc = Nvrtc(path)
-        return lambda source, name, options, architecture: nvrtc.compile(source, name, options, architecture)
-    nvcc = shutil.which("nvcc")
+
+        def compile_with_nvrtc(source, name, options, architecture):
+            return nvrtc.compile(source, name, options, architecture)
+
+        compile_with_nvrtc.name = nvrtc.name
+        return compile_with_nvrtc
+    nvcc = nvcc_path()
     if nvcc:
         directory = tmp_path_factory.mktemp("nvcc")
-        return lambda source, name, options, architecture: Nvcc(nvcc).compile(source, name, options, architecture,
-                                                                              directory)
+
+        def compile_with_nvcc(source, name, options, architecture):
+            return Nvcc(nvcc).compile(source, name, options, architecture, directory)
+
+        compile_with_nvcc.name = Nvcc(nvcc).name
+        return compile_with_nvcc
     missing_compiler("no CUDA compiler: pip install nvidia-cuda-nvrtc-cu12 (or put nvcc on PATH)")
 
 
@@ -128,78 +148,134 @@ def parse_ptxas(log):
     return kernels
 
 
-@pytest.fixture(scope="module")
-def compiled(compiler):
-    """{(source, architecture): (succeeded, log)}, each compiled once."""
+def compile_units(compiler):
+    """{(unit id or header, architecture): (succeeded, log)}: every unit, and every header on its own (it must include
+    what it uses)."""
     options = list(cuda.compile_options())
     results = {}
     for architecture in ARCHITECTURES:
-        for name in SOURCES:
-            results[name, architecture] = compiler((cuda.SOURCE_DIR / name).read_text(), name, options, architecture)
+        for unit, source, extra, _ in UNITS:
+            results[unit, architecture] = compiler((cuda.SOURCE_DIR / source).read_text(), source,
+                                                   options + list(extra), architecture)
         for name in HEADERS:
-            # Each header on its own: it must include what it uses.
-            results[name, architecture] = compiler(f'#include "{name}"\n', f"only_{name}.cu", options, architecture)
+            results[name, architecture] = compiler(f'#include "{name}"\n', f"only_{Path(name).name}.cu", options,
+                                                   architecture)
     return results
 
 
+@pytest.fixture(scope="module")
+def compiled(compiler):
+    return compile_units(compiler)
+
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("name", SOURCES + HEADERS)
+@pytest.mark.parametrize("name", UNIT_IDS + HEADERS)
 def test_source_compiles(compiled, name, architecture):
     succeeded, log = compiled[name, architecture]
     assert succeeded, f"{name} for sm_{architecture}:\n{log}"
     assert "warning" not in log.lower(), f"{name} for sm_{architecture} compiles with warnings:\n{log}"
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_every_kernel_is_built_without_spills(compiled, architecture, capsys):
-    succeeded, log = compiled[cuda.SOURCE, architecture]
-    assert succeeded, log
-    kernels = parse_ptxas(log)
-    assert sorted(kernels) == sorted(KERNELS), f"ptxas reported {sorted(kernels)}"
+def assert_no_spills(compiled, compiler_name, architecture, capsys):
+    """Every unit's kernels: no spills, at least two blocks per multiprocessor, and the float step kernels (plain and
+    mixed) four, as the plain ones had before mixed precision (fused.cu: the mixed loop has kernels of its own so that
+    it cannot cost the plain ones occupancy)."""
     with capsys.disabled():
-        print(f"\n{cuda.SOURCE} for sm_{architecture}: kernel, registers, spill stores/loads (bytes), stack frame")
-        for name in KERNELS:
-            resources = kernels[name]
-            print(f"  {name:22} {resources.registers:4} regs  spills {resources.spill_stores}/{resources.spill_loads}"
-                  f"  stack {resources.stack_frame}")
-    for name, resources in kernels.items():
-        assert resources.spill_stores == 0 and resources.spill_loads == 0, f"{name} spills on sm_{architecture}"
-        # At BLOCK threads per block, each multiprocessor (65536 registers) must hold at least two blocks.
-        assert resources.registers * cuda.BLOCK * 2 <= 65536, f"{name} uses {resources.registers} registers"
-    # The float step kernels, plain and mixed, hold four blocks per multiprocessor, as the plain ones did before mixed
-    # precision: the mixed loop has kernels of its own (fused.cu) so that it cannot cost the plain ones occupancy.
-    for name in (name for name in KERNELS if "_step_float" in name):
-        registers = kernels[name].registers
-        assert registers * cuda.BLOCK * 4 <= 65536, f"{name} uses {registers} registers on sm_{architecture}"
+        print(f"\n{compiler_name}, sm_{architecture}: kernel, registers, spill stores/loads (bytes), stack frame")
+    for unit, _, _, expected in UNITS:
+        succeeded, log = compiled[unit, architecture]
+        assert succeeded, log
+        kernels = parse_ptxas(log)
+        assert sorted(kernels) == sorted(expected), f"{unit}: ptxas reported {sorted(kernels)}"
+        with capsys.disabled():
+            for name in expected:
+                resources = kernels[name]
+                print(f"  {unit:22} {name:20} {resources.registers:4} regs  spills "
+                      f"{resources.spill_stores}/{resources.spill_loads}  stack {resources.stack_frame}")
+        for name, resources in kernels.items():
+            assert resources.spill_stores == 0 and resources.spill_loads == 0, \
+                f"{unit} {name} spills on sm_{architecture} ({compiler_name})"
+            # At BLOCK threads per block, each multiprocessor (65536 registers) must hold at least two blocks.
+            assert resources.registers * cuda.BLOCK * 2 <= 65536, f"{unit} {name} uses {resources.registers} registers"
+            if name.startswith("step_float"):
+                assert resources.registers * cuda.BLOCK * 4 <= 65536, \
+                    f"{unit} {name} uses {resources.registers} registers on sm_{architecture} ({compiler_name})"
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_kernel_is_built_without_spills(compiler, compiled, architecture, capsys):
+    assert_no_spills(compiled, compiler.name, architecture, capsys)
+
+
+@pytest.fixture(scope="module")
+def compiled_by_nvcc(tmp_path_factory):
+    nvcc = nvcc_path()
+    if nvcc is None:
+        pytest.skip("no nvcc on PATH (or in /usr/local/cuda/bin)")
+    directory = tmp_path_factory.mktemp("nvcc")
+    compiler = Nvcc(nvcc)
+    release = [line for line in subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.splitlines()
+               if "release" in line]
+    compiler.name = f"{compiler.name}, {release[0].strip() if release else 'release unknown'}"
+    results = compile_units(lambda source, name, options, architecture: compiler.compile(source, name, options,
+                                                                                         architecture, directory))
+    return compiler.name, results
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_kernel_is_built_without_spills_by_nvcc(compiled_by_nvcc, architecture, capsys):
+    """The installed nvcc's ptxas (CUDA 13 here), whatever compiler the other tests found."""
+    name, compiled = compiled_by_nvcc
+    for unit in UNIT_IDS + HEADERS:
+        succeeded, log = compiled[unit, architecture]
+        assert succeeded, f"{unit} for sm_{architecture} ({name}):\n{log}"
+    assert_no_spills(compiled, name, architecture, capsys)
+
+
+def test_every_rule_has_a_cuda_rule():
+    """A rule of fastopt.rules.RULES is its header kernels/cuda/rules/<KERNEL>.cuh and nothing else: no CUDA source
+    names a rule but its own header."""
+    headers = {path.stem for path in (cuda.SOURCE_DIR / "rules").glob("*.cuh")}
+    assert headers == set(RULES)
+    for path in cuda.SOURCE_DIR.glob("*.cu*"):
+        text = path.read_text()
+        for kernel in RULES:
+            assert f"FASTOPT_{kernel.upper()}_" not in text and f"rules::{kernel}" not in text, \
+                f"{path.name} names the rule {kernel}"
 
 
 def test_sources_refuse_to_compile_without_the_generated_defines(compiler):
     """The shared constants come only from the Python modules: without the -D options a source does not build."""
     options = [f"-I{cuda.SOURCE_DIR}", "--std=c++17"]
-    succeeded, log = compiler((cuda.SOURCE_DIR / cuda.SOURCE).read_text(), cuda.SOURCE, options, ARCHITECTURES[0])
-    assert not succeeded and "compile with the -D options of fastopt.backends.cuda.compile_options()" in log
+    for source in (cuda.SOURCE, cuda.GRAD_CONTROL_SOURCE):
+        succeeded, log = compiler((cuda.SOURCE_DIR / source).read_text(), source, options, ARCHITECTURES[0])
+        assert not succeeded and "compile with the -D options of fastopt.backends.cuda.compile_options()" in log
+    # fused.cu without a rule.
+    succeeded, log = compiler((cuda.SOURCE_DIR / cuda.SOURCE).read_text(), cuda.SOURCE, list(cuda.compile_options()),
+                              ARCHITECTURES[0])
+    assert not succeeded and "rule_options()" in log
 
 
 def test_every_generated_define_is_used():
-    """A constant added to schedule_codes.py or tables.py must be mirrored in the CUDA sources (a new schedule kind
-    the CUDA evaluator does not know would give NaN on the GPU)."""
-    text = "".join(path.read_text() for path in cuda.SOURCE_DIR.glob("*.cu*"))
+    """A constant added to schedule_codes.py or layout.py, or a rule's column, must be mirrored in the CUDA sources (a
+    new schedule kind the CUDA evaluator does not know would give NaN on the GPU)."""
+    text = "".join(path.read_text() for path in cuda.SOURCE_DIR.rglob("*.cu*"))
     unused = [name for name in cuda.compile_defines() if not re.search(rf"\b{name}\b", text)]
     assert not unused, f"defines no CUDA source reads: {unused}"
 
 
 def test_source_hash_covers_headers(tmp_path, monkeypatch):
     """Editing any header changes the hash that goes into the compile options (CuPy's cache key)."""
-    for path in cuda.SOURCE_DIR.glob("*.cu*"):
-        (tmp_path / path.name).write_bytes(path.read_bytes())
-    monkeypatch.setattr(cuda, "SOURCE_DIR", tmp_path)
+    shutil.copytree(cuda.SOURCE_DIR, tmp_path / "cuda")
+    monkeypatch.setattr(cuda, "SOURCE_DIR", tmp_path / "cuda")
     cuda.source_hash.cache_clear()
     try:
-        before = cuda.source_hash()
-        header = tmp_path / "element_math.cuh"
-        header.write_text(header.read_text() + "\n// edited\n")
-        cuda.source_hash.cache_clear()
-        assert cuda.source_hash() != before
-        assert f"-DFASTOPT_SOURCE_HASH=0x{cuda.source_hash()}" in cuda.compile_options()
+        for name in ("element_math.cuh", f"rules/{next(iter(RULES))}.cuh"):  # a rule's header counts too
+            before = cuda.source_hash()
+            header = tmp_path / "cuda" / name
+            header.write_text(header.read_text() + "\n// edited\n")
+            cuda.source_hash.cache_clear()
+            assert cuda.source_hash() != before, name
+            assert f"-DFASTOPT_SOURCE_HASH=0x{cuda.source_hash()}" in cuda.compile_options()
     finally:
         cuda.source_hash.cache_clear()

@@ -1,7 +1,9 @@
 """The CUDA kernels' shared math, built for the host, against the float64 reference and the CPU kernels.
 
-``kernels/cuda/*.cuh`` hold the element math, the schedule evaluator, and each tensor's coefficients and
-per-element body as ``__host__ __device__`` functions. Here a small C++ shim includes them, compiled with
+``kernels/cuda/*.cuh`` hold the schedule evaluator, the generic step (each tensor's coefficient row, the chunk loop)
+and, in ``kernels/cuda/rules/``, each rule's step scalars and element math as ``__host__ __device__`` functions. Here
+a small C++ shim includes them all (its rules generated from ``fastopt.rules.RULES``: a new rule needs no edit here),
+compiled with
 ``g++ -O2 -ffp-contract=off`` (no -ffast-math: NaN/inf and the operation order must survive) into a shared library
 loaded with ctypes; ``__host__ __device__`` is defined away outside nvcc/NVRTC. The kernels are compiled with
 ``--fmad=false``, so on the device the same functions round the same way; only the device's double ``cos`` and
@@ -15,7 +17,7 @@ tests/test_cuda.py's NumPy stand-in for CuPy emulates it around this shim.
 
 Two checks per case:
 - against the float64 reference, with the tolerances of tests/conftest.py (every optimizer option of CONFIGS in
-  tests/test_optimizers.py, float32 and float64; every schedule of CASES in tests/test_schedules.py);
+  tests/test_optimizers.py, every rule, float32 and float64; every schedule of CASES in tests/test_schedules.py);
 - against the CPU (Numba) kernels, bit for bit: the same operations in the same order, and the same libm; the
   storage conversions against the Numba kernels' widen_bits/narrow_bits, and the grad control against
   backends.GradControl.
@@ -32,25 +34,30 @@ from conftest import assert_close, tolerance
 from fastopt import schedules as S
 from fastopt.backends import cuda
 from fastopt.backends import GradControl
-from fastopt.kernels.cpu import conversions, tables
+from fastopt.backends.layout import GroupTable
+from fastopt.kernels.cpu import conversions
+from fastopt.kernels.cpu import layout as kernel_layout
+from fastopt.rules import RULES
 from fastopt.kernels.cpu.schedule_math import schedule_values
 from test_optimizers import CONFIG_IDS, CONFIGS, STEPS, make_problem, run_reference
 from test_schedules import CASES, EPS
 
 SHIM = r"""
+#include "grad_control.cuh"
 #include "step_math.cuh"
-
+@RULE_HEADERS@
 using namespace fastopt;
 
 extern "C" double host_schedule_value(const double* words, int64 size, int64 base, int64 step) {
     return schedule_value(Program{words, size}, base, step);
 }
 
-// One block's work on one chunk, as the step kernels of kernels/cuda/fused.cu do it once the block's first thread has
-// formed the coefficients: the chunk's streams from the tensor's address and format rows, then the chunk loop of
-// step_math.cuh for every thread index in turn (each element is its own; the order does not matter). The group's lr
-// comes from its schedule at the optimizer step; ``tensor_step`` is the tensor's step count before this step, as the
-// kernel reads it from tensor_step; ``tensor`` its position in its bucket (the stochastic rounding's key).
+// One block's work on one chunk, as fused.cu's step kernel does it: the block's first thread's coefficient row and
+// the flags, the chunk's streams from the tensor's address and format rows, then step_math.cuh's run_chunk for every
+// thread index in turn (each element is its own; the order does not matter). The group's lr comes from its schedule
+// at the optimizer step; ``hyper`` is the group's row of the group table; ``tensor_step`` is the tensor's step count
+// before this step, as the kernel reads it from tensor_step; ``tensor`` its position in its bucket (the stochastic
+// rounding's key).
 #define CHUNK_PARAMETERS                                                                                        \
     const int64 *address_row, const int64 *format_row, int64 start, int64 length, const double *hyper,         \
         const double *words, int64 words_size, int64 base, int64 optimizer_step, double lr_factor,             \
@@ -59,44 +66,26 @@ extern "C" double host_schedule_value(const double* words, int64 size, int64 bas
     address_row, format_row, start, length, hyper, words, words_size, base, optimizer_step, lr_factor,         \
         tensor_step, grad_control, seed, tensor
 
-#define RUN_BLOCK(LOOP)                                                                                        \
-    const Rounding rounding = chunk_rounding(seed, optimizer_step, tensor, start);                              \
-    const bool has_lr_scale = address_row[LR_SCALE] != 0;                                                       \
-    const bool mixed = is_mixed(format_row);                                                                    \
-    const ChunkStreams<T> s = mixed ? chunk_streams<T, true>(address_row, format_row, start, rounding)          \
-                                    : chunk_streams<T, false>(address_row, format_row, start, rounding);        \
-    for (int thread = 0; thread < BLOCK; ++thread) {                                                            \
-        run_chunk<LOOP, true>(s, mixed, int(length), c, has_lr_scale, thread);                                  \
+template <typename Rule, typename T>
+void rule_block(CHUNK_PARAMETERS) {
+    const double lr = group_learning_rate(Program{words, words_size}, base, optimizer_step, lr_factor);
+    T c[COEFFICIENTS];
+    tensor_coefficients<Rule>(hyper, lr, tensor_step, grad_control, c);
+    const ChunkFlags flags = chunk_flags(address_row, hyper);
+    const Rounding rounding = chunk_rounding(seed, optimizer_step, tensor, start);
+    const bool mixed = is_mixed(format_row);
+    const ChunkStreams<T> s = mixed ? chunk_streams<T, true>(address_row, format_row, start, rounding)
+                                    : chunk_streams<T, false>(address_row, format_row, start, rounding);
+    for (int thread = 0; thread < BLOCK; ++thread) {
+        run_chunk<Rule, true>(s, mixed, int(length), c, flags, thread);
     }
-
-template <typename T>
-void sgd_block(CHUNK_PARAMETERS) {
-    const double lr = group_learning_rate(Program{words, words_size}, base, optimizer_step, lr_factor);
-    const SgdCoefficients<T> c = sgd_coefficients<T>(hyper, lr, tensor_step, grad_control);
-    RUN_BLOCK(SgdLoop)
 }
 
-template <typename T>
-void rmsprop_block(CHUNK_PARAMETERS) {
-    const double lr = group_learning_rate(Program{words, words_size}, base, optimizer_step, lr_factor);
-    const RmspropCoefficients<T> c = rmsprop_coefficients<T>(hyper, lr, grad_control);
-    RUN_BLOCK(RmspropLoop)
-}
-
-template <typename T>
-void adam_block(CHUNK_PARAMETERS) {
-    const double lr = group_learning_rate(Program{words, words_size}, base, optimizer_step, lr_factor);
-    const AdamCoefficients<T> c = adam_coefficients<T>(hyper, lr, tensor_step + 1, grad_control);
-    RUN_BLOCK(AdamLoop)
-}
-
-#define INSTANTIATE(T)                                                                                          \
-    extern "C" void sgd_block_##T(CHUNK_PARAMETERS) { sgd_block<T>(CHUNK_ARGUMENTS); }                        \
-    extern "C" void rmsprop_block_##T(CHUNK_PARAMETERS) { rmsprop_block<T>(CHUNK_ARGUMENTS); }                \
-    extern "C" void adam_block_##T(CHUNK_PARAMETERS) { adam_block<T>(CHUNK_ARGUMENTS); }
-INSTANTIATE(float)
-INSTANTIATE(double)
-
+// <kernel>_block_float, <kernel>_block_double for every rule.
+#define INSTANTIATE(RULE)                                                                                      \
+    extern "C" void RULE##_block_float(CHUNK_PARAMETERS) { rule_block<rules::RULE, float>(CHUNK_ARGUMENTS); }  \
+    extern "C" void RULE##_block_double(CHUNK_PARAMETERS) { rule_block<rules::RULE, double>(CHUNK_ARGUMENTS); }
+@RULE_INSTANCES@
 // finish_grad_control's arithmetic once the partial sums are added.
 extern "C" void host_set_grad_control(double sum_of_squares, int64 nonfinite, double unscale, double max_norm,
                                       int64 skip_nonfinite, double* grad_control, double* statistics) {
@@ -121,10 +110,16 @@ extern "C" void host_widen_double(const void* stream, int64 format, int64 size, 
 }
 """
 
+
+def shim_source():
+    """SHIM with every rule of fastopt.rules.RULES included and instantiated."""
+    return (SHIM.replace("@RULE_HEADERS@", "".join(f'#include "rules/{kernel}.cuh"\n' for kernel in RULES))
+            .replace("@RULE_INSTANCES@", "".join(f"INSTANTIATE({kernel})\n" for kernel in RULES)))
+
+
 BLOCK_ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_double,
                    ctypes.c_longlong, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong]
-KERNEL_NAMES = {"sgd_step": "sgd_block", "rmsprop_step": "rmsprop_block", "adam_step": "adam_block"}
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 PLAIN_CONTROL = np.array([1.0, 1.0, 0.0])  # grad_control without loss scale, clipping or skip
 
@@ -150,12 +145,12 @@ def build_host_library(tmp_path_factory, name, source, defines=()):
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
     defines = [f"-D{name}={value}" for name, value in cuda.compile_defines().items()]
-    loaded = build_host_library(tmp_path_factory, "cuda_host_math", SHIM, defines)
+    loaded = build_host_library(tmp_path_factory, "cuda_host_math", shim_source(), defines)
     loaded.host_schedule_value.restype = ctypes.c_double
     loaded.host_schedule_value.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong]
-    for name in KERNEL_NAMES.values():
+    for kernel in RULES:
         for ctype in CTYPES.values():
-            function = getattr(loaded, f"{name}_{ctype}")
+            function = getattr(loaded, f"{kernel}_block_{ctype}")
             function.restype = None
             function.argtypes = BLOCK_ARGUMENTS
     loaded.host_set_grad_control.restype = None
@@ -180,25 +175,32 @@ def pointer(array):
 
 
 def address_row(param, grad, lr_scale=None, states=(), master=None):
-    """A tensor's row of the address table (kernels/cpu/tables.py's slots; 0: absent) from host arrays."""
-    row = np.zeros(tables.SLOTS, dtype=np.int64)
-    row[tables.PARAM], row[tables.GRAD] = param.ctypes.data, grad.ctypes.data
-    row[tables.LR_SCALE] = 0 if lr_scale is None else lr_scale.ctypes.data
-    for slot, state in zip((tables.STATE0, tables.STATE1, tables.STATE2), states):
-        row[slot] = 0 if state is None else state.ctypes.data
-    row[tables.MASTER] = 0 if master is None else master.ctypes.data
+    """A tensor's row of the address table (kernels/cpu/layout.py's slots; 0: absent) from host arrays."""
+    row = np.zeros(kernel_layout.SLOTS, dtype=np.int64)
+    row[kernel_layout.PARAM], row[kernel_layout.GRAD] = param.ctypes.data, grad.ctypes.data
+    row[kernel_layout.LR_SCALE] = 0 if lr_scale is None else lr_scale.ctypes.data
+    for slot, state in enumerate(states):
+        row[kernel_layout.STATE0 + slot] = 0 if state is None else state.ctypes.data
+    row[kernel_layout.MASTER] = 0 if master is None else master.ctypes.data
     return row
+
+
+def group_row(cls, **kwargs):
+    """The group table's row (generic columns, then the rule's) of one group of ``cls`` with ``kwargs``, as the host
+    builds it."""
+    return GroupTable(cls, [dict(cls.DEFAULTS, **kwargs)]).group_hyper[0]
 
 
 def run_block(shim, kernel, dtype, row, size, hyper, program, *, formats=(0, 0, 0), start=0, base=0,
               optimizer_step=0, lr_factor=1.0, tensor_step=0, control=PLAIN_CONTROL, seed=0, tensor=0):
-    """One block of the step kernel ``kernel`` (e.g. "adam_step") on elements [start, start + size) of the tensor
-    whose address row is ``row``, through the shim."""
+    """One block of the step kernel of the rule ``kernel`` (a ``KERNEL`` name, e.g. "adam") on elements
+    [start, start + size) of the tensor whose address row is ``row`` and whose group's row is ``hyper``, through the
+    shim."""
     formats = np.asarray(formats, dtype=np.int64)
     control = np.ascontiguousarray(control, dtype=np.float64)
     program = np.ascontiguousarray(program, dtype=np.float64)
     hyper = np.ascontiguousarray(hyper, dtype=np.float64)
-    getattr(shim, f"{KERNEL_NAMES[kernel]}_{CTYPES[np.dtype(dtype)]}")(
+    getattr(shim, f"{kernel}_block_{CTYPES[np.dtype(dtype)]}")(
         pointer(row), pointer(formats), start, size, pointer(hyper), pointer(program), program.size, base,
         optimizer_step, lr_factor, tensor_step, pointer(control), seed, tensor)
 
@@ -209,21 +211,23 @@ def run_shim(shim, cls, kwargs, params0, params1, scales1, grads, schedule, lrs1
     it: group 0 follows ``schedule``, group 1 has the float lr ``lrs1[t]`` (a constant schedule) and lr_scale."""
     params = [p.copy() for p in params0 + params1]
     dtype = params[0].dtype
-    states = [[np.zeros_like(param) for _ in cls.STATE_SLOTS] for param in params]
-    scales = [None] * len(params0) + list(scales1)
     group = dict(cls.DEFAULTS, **kwargs)
-    hyper = np.array([cls.group_row(group)[name] for name in cls.COLUMNS], dtype=np.float64)
-    # SGD's tensor step counts momentum steps (kernels/cuda/step_math.cuh: sgd_counts_step); the others count all.
-    counts_step = cls.KERNEL != "sgd_step" or group["momentum"] != 0
+    used = cls.state_names(group)  # the others are absent (address 0), as the engines leave them
+    states = [[np.full_like(param, cls.initial_state(name, group)) if name in used else None
+               for name in cls.STATE_SLOTS] for param in params]
+    scales = [None] * len(params0) + list(scales1)
+    hyper = group_row(cls, **kwargs)
+    counts_step = hyper[kernel_layout.COUNTS_STEP] != 0  # the kernel's last block advances the count where set
     tensor_steps = [0] * len(params)
     for t in range(STEPS):
         for index, (param, grad) in enumerate(zip(params, grads[t])):
             program = schedule.program() if index < len(params0) else S.constant(lrs1[t]).program()
-            row = address_row(param, grad, scales[index], states[index])  # SGD has one state slot, the others three
+            row = address_row(param, grad, scales[index], states[index])
             run_block(shim, cls.KERNEL, dtype, row, param.size, hyper, program, optimizer_step=t,
                       tensor_step=tensor_steps[index])
             tensor_steps[index] += counts_step
-    named = [dict(zip(cls.STATE_SLOTS, buffers)) for buffers in states]
+    named = [{name: buffer for name, buffer in zip(cls.STATE_SLOTS, buffers) if buffer is not None}
+             for buffers in states]
     return params, named
 
 
@@ -253,6 +257,7 @@ def test_element_math_matches_reference_and_cpu_kernels(shim, cls, kwargs, dtype
         optimizer.step(grads[t])
     for index, (ours, theirs) in enumerate(zip(got_params, cpu_params)):
         np.testing.assert_array_equal(ours, theirs, err_msg=f"param {index}: host build of the CUDA math vs CPU")
+        assert set(got_states[index]) == set(optimizer.state[index]), f"param {index}: state buffers"
         for name, buffer in optimizer.state[index].items():
             np.testing.assert_array_equal(got_states[index][name], buffer, err_msg=f"param {index} state {name}")
 
@@ -261,8 +266,7 @@ def test_element_math_matches_reference_and_cpu_kernels(shim, cls, kwargs, dtype
 def test_lr_factor_scales_the_rate(shim, dtype):
     """The divergence guard's back-off multiplies the scheduled lr before the coefficients are formed."""
     param, grad = np.zeros(3, dtype), np.ones(3, dtype)
-    hyper = np.array([fo.SGD.group_row(dict(fo.SGD.DEFAULTS))[name] for name in fo.SGD.COLUMNS])
-    run_block(shim, "sgd_step", dtype, address_row(param, grad), param.size, hyper, S.constant(0.5).program(),
+    run_block(shim, "sgd", dtype, address_row(param, grad), param.size, group_row(fo.SGD), S.constant(0.5).program(),
               lr_factor=0.25)
     np.testing.assert_array_equal(param, -0.125)
 
@@ -272,8 +276,7 @@ def test_nan_and_inf_propagate_like_torch(shim):
     param = np.zeros(4, np.float32)
     grad = np.array([np.nan, np.inf, -np.inf, 1.0], np.float32)
     states = [np.zeros(4, np.float32) for _ in range(3)]
-    hyper = np.array([fo.Adam.group_row(dict(fo.Adam.DEFAULTS))[name] for name in fo.Adam.COLUMNS])
-    run_block(shim, "adam_step", np.float32, address_row(param, grad, None, states), 4, hyper,
+    run_block(shim, "adam", np.float32, address_row(param, grad, None, states), 4, group_row(fo.Adam),
               S.constant(0.1).program())
     assert np.isnan(param[:3]).all() and np.isfinite(param[3])
 
@@ -326,17 +329,17 @@ def test_widening_matches_the_cpu_kernels(shim):
     """storage.cuh's load and widen against the Numba kernels' widen_bits / widen_float: every 16-bit pattern in
     each 16-bit format, float32 values (NaN included) as they are and as float32 grads under double math."""
     patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    for storage_format in (tables.BFLOAT16, tables.BFLOAT16_STOCHASTIC, tables.FLOAT16):
+    for storage_format in (kernel_layout.BFLOAT16, kernel_layout.BFLOAT16_STOCHASTIC, kernel_layout.FLOAT16):
         ours, theirs = np.empty(patterns.size, np.float32), np.empty(patterns.size, np.float32)
         shim.host_widen_float(pointer(patterns), storage_format, patterns.size, pointer(ours))
         conversions.widen_bits(patterns, storage_format, theirs)
         np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32), err_msg=str(storage_format))
     singles = np.random.default_rng(5).integers(0, 1 << 32, 1 << 16, dtype=np.uint64).astype(np.uint32).view(np.float32)
     ours = np.empty(singles.size, np.float32)
-    shim.host_widen_float(pointer(singles), tables.NATIVE, singles.size, pointer(ours))
+    shim.host_widen_float(pointer(singles), kernel_layout.NATIVE, singles.size, pointer(ours))
     np.testing.assert_array_equal(ours.view(np.uint32), singles.view(np.uint32))
     widened, theirs = np.empty(singles.size, np.float64), np.empty(singles.size, np.float64)
-    shim.host_widen_double(pointer(singles), tables.FLOAT32, singles.size, pointer(widened))
+    shim.host_widen_double(pointer(singles), kernel_layout.FLOAT32, singles.size, pointer(widened))
     conversions.widen_float(singles, theirs)
     np.testing.assert_array_equal(widened.view(np.uint64), theirs.view(np.uint64))
 
@@ -349,13 +352,13 @@ def test_stores_match_the_cpu_kernels(shim, seed, step, tensor, start):
     from test_conversions import bfloat16_values
 
     values = float32_cases(bfloat16_values)
-    for storage_format in (tables.BFLOAT16, tables.FLOAT16, tables.BFLOAT16_STOCHASTIC):
+    for storage_format in (kernel_layout.BFLOAT16, kernel_layout.FLOAT16, kernel_layout.BFLOAT16_STOCHASTIC):
         ours, theirs = np.empty(values.size, np.uint16), np.empty(values.size, np.uint16)
         shim.host_store_float(pointer(values), storage_format, values.size, pointer(ours), seed, step, tensor, start)
         conversions.narrow_bits(values, storage_format, theirs, seed, step, (tensor << 40) + start)
         np.testing.assert_array_equal(ours, theirs, err_msg=str(storage_format))
     native = np.empty(values.size, np.float32)
-    shim.host_store_float(pointer(values), tables.NATIVE, values.size, pointer(native), seed, step, tensor, start)
+    shim.host_store_float(pointer(values), kernel_layout.NATIVE, values.size, pointer(native), seed, step, tensor, start)
     np.testing.assert_array_equal(native.view(np.uint32), values.view(np.uint32))
 
 
@@ -372,7 +375,7 @@ def test_grad_control_matches_the_host(shim, sum_of_squares, nonfinite, unscale,
     """finish_grad_control's arithmetic (step_math.cuh: set_grad_control) against backends.GradControl, bit for
     bit: the norm of the unscaled grads, the clip factor (1 without clipping or with a non-finite norm), the skip."""
     expected = GradControl(sum_of_squares, nonfinite, unscale, max_norm, skip_nonfinite)
-    control, statistics = np.full(tables.GRAD_CONTROLS, 123.0), np.full(cuda.STATISTICS, 123.0)
+    control, statistics = np.full(kernel_layout.GRAD_CONTROLS, 123.0), np.full(cuda.STATISTICS, 123.0)
     shim.host_set_grad_control(sum_of_squares, nonfinite, unscale, -1.0 if max_norm is None else max_norm,
                                skip_nonfinite, pointer(control), pointer(statistics))
     np.testing.assert_array_equal(control, expected.values)

@@ -17,6 +17,8 @@ import traceback
 import numpy as np
 import pytest
 
+import fastopt as fo
+from configs import anchor_optimizer
 from conftest import assert_close, tolerance
 
 torch = pytest.importorskip("torch")
@@ -200,7 +202,7 @@ def scenario_collective_exchange(ctx):
 
 
 def scenario_torch_optim_parity(ctx):
-    """fastopt.torch SGD, RMSprop, Adam (and torch.optim.AdamW as the inner class) sharded, with a torch lr
+    """fastopt.torch SGD, RMSprop, Adam, Adagrad (and torch.optim.AdamW as the inner class) sharded, with a torch lr
     scheduler, against torch.optim on the averaged grads."""
     import fastopt.torch as ft
     from fastopt.torch.distributed import ShardedOptimizer
@@ -208,14 +210,15 @@ def scenario_torch_optim_parity(ctx):
     configs = [(ft.SGD, "SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
                (ft.RMSprop, "RMSprop", dict(lr=1e-3, alpha=0.9, centered=True, momentum=0.5, weight_decay=1e-3)),
                (ft.Adam, "Adam", dict(lr=3e-3, amsgrad=True, weight_decay=1e-3)),
-               (torch.optim.AdamW, "AdamW", dict(lr=3e-3, weight_decay=0.1))]
+               (torch.optim.AdamW, "AdamW", dict(lr=3e-3, weight_decay=0.1)),
+               (ft.Adagrad, "Adagrad", dict(lr=0.05, lr_decay=1e-2, initial_accumulator_value=0.1))]
     for inner, name, kwargs in configs:
         runs = []
         for sharded in (True, False):
             params = make_params()
             groups = [{"params": params[:6]}, {"params": params[6:], "lr": kwargs["lr"] / 2}]
             optimizer = (ShardedOptimizer(groups, inner, **kwargs) if sharded
-                         else getattr(torch.optim, name)(groups, **kwargs))
+                         else anchor_optimizer(getattr(fo, name), groups, kwargs, for_loop=False)[0])
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
             train(ctx, optimizer, params, 5, averaged=not sharded, on_step=lambda *_: scheduler.step())
             runs.append((optimizer, params))

@@ -11,7 +11,7 @@ def grads_like(params, value=1.0):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("cls", [fo.SGD, fo.RMSprop, fo.Adam, fo.AdamW])
+@pytest.mark.parametrize("cls", fo.rules.OPTIMIZERS)
 def test_nonfinite_step_is_skipped_untouched(cls, backend, rng):
     params = [rng.standard_normal(size).astype(np.float32) for size in SIZES]
     optimizer = cls(params, lr=0.01, guard=fo.Guard(), backend=backend, **(

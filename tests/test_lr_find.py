@@ -11,6 +11,7 @@ OPTIMIZERS = [
     (fo.RMSprop, dict(momentum=0.5, centered=True)),
     (fo.Adam, dict(amsgrad=True)),
     (fo.AdamW, dict()),
+    (fo.Adagrad, dict(lr_decay=0.01, initial_accumulator_value=0.1)),
 ]
 
 

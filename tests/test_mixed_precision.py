@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import fastopt as fo
+from configs import anchor_optimizer
 from conftest import assert_close
 from fastopt import dtypes
-from fastopt.kernels.cpu import fused, tables
+from fastopt.kernels.cpu import fused, layout as tables
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -40,6 +41,7 @@ OPTIMIZERS = [
     (fo.RMSprop, dict(centered=True, momentum=0.5, weight_decay=0.1)),
     (fo.Adam, dict(amsgrad=True, weight_decay=0.01)),
     (fo.AdamW, {}),
+    (fo.Adagrad, dict(lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
 ]
 
 
@@ -290,7 +292,7 @@ def test_grad_scaler_and_clip_grad_norm_match_torch(config, rng):
     ours = [p.copy() for p in start]
     optimizer = cls(ours, lr=0.01, max_grad_norm=max_norm, **kwargs)
     theirs = [torch.tensor(p, requires_grad=True) for p in start]
-    reference = getattr(torch.optim, cls.__name__)(theirs, lr=0.01, **kwargs)
+    reference, _ = anchor_optimizer(cls, theirs, dict(kwargs, lr=0.01))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
     scaler.scale(torch.ones(()))  # creates the scale
     for t in range(steps):

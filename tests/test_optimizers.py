@@ -4,78 +4,9 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from conftest import SIZES, assert_close, tolerance
-from fastopt.kernels.cpu import tables
-
-# One table of configurations drives every parity test (torch's OptimizerInfo idea).
-CONFIGS = [
-    (fo.SGD, {}),
-    (fo.SGD, dict(weight_decay=0.1)),
-    (fo.SGD, dict(momentum=0.9)),
-    (fo.SGD, dict(momentum=0.9, dampening=0.3, weight_decay=0.05)),
-    (fo.SGD, dict(momentum=0.8, nesterov=True, weight_decay=0.01)),
-    (fo.SGD, dict(momentum=0.9, maximize=True)),
-    (fo.RMSprop, {}),
-    (fo.RMSprop, dict(centered=True)),
-    (fo.RMSprop, dict(momentum=0.9)),
-    (fo.RMSprop, dict(centered=True, momentum=0.5, weight_decay=0.1)),
-    (fo.RMSprop, dict(alpha=0.3, centered=True, maximize=True)),  # 1 - alpha > 1/2: lerp's other form
-    (fo.Adam, {}),
-    (fo.Adam, dict(weight_decay=0.1)),
-    (fo.Adam, dict(amsgrad=True)),
-    (fo.Adam, dict(betas=(0.3, 0.5), eps=1e-3, amsgrad=True, maximize=True, weight_decay=0.01)),
-    (fo.AdamW, {}),
-    (fo.AdamW, dict(amsgrad=True, weight_decay=0.5)),
-    (fo.AdamW, dict(weight_decay=0.0)),
-    (fo.AdamW, dict(maximize=True, betas=(0.5, 0.9))),
-]
-CONFIG_IDS = [f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for cls, kw in CONFIGS]
-
-STEPS = 6
-
-
-def make_problem(dtype, rng):
-    """Two groups: one with a schedule and tensors of every awkward size, one with a float lr that the loop
-    changes and a per-element lr_scale on its tensors."""
-    shapes0 = [(size,) for size in SIZES]
-    shapes1 = [(3, 5), (SIZES[-1],)]
-    params0 = [rng.standard_normal(shape).astype(dtype) for shape in shapes0]
-    params1 = [rng.standard_normal(shape).astype(dtype) for shape in shapes1]
-    scales1 = [rng.uniform(0.0, 2.0, shape).astype(dtype) for shape in shapes1]
-    grads = [[rng.standard_normal(p.shape).astype(dtype) for p in params0 + params1] for _ in range(STEPS)]
-    return params0, params1, scales1, grads
-
-
-def run_reference(cls, kwargs, params0, params1, scales1, grads, schedule, lrs1):
-    group_defaults = dict(cls.DEFAULTS, **kwargs)
-    params = [p.astype(np.float64) for p in params0 + params1]
-    states = [{} for _ in params]
-    scales = [1.0] * len(params0) + [s.astype(np.float64) for s in scales1]
-    for t in range(STEPS):
-        for index, (param, grad) in enumerate(zip(params, grads[t])):
-            lr = schedule(t) if index < len(params0) else lrs1[t]
-            cls.reference_step(param, grad.astype(np.float64), states[index], group_defaults, lr, scales[index])
-    return params, states
-
-
-def assert_matches_reference(optimizer, params, expected_params, expected_states, dtype, steps):
-    """Params (host arrays) and every state buffer of ``optimizer`` against the reference run, with the same
-    buffers present, and the per-param step counts (SGD keeps none to compare: it counts momentum steps)."""
-    rtol = tolerance(dtype, steps)
-    saved = optimizer.state_dict()["state"]
-    for index, param in enumerate(params):
-        state = saved.get(index, {})  # plain SGD saves nothing
-        assert param.dtype == dtype
-        assert_close(param, expected_params[index], rtol, f"param {index}")
-        for name, value in expected_states[index].items():
-            if name == "step":
-                if not isinstance(optimizer, fo.SGD):
-                    assert state["step"] == value
-                continue
-            assert state[name].dtype == dtype
-            assert_close(state[name], value, rtol, f"param {index} state {name}")
-        assert set(state) - {"step"} == set(expected_states[index]) - {"step"}
-
+from configs import CONFIG_IDS, CONFIGS, STEPS, assert_matches_reference, make_problem, run_reference  # noqa: F401
+from conftest import assert_close, tolerance
+from fastopt.kernels.cpu import layout
 
 @pytest.mark.parametrize("backend", ["cpu-parallel", "cpu-serial", "reference"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -83,7 +14,7 @@ def assert_matches_reference(optimizer, params, expected_params, expected_states
 def test_matches_reference(cls, kwargs, dtype, backend, rng, monkeypatch):
     if backend.startswith("cpu"):
         # Small buckets step on the calling thread; move the threshold to test both kernels on the same problem.
-        monkeypatch.setattr(tables, "SERIAL_BELOW", 1 << 62 if backend == "cpu-serial" else 0)
+        monkeypatch.setattr(layout, "SERIAL_BELOW", 1 << 62 if backend == "cpu-serial" else 0)
         backend = "cpu"
     params0, params1, scales1, grads = make_problem(dtype, rng)
     schedule = fo.schedules.cosine(0.05, t_max=4, eta_min=0.001)  # periodic past t_max: rises again
@@ -93,7 +24,7 @@ def test_matches_reference(cls, kwargs, dtype, backend, rng, monkeypatch):
     groups = [{"params": params0, "lr": schedule}, {"params": params1, "lr": lrs1[0], "lr_scale": scales1}]
     optimizer = cls(groups, backend=backend, **kwargs)
     if backend == "cpu":
-        serial = tables.SERIAL_BELOW > 0
+        serial = layout.SERIAL_BELOW > 0
         assert all(bucket.kernel.__name__.endswith("_serial") == serial for bucket in optimizer._backend.buckets)
     for t in range(STEPS):
         optimizer.param_groups[1]["lr"] = lrs1[t]

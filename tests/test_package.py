@@ -8,10 +8,10 @@ import json, sys
 import numpy as np
 import fastopt as fo
 heavy = sorted(name for name in ("torch", "matplotlib", "cupy", "sklearn") if name in sys.modules)
-from fastopt.kernels.cpu import fused, tables
+from fastopt.kernels.cpu import fused, layout as tables
 for size in (100, tables.SERIAL_BELOW):  # the single-threaded twin, then the parallel kernel
     fo.Adam([np.ones(size, np.float32)]).step([np.ones(size, np.float32)])
-kernels = (fused.adam_step_serial, fused.adam_step)
+kernels = fused.step_kernels("adam", 0b011, 0b100)[::-1]  # Adam's state slots: always two, and AMSGrad's
 print(json.dumps({"heavy": heavy, "hits": [sum(k.stats.cache_hits.values()) for k in kernels],
                   "misses": [sum(k.stats.cache_misses.values()) for k in kernels]}))
 """

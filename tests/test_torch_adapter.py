@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
+from configs import ANCHORS
 from conftest import assert_close, tolerance
 
 torch = pytest.importorskip("torch")
@@ -19,6 +20,12 @@ lr_scheduler = torch.optim.lr_scheduler
 
 STEPS = 120
 BATCH = 64
+
+
+def anchor_class(name):
+    """torch.optim's optimizer ``name``, or that of the package that defines it (configs.ANCHORS)."""
+    module, class_name, _ = ANCHORS.get(name, ("torch.optim", name, True))
+    return getattr(pytest.importorskip(module), class_name)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,8 @@ def train(net, optimizer, data, steps, *, scheduler=None, first=0, sign=1.0):
 
 def assert_same(ours, theirs, net_ours, net_theirs, dtype, steps):
     """Params, state (every buffer and ``step``) and hyperparameters agree to float rounding (``theirs``, the
-    torch.optim run, is the expected side)."""
+    torch.optim run, is the expected side). Beyond the keys of an anchor outside torch.optim, ours may hold torch's
+    ``maximize`` and ``differentiable`` (which torch's Optimizer adds to the defaults on a load)."""
     rtol = tolerance(np.dtype(str(dtype).removeprefix("torch.")), steps)
     for (name, ours_param), theirs_param in zip(net_ours.named_parameters(), net_theirs.parameters()):
         assert ours_param.dtype == theirs_param.dtype
@@ -83,7 +91,9 @@ def assert_same(ours, theirs, net_ours, net_theirs, dtype, steps):
                 assert mine.item() == value.item(), f"param {index} step"
             else:
                 assert_close(mine.cpu().numpy(), value.cpu().numpy(), rtol, f"param {index} state {name}")
-    assert ([{k: v for k, v in g.items() if k != "params"} for g in ours_dict["param_groups"]]
+    extra = set() if type(theirs).__module__.startswith("torch.optim") else {"maximize", "differentiable"}
+    assert ([{k: v for k, v in g.items() if k != "params" and k not in extra - g_theirs.keys()}
+             for g, g_theirs in zip(ours_dict["param_groups"], theirs_dict["param_groups"])]
             == [{k: v for k, v in g.items() if k != "params"} for g in theirs_dict["param_groups"]])
 
 
@@ -106,6 +116,9 @@ CONFIGS = [
     ("AdamW", dict(lr=3e-3), lambda o: lr_scheduler.LambdaLR(o, lambda t: 1 / (1 + 0.02 * t))),
     ("AdamW", dict(lr=3e-3, amsgrad=True, betas=(0.8, 0.99), weight_decay=0.1),
      lambda o: lr_scheduler.CyclicLR(o, base_lr=1e-3, max_lr=5e-3, step_size_up=20)),  # cycles betas[0] too
+    ("Adagrad", dict(lr=0.05, lr_decay=1e-3, weight_decay=1e-3), lambda o: lr_scheduler.StepLR(o, 40, 0.5)),
+    ("Adagrad", dict(lr=0.05, initial_accumulator_value=0.1, eps=1e-6, maximize=True),
+     lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=STEPS)),
 ]
 CONFIG_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}" for name, kwargs, _ in CONFIGS]
 
@@ -115,9 +128,9 @@ CONFIG_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}" for na
 def test_training_matches_torch(name, kwargs, make_scheduler, dtype, digits):
     sign = -1.0 if kwargs.get("maximize") else 1.0
     runs = []
-    for module in (ft, torch.optim):
+    for make in (getattr(ft, name), anchor_class(name)):
         net = make_net(dtype)
-        optimizer = getattr(module, name)(net.parameters(), **kwargs)
+        optimizer = make(net.parameters(), **kwargs)
         train(net, optimizer, digits, STEPS, scheduler=make_scheduler(optimizer), sign=sign)
         runs.append((net, optimizer))
     (net_ours, ours), (net_theirs, theirs) = runs
@@ -212,7 +225,8 @@ def test_schedule_with_torch_scheduler_is_an_error(digits):
 
 # ---------------------------------------------------------------- checkpoints both ways
 CHECKPOINT_CONFIGS = [("SGD", dict(lr=0.05, momentum=0.9)), ("RMSprop", dict(lr=1e-3, centered=True, momentum=0.3)),
-                      ("Adam", dict(lr=3e-3, amsgrad=True)), ("AdamW", dict(lr=3e-3))]
+                      ("Adam", dict(lr=3e-3, amsgrad=True)), ("AdamW", dict(lr=3e-3)),
+                      ("Adagrad", dict(lr=0.05, lr_decay=1e-3, initial_accumulator_value=0.1))]
 
 
 def checkpoint_round_trip(optimizer, net):
@@ -242,21 +256,22 @@ def test_checkpoint_cross_loading(name, kwargs, direction, digits):
             scheduler.step()
 
     reference_net = make_net(torch.float32)
-    reference = getattr(torch.optim, name)(reference_net.parameters(), **kwargs)
+    reference = anchor_class(name)(reference_net.parameters(), **kwargs)
     run(reference_net, reference, lr_scheduler.StepLR(reference, 25, 0.5), 0, STEPS)
 
-    first_module, second_module = (ft, torch.optim) if direction == "fastopt_to_torch" else (torch.optim, ft)
+    first_class, second_class = (getattr(ft, name), anchor_class(name))[::1 if direction == "fastopt_to_torch" else -1]
     net = make_net(torch.float32)
-    first = getattr(first_module, name)(net.parameters(), **kwargs)
+    first = first_class(net.parameters(), **kwargs)
     scheduler = lr_scheduler.StepLR(first, 25, 0.5)
     run(net, first, scheduler, 0, STEPS // 2)
     checkpoint = checkpoint_round_trip(first, net)
     checkpoint["scheduler"] = scheduler.state_dict()
-    assert len(checkpoint["optimizer"]["state"]) == 4  # body and head: aux has had no grad yet
+    # Body and head: aux has had no grad yet (torch's Adagrad makes every param's state at construction).
+    assert len(checkpoint["optimizer"]["state"]) == (6 if name == "Adagrad" else 4)
 
     resumed_net = make_net(torch.float32)
     resumed_net.load_state_dict(checkpoint["model"])
-    second = getattr(second_module, name)(resumed_net.parameters(), **kwargs)
+    second = second_class(resumed_net.parameters(), **kwargs)
     scheduler = lr_scheduler.StepLR(second, 25, 0.5)
     scheduler.load_state_dict(checkpoint["scheduler"])
     second.load_state_dict(checkpoint["optimizer"])

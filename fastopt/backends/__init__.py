@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from .. import dtypes
-from ..kernels.cpu import tables as layout  # not `tables`: that name is this package's submodule
+from ..kernels.cpu import layout as kernel_layout
 
 NAMES = ("auto", "cpu", "reference", "cuda")
 
@@ -56,12 +56,13 @@ class GradControl:
     def __init__(self, sum_of_squares, nonfinite, unscale, max_norm, skip_nonfinite=True):
         self.norm = math.sqrt(sum_of_squares) * unscale
         self.nonfinite = int(nonfinite)
-        clip = 1.0
+        self.clip = 1.0  # clip_grad_norm_'s factor
         if max_norm is not None and math.isfinite(self.norm):
-            clip = min(1.0, max_norm / (self.norm + CLIP_EPSILON))
-        self.values = np.zeros(layout.GRAD_CONTROLS)
+            self.clip = min(1.0, max_norm / (self.norm + CLIP_EPSILON))
+        self.values = np.zeros(kernel_layout.GRAD_CONTROLS)
         skip = skip_nonfinite and self.nonfinite > 0
-        self.values[[layout.GRAD_UNSCALE, layout.GRAD_CLIP, layout.SKIP]] = unscale, clip, float(skip)
+        self.values[[kernel_layout.GRAD_UNSCALE, kernel_layout.GRAD_CLIP, kernel_layout.SKIP]] = (unscale, self.clip,
+                                                                                                 float(skip))
 
     @staticmethod
     def plain():
@@ -69,11 +70,11 @@ class GradControl:
         return GradControl(0.0, 0, 1.0, None)
 
     def skip(self):
-        self.values[layout.SKIP] = 1.0
+        self.values[kernel_layout.SKIP] = 1.0
 
     @property
     def skipped(self):
-        return bool(self.values[layout.SKIP])
+        return bool(self.values[kernel_layout.SKIP])
 
 
 class HostArrays:
@@ -103,8 +104,9 @@ class HostArrays:
         return array.__array_interface__["data"][0]
 
     @staticmethod
-    def allocate_state(param, ordinal, storage):
-        """A zeroed buffer shaped like ``param`` stored as ``storage`` (a storage name), starting on a cache line
+    def allocate_state(param, ordinal, storage, value=0.0):
+        """A buffer shaped like ``param`` stored as ``storage`` (a storage name), holding ``value`` rounded to the
+        storage (a rule's initial state: Adagrad's accumulator; zeros by default), starting on a cache line
         (NumPy's large arrays start 16 bytes past one, which cost up to 20% bandwidth here) and staggered by a few
         lines per buffer: equal-sized buffers that all begin at the same page offset alias in the cache and lose
         bandwidth."""
@@ -113,7 +115,10 @@ class HostArrays:
         spare = (64 + (ordinal % 16) * 256) // itemsize
         base = np.zeros(param.size + spare, dtype=dtype)
         start = (-base.__array_interface__["data"][0] % 64) // itemsize + (ordinal % 16) * 256 // itemsize
-        return base[start:start + param.size].reshape(param.shape)
+        buffer = base[start:start + param.size].reshape(param.shape)
+        if value != 0:
+            buffer.fill(value)
+        return buffer
 
     @staticmethod
     def copy_widened(target, source):

@@ -1,8 +1,9 @@
-"""The CPU backend: builds the kernels' tables once and calls one fused Numba kernel per param dtype per step.
+"""The CPU backend: builds the kernels' tables from the optimizer's frozen layout and calls one fused Numba kernel
+per math dtype per step.
 
 Per step the host work is proportional to the number of tensors, not elements: the grads' addresses go into
-the address table; the group table and packed schedules are rebuilt only when a group's hyperparameters
-changed, the other addresses only when the optimizer's buffers did (its ``_layout_version``).
+the address table; the group table and packed schedules are taken in only when the optimizer hands a new
+GroupTable, the other addresses only when it hands a new Layout (a buffer changed).
 
 One bucket per math dtype: float32, bfloat16 and float16 params share its tables. The kernels take the storage
 of each stream from the element type of a typed scratch array (uint16: bfloat16 bits, int16: float16 bits, see
@@ -13,8 +14,8 @@ import numpy as np
 
 from . import GradControl, HostArrays
 from .. import dtypes
-from .tables import chunk_table, fill_tensor_tables, group_tables, indices_by_math_dtype, set_grads
-from ..kernels.cpu import fused, tables
+from .layout import chunk_table, fill_tensor_tables, set_grads
+from ..kernels.cpu import fused, layout as kernel_layout
 
 # The element type the kernels see for each storage (Numba has no 16-bit floats).
 _KERNEL_DTYPES = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.int16), "float32": np.dtype(np.float32),
@@ -25,28 +26,34 @@ def _address(array):
     return array.__array_interface__["data"][0] if array.size else 0
 
 
+def _slot_masks(rule):
+    """(always, optional): bit masks of the state slots the rule always uses and those only some groups use."""
+    always = sum(1 << slot for slot, name in enumerate(rule.STATE_SLOTS) if name not in rule.OPTIONAL_STATES)
+    optional = sum(1 << slot for slot, name in enumerate(rule.STATE_SLOTS) if name in rule.OPTIONAL_STATES)
+    return always, optional
+
+
 class _DtypeBucket:
     """The tensors of one math dtype and the tables one kernel call reads."""
 
-    def __init__(self, dtype, indices, params, kernel_name):
+    def __init__(self, dtype, indices, params, kernels):
         self.dtype = dtype
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.params = [params[i] for i in indices]
         count = len(indices)
-        self.addresses = np.zeros((count, tables.SLOTS), dtype=np.int64)
-        self.tensor_format = np.zeros((count, tables.FORMAT_COLUMNS), dtype=np.int64)
+        self.addresses = np.zeros((count, kernel_layout.SLOTS), dtype=np.int64)
+        self.tensor_format = np.zeros((count, kernel_layout.FORMAT_COLUMNS), dtype=np.int64)
         self.tensor_group = np.zeros(count, dtype=np.int64)
         self.tensor_step = np.zeros(count, dtype=np.int64)
-        self.coefficients = np.zeros((count, tables.COEFFICIENTS), dtype=dtype)
+        self.coefficients = np.zeros((count, kernel_layout.COEFFICIENTS), dtype=dtype)
         # Stands in for absent buffers (see kernels/cpu/fused.stream): one chunk of distinct memory per slot.
         # Filled explicitly: loads from never-written calloc pages were 10x slower than from written ones here,
         # should a loop variant ever read it.
-        self.scratch = np.empty(tables.SLOTS * tables.CHUNK, dtype=dtype)
+        self.scratch = np.empty(kernel_layout.SLOTS * kernel_layout.CHUNK, dtype=dtype)
         self.scratch.fill(0)
-        self.chunk_tensor, self.chunk_start, self.chunk_length = chunk_table([p.size for p in self.params],
-                                                                             tables.CHUNK)
-        serial = int(self.chunk_length.sum()) < tables.SERIAL_BELOW
-        self.kernel = getattr(fused, kernel_name + ("_serial" if serial else ""))
+        self.chunk_tensor, self.chunk_start, self.chunk_length = chunk_table([params[i].size for i in indices],
+                                                                             kernel_layout.CHUNK)
+        serial = int(self.chunk_length.sum()) < kernel_layout.SERIAL_BELOW
+        self.kernel = kernels[1] if serial else kernels[0]
         self.scratches = {self.scratch.dtype: self.scratch}
         self.static_kinds = None  # per tensor: (param dtype, state dtype, master?, stochastic?) as the kernels see them
 
@@ -54,70 +61,67 @@ class _DtypeBucket:
         """A scratch array of ``dtype`` (SLOTS chunks of distinct, written memory, as ``scratch``): it types a
         kernel's stream and stands in for that stream's absent buffers."""
         if dtype not in self.scratches:
-            self.scratches[dtype] = np.zeros(tables.SLOTS * tables.CHUNK, dtype=dtype)
+            self.scratches[dtype] = np.zeros(kernel_layout.SLOTS * kernel_layout.CHUNK, dtype=dtype)
         return self.scratches[dtype]
 
 
 class CpuBackend(HostArrays):
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-        params = optimizer._params
-        self.buckets = [_DtypeBucket(dtype, indices, params, optimizer.KERNEL)
-                        for dtype, indices in indices_by_math_dtype(optimizer).items()]
+    def __init__(self, layout):
+        kernels = fused.step_kernels(layout.rule.KERNEL, *_slot_masks(layout.rule))
+        self.buckets = [_DtypeBucket(dtype, indices, layout.params, kernels)
+                        for dtype, indices in layout.indices_by_math_dtype().items()]
+        self.parameter_count = len(layout.params)
         self.plain_control = GradControl.plain().values
-        self.group_hyper = self.schedule_program = self.schedule_base = None
-        self.layout_version = None
+        self.layout = None
 
-    def _refresh_tables(self, groups_changed):
-        optimizer = self.optimizer
-        if groups_changed or self.group_hyper is None:
-            self.group_hyper, self.schedule_program, self.schedule_base = group_tables(optimizer)
-        if self.layout_version != optimizer._layout_version:
-            for bucket in self.buckets:
-                fill_tensor_tables(optimizer, bucket.indices, bucket.addresses, bucket.tensor_group,
-                                   bucket.tensor_format, bucket.dtype, _address)
-                bucket.static_kinds = [
-                    (_KERNEL_DTYPES[optimizer.param_storage(index)], _KERNEL_DTYPES[optimizer.state_storage(index)],
-                     optimizer.has_master(index),
-                     optimizer.rounding == "stochastic" and optimizer.param_storage(index) == "bfloat16")
-                    for index in bucket.indices]
-            self.layout_version = optimizer._layout_version
+    def _refresh_tables(self, layout):
+        if layout is self.layout:
+            return
+        for bucket in self.buckets:
+            fill_tensor_tables(layout, bucket.indices, bucket.addresses, bucket.tensor_group, bucket.tensor_format,
+                               bucket.dtype, _address)
+            bucket.static_kinds = [
+                (_KERNEL_DTYPES[layout.param_storage[index]], _KERNEL_DTYPES[layout.state_storage[index]],
+                 layout.master[index] is not None, layout.stochastic and layout.param_storage[index] == "bfloat16")
+                for index in bucket.indices]
+        self.layout = layout
 
     def _set_grads(self, bucket, grads):
         set_grads(bucket.addresses, bucket.tensor_format, bucket.indices, grads, bucket.dtype, _address,
                   self.storage_name)
 
-    def grad_stats(self, grads):
+    def grad_stats(self, layout, grads):
         """(sum of squares, number of non-finite values) over all grads, one parallel read."""
+        self._refresh_tables(layout)
         sum_of_squares, nonfinite = 0.0, 0
         for bucket in self.buckets:
             self._set_grads(bucket, grads)
             total, count = fused.grad_stats(bucket.addresses, bucket.tensor_format, bucket.chunk_tensor,
                                             bucket.chunk_start, bucket.chunk_length, bucket.scratch,
-                                            bucket.like(_KERNEL_DTYPES["bfloat16"]), bucket.like(_KERNEL_DTYPES["float32"]))
+                                            bucket.like(_KERNEL_DTYPES["bfloat16"]),
+                                            bucket.like(_KERNEL_DTYPES["float32"]))
             sum_of_squares += total
             nonfinite += count
         return sum_of_squares, nonfinite
 
-    def grad_control(self, grads, unscale, max_norm, skip_nonfinite=True):
+    def grad_control(self, layout, grads, unscale, max_norm, skip_nonfinite=True):
         """This step's :class:`GradControl` from one read of the grads."""
-        return GradControl(*self.grad_stats(grads), unscale, max_norm, skip_nonfinite)
+        return GradControl(*self.grad_stats(layout, grads), unscale, max_norm, skip_nonfinite)
 
-    def step(self, grads, step_count, groups_changed, lr_factor=1.0, control=None):
-        self._refresh_tables(groups_changed)
+    def step(self, layout, groups, grads, step_count, lr_factor=1.0, control=None):
+        self._refresh_tables(layout)
         values = self.plain_control if control is None else control.values
-        seed = np.int64(self.optimizer.seed)
+        seed = np.int64(layout.seed)
         for bucket in self.buckets:
             self._set_grads(bucket, grads)
             for kind, addresses in self._kinds(bucket, grads):
                 param_dtype, state_dtype, has_master, stochastic, grad_dtype = kind
                 bucket.kernel(addresses, bucket.chunk_tensor, bucket.chunk_start, bucket.chunk_length,
-                              bucket.tensor_group, bucket.tensor_step, self.group_hyper, self.schedule_program,
-                              self.schedule_base, np.int64(step_count), np.float64(lr_factor), values,
+                              bucket.tensor_group, bucket.tensor_step, groups.group_hyper, groups.schedule_program,
+                              groups.schedule_base, np.int64(step_count), np.float64(lr_factor), values,
                               bucket.coefficients, bucket.scratch, bucket.like(param_dtype), bucket.like(grad_dtype),
                               bucket.like(state_dtype), bucket.scratch if has_master else None,
                               seed if stochastic else None)
-
     @staticmethod
     def _kinds(bucket, grads):
         """[(kind, address table)]: the ways the bucket's tensors with a grad this step are stored, each with the
@@ -136,12 +140,12 @@ class CpuBackend(HostArrays):
             addresses = bucket.addresses.copy()
             keep = np.zeros(len(bucket.indices), dtype=bool)
             keep[positions] = True
-            addresses[~keep, tables.GRAD] = 0
+            addresses[~keep, kernel_layout.GRAD] = 0
             calls.append((kind, addresses))
         return calls
 
     def tensor_steps(self):
-        steps = np.zeros(len(self.optimizer._params), dtype=np.int64)
+        steps = np.zeros(self.parameter_count, dtype=np.int64)
         for bucket in self.buckets:
             steps[bucket.indices] = bucket.tensor_step
         return steps

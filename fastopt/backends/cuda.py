@@ -1,11 +1,13 @@
 """The CUDA backend: fused CUDA kernels over CuPy arrays, one launch per math dtype per step.
 
-The kernels (``kernels/cuda/fused.cu``) are compiled at run time with NVRTC (through CuPy) and loaded as a CuPy
-``RawModule``, cached per device in the process and on disk per hash of every CUDA source, headers included (a
-``-D`` option carries the headers' hash), of the options and of the architecture (see :func:`load_module` for why
-not ``RawModule(code=...)``: denormals). The constants the kernels share with the CPU (schedule kind codes, table
-slots, group-table columns, storage formats and grad-control entries) are passed as ``-D`` options generated from
-``fastopt.kernels.cpu.schedule_codes`` and ``tables``: one source of truth for both backends.
+The kernels are compiled at run time with NVRTC (through CuPy) and loaded as CuPy ``RawModule``s, cached per device
+in the process and on disk per hash of every CUDA source, headers included (a ``-D`` option carries the headers'
+hash), of the options and of the architecture (see :func:`load_module` for why not ``RawModule(code=...)``:
+denormals). ``kernels/cuda/fused.cu`` (the step) is compiled once per rule (:func:`rule_options`: the rule's struct
+and header, ``kernels/cuda/rules/<KERNEL>.cuh``), ``kernels/cuda/grad_control.cu`` once. The constants the kernels
+share with the CPU (schedule kind codes, table slots, group-table columns, every rule's columns, storage formats and
+grad-control entries) are passed as ``-D`` options generated from ``fastopt.kernels.cpu.schedule_codes``, ``layout``
+and ``fastopt.rules.RULES``: one source of truth for both backends.
 
 Design (see ``kernels/cuda/fused.cu`` for the device side):
 
@@ -18,7 +20,7 @@ Design (see ``kernels/cuda/fused.cu`` for the device side):
   exactly after the load and rounds it at the store, element by element in registers (``kernels/cuda/storage.cuh``);
   a tensor stored in its math dtype runs the plain loop. The result is the CPU kernels' function, bit for bit
   (stochastic rounding included: the same counter-based hash, keyed alike). A bucket stored entirely in its math
-  dtype launches kernels built without the mixed loop (``<name>_<type>``; else ``<name>_<type>_mixed``), so that
+  dtype launches kernels built without the mixed loop (``step_<type>``; else ``step_<type>_mixed``), so that
   float32 training keeps the registers and occupancy it had.
 - **Step counts on the device.** Each bucket holds ``counters`` (the optimizer step, a ticket, the skipped steps)
   and the tensors' step counts in device memory; the kernel evaluates the schedule and bias corrections from them
@@ -31,10 +33,11 @@ Design (see ``kernels/cuda/fused.cu`` for the device side):
   a step with non-finite grads is skipped on the device, without a host synchronisation (it is counted in the
   device's skipped-steps counter, and the device's step count does not advance). Only a guard reads the non-finite
   count on the host (a synchronisation, so a step with a guard cannot be captured in a graph).
-- **Uploads only on change.** The grads' addresses and formats, the group table and the packed schedules are
-  compared with what was last uploaded; a change is copied from pinned memory with ``cudaMemcpyAsync`` on the current stream
-  (no synchronisation; the pinned buffer is kept until an event says the copy is done). Passing the same grad
-  buffers every step (as CUDA-graph users must anyway) uploads nothing.
+- **Uploads only on change.** The engine is handed the optimizer's frozen ``Layout`` (its buffers) and ``GroupTable``
+  (the groups' rows and packed schedules) with every call; only a new one (by identity) is compared, table by table,
+  with what was last uploaded, and the grads' addresses and formats every step. A change is copied from pinned memory
+  with ``cudaMemcpyAsync`` on the current stream (no synchronisation; the pinned buffer is kept until an event says
+  the copy is done). Passing the same grad buffers every step (as CUDA-graph users must anyway) uploads nothing.
 - **Streams and graphs.** Every launch and copy goes to CuPy's current stream, so ``with
   cupy.cuda.ExternalStream(ptr):`` (or ``Stream.from_external``) runs the step on a foreign stream. A step can be
   captured with ``Stream.begin_capture`` once one eager step has uploaded the tables: each replay advances the
@@ -58,12 +61,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import dtypes, kernels
-from ..kernels.cpu import schedule_codes, tables
+from ..kernels.cpu import layout as kernel_layout
+from ..kernels.cpu import schedule_codes
 from . import CLIP_EPSILON, _describe, is_gpu_array
-from .tables import chunk_table, fill_tensor_tables, group_tables, indices_by_math_dtype, set_grads
+from .layout import chunk_table, fill_tensor_tables, set_grads
 
 SOURCE_DIR = (Path(kernels.__file__).parent / "cuda").resolve()
-SOURCE = "fused.cu"
+SOURCE = "fused.cu"  # the step kernels, compiled once per rule
+GRAD_CONTROL_SOURCE = "grad_control.cu"  # the grad statistics and grad control, compiled once
 
 BLOCK = 256  # threads per block, every kernel
 ILP = 4  # elements each thread loads before it computes and stores
@@ -74,7 +79,7 @@ MIN_CHUNK = 1 << 11
 MAX_CHUNK = 1 << 16
 BLOCKS_PER_MULTIPROCESSOR = 16  # measured best for the GPT-2 list (bench/GPU_TUNING.md)
 
-# Device counters of one bucket (tables.cuh): the optimizer's step count, the last-block ticket, and the launches
+# Device counters of one bucket (layout.cuh): the optimizer's step count, the last-block ticket, and the launches
 # that skipped the step (grad_control's SKIP set on the device).
 OPTIMIZER_STEP, TICKET, SKIPPED_STEPS = 0, 1, 2
 COUNTERS = 3
@@ -96,23 +101,33 @@ STORAGE_DTYPES = {"float64": np.dtype(np.float64), "float32": np.dtype(np.float3
 # ---------------------------------------------------------------- compiling
 def compile_defines():
     """The ``-D`` macros every CUDA source needs: the schedule kind codes (``FASTOPT_SCHEDULE_<NAME>``), the
-    address slots (``FASTOPT_SLOT_<NAME>``), each group-table column's index (``FASTOPT_<OPTIMIZER>_<COLUMN>``) and
-    width (``FASTOPT_<OPTIMIZER>_COLUMNS``), the storage formats (``FASTOPT_FORMAT_<NAME>``) and format-table columns,
-    the grad-control entries, the counters, the block size, ILP and the largest chunk."""
+    address slots (``FASTOPT_SLOT_<NAME>``), the table layouts of ``fastopt.kernels.cpu.layout`` (``FASTOPT_<NAME>``),
+    for every rule of ``fastopt.rules.RULES`` the group-table index of each of its columns
+    (``FASTOPT_<KERNEL>_<COLUMN>``), its group row's width (``FASTOPT_<KERNEL>_COLUMNS``) and the state slots it always
+    uses and may use (``FASTOPT_<KERNEL>_ALWAYS_LIVE``, ``_OPTIONAL_LIVE``: bit k for slot k), the grad-control
+    entries, the counters, the block size, ILP and the largest chunk. Every rule is defined in every compile, so one
+    translation unit (the test shim) can include them all."""
+    from ..rules import RULES  # here, not at the top: fastopt.rules imports the optimizer, which imports the engines
+
     defines = {f"FASTOPT_SCHEDULE_{name}": value for name, value in vars(schedule_codes).items()
                if name.isupper() and isinstance(value, int)}
     for slot in ("PARAM", "GRAD", "LR_SCALE", "STATE0", "STATE1", "STATE2", "MASTER"):
-        defines[f"FASTOPT_SLOT_{slot}"] = getattr(tables, slot)
-    defines["FASTOPT_SLOTS"] = tables.SLOTS
-    for optimizer, columns in (("SGD", tables.SGD_COLUMNS), ("RMSPROP", tables.RMSPROP_COLUMNS),
-                               ("ADAM", tables.ADAM_COLUMNS)):
-        defines.update({f"FASTOPT_{optimizer}_{column.upper()}": index for index, column in enumerate(columns)})
-        defines[f"FASTOPT_{optimizer}_COLUMNS"] = len(columns)
+        defines[f"FASTOPT_SLOT_{slot}"] = getattr(kernel_layout, slot)
+    defines["FASTOPT_SLOTS"] = kernel_layout.SLOTS
     for name in ("NATIVE", "FLOAT32", "BFLOAT16", "FLOAT16", "BFLOAT16_STOCHASTIC"):
-        defines[f"FASTOPT_FORMAT_{name}"] = getattr(tables, name)
+        defines[f"FASTOPT_FORMAT_{name}"] = getattr(kernel_layout, name)
     for name in ("PARAM_FORMAT", "GRAD_FORMAT", "STATE_FORMAT", "FORMAT_COLUMNS", "GRAD_UNSCALE", "GRAD_CLIP", "SKIP",
-                 "GRAD_CONTROLS"):
-        defines[f"FASTOPT_{name}"] = getattr(tables, name)
+                 "GRAD_CONTROLS", "COUNTS_STEP", "LIVE_STATES", "MAXIMIZE", "GROUP_COLUMNS", "STATE_SLOTS",
+                 "RULE_COEFFICIENTS", "COEFFICIENTS", "COEFFICIENT_GRAD_UNSCALE", "COEFFICIENT_GRAD_CLIP"):
+        defines[f"FASTOPT_{name}"] = getattr(kernel_layout, name)
+    for kernel, rule in RULES.items():
+        prefix = f"FASTOPT_{kernel.upper()}"
+        defines.update({f"{prefix}_{column.upper()}": index
+                        for column, index in zip(rule.COLUMNS, rule.column_indices())})
+        defines[f"{prefix}_COLUMNS"] = kernel_layout.GROUP_COLUMNS + len(rule.COLUMNS)
+        optional = [name in rule.OPTIONAL_STATES for name in rule.STATE_SLOTS]
+        defines[f"{prefix}_ALWAYS_LIVE"] = sum(1 << slot for slot, maybe in enumerate(optional) if not maybe)
+        defines[f"{prefix}_OPTIONAL_LIVE"] = sum(1 << slot for slot, maybe in enumerate(optional) if maybe)
     defines.update(FASTOPT_STATISTIC_NORM=STATISTIC_NORM, FASTOPT_STATISTIC_NONFINITE=STATISTIC_NONFINITE,
                    FASTOPT_STATISTICS=STATISTICS, FASTOPT_CLIP_EPSILON=repr(float(CLIP_EPSILON)),
                    FASTOPT_SCALE_ON_HOST=SCALE_ON_HOST, FASTOPT_SCALE_FLOAT32=SCALE_FLOAT32,
@@ -123,12 +138,19 @@ def compile_defines():
     return defines
 
 
+def rule_options(kernel):
+    """The options that make fused.cu the step of the rule ``kernel`` (a ``KERNEL`` name, e.g. "adam"): its struct
+    ``fastopt::rules::<kernel>`` and its header ``rules/<kernel>.cuh``, which fused.cu includes by name."""
+    return (f"-DFASTOPT_RULE=fastopt::rules::{kernel}", f'-DFASTOPT_RULE_HEADER="rules/{kernel}.cuh"')
+
+
 @functools.lru_cache(maxsize=None)
 def source_hash():
-    """SHA-256 (first 16 hex digits) of every ``.cu`` and ``.cuh`` file in ``kernels/cuda``, names included."""
+    """SHA-256 (first 16 hex digits) of every ``.cu`` and ``.cuh`` file under ``kernels/cuda`` (the rules' headers
+    included), with their paths."""
     digest = hashlib.sha256()
-    for path in sorted(SOURCE_DIR.glob("*.cu*")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(SOURCE_DIR.rglob("*.cu*")):
+        digest.update(path.relative_to(SOURCE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -155,12 +177,12 @@ def cache_directory():
 
 
 _MODULES = {}  # (device id, cache key) -> cupy.RawModule
-_FUNCTIONS = {}  # (device id, kernel name) -> the kernel of fused.cu
+_FUNCTIONS = {}  # (device id, rule or None, kernel name) -> the kernel of fused.cu for the rule, or of grad_control.cu
 
 
-def load_module(cupy, source, name):
-    """``source`` (CUDA C++ that may include the headers of kernels/cuda) compiled with :func:`compile_options` for
-    the current device's architecture and loaded as a ``cupy.RawModule``; cached in this process per device and
+def load_module(cupy, source, name, options=()):
+    """``source`` (CUDA C++ that may include the headers of kernels/cuda) compiled with :func:`compile_options` and
+    ``options`` for the current device's architecture and loaded as a ``cupy.RawModule``; cached in this process per device and
     on disk per source, headers (their hash is in the options), options, architecture and CuPy/CUDA versions.
 
     Compiled with CuPy's NVRTC front end and loaded from the binary, not with ``RawModule(code=...)``: CuPy appends
@@ -169,7 +191,7 @@ def load_module(cupy, source, name):
     ``add/mul/div/sqrt.f32`` became ``.ftz``)."""
     device = cupy.cuda.runtime.getDevice()
     architecture = cupy.cuda.Device(device).compute_capability  # "90" for sm_90
-    options = compile_options()
+    options = (*compile_options(), *options)
     identity = json.dumps([source, options, architecture, cupy.__version__, cupy.cuda.runtime.runtimeGetVersion()])
     key = hashlib.sha256(identity.encode()).hexdigest()[:24]
     module = _MODULES.get((device, key))
@@ -200,13 +222,18 @@ def load_module(cupy, source, name):
     return module
 
 
-def kernel(cupy, name):
-    """The kernel ``name`` of fused.cu for the current device."""
+def kernel(cupy, name, rule=None):
+    """The kernel ``name`` for the current device: of fused.cu compiled for the rule ``rule`` (a ``KERNEL`` name), or
+    with ``rule`` None of grad_control.cu."""
     device = cupy.cuda.runtime.getDevice()
-    function = _FUNCTIONS.get((device, name))
+    function = _FUNCTIONS.get((device, rule, name))
     if function is None:
-        module = load_module(cupy, (SOURCE_DIR / SOURCE).read_text(), Path(SOURCE).stem)
-        function = _FUNCTIONS[device, name] = module.get_function(name)
+        if rule is None:
+            module = load_module(cupy, (SOURCE_DIR / GRAD_CONTROL_SOURCE).read_text(), Path(GRAD_CONTROL_SOURCE).stem)
+        else:
+            module = load_module(cupy, (SOURCE_DIR / SOURCE).read_text(), f"{Path(SOURCE).stem}-{rule}",
+                                 rule_options(rule))
+        function = _FUNCTIONS[device, rule, name] = module.get_function(name)
     return function
 
 
@@ -284,11 +311,16 @@ class CupyArrays:
         return array.data.ptr
 
     @staticmethod
-    def allocate_state(param, ordinal, storage):
-        """A zeroed buffer shaped like ``param`` on its device, stored as ``storage`` (a storage name; bfloat16 as
-        uint16 bits). (No staggering as on the host: device allocations are 512-byte aligned and GPU memory has no
-        cache-set aliasing between equal-size buffers to avoid.)"""
-        return _cupy().zeros(param.shape, dtype=STORAGE_DTYPES[storage])
+    def allocate_state(param, ordinal, storage, value=0.0):
+        """A buffer shaped like ``param`` on its device, stored as ``storage`` (a storage name; bfloat16 as uint16
+        bits), holding ``value`` rounded to the storage (a rule's initial state: Adagrad's accumulator). Pass the value
+        here rather than ``fill`` the buffer: a bfloat16 buffer's ``fill(0.5)`` would store the integer 0. (No
+        staggering as on the host: device allocations are 512-byte aligned and GPU memory has no cache-set aliasing
+        between equal-size buffers to avoid.)"""
+        buffer = _cupy().zeros(param.shape, dtype=STORAGE_DTYPES[storage])
+        if value != 0:
+            buffer.fill(np.array(value, dtype=dtypes.numpy_dtype(storage)).view(STORAGE_DTYPES[storage])[()])
+        return buffer
 
     @staticmethod
     def copy_widened(target, source):
@@ -367,16 +399,16 @@ class _DtypeBucket:
         self.chunk_count = chunk_tensor.size
         # A launch with no chunks (all tensors empty) still needs one block: the last block advances the counts.
         self.grid = max(self.chunk_count, 1)
-        self.addresses = np.zeros((count, tables.SLOTS), dtype=np.int64)
-        self.tensor_format = np.zeros((count, tables.FORMAT_COLUMNS), dtype=np.int64)
+        self.addresses = np.zeros((count, kernel_layout.SLOTS), dtype=np.int64)
+        self.tensor_format = np.zeros((count, kernel_layout.FORMAT_COLUMNS), dtype=np.int64)
         self.tensor_group = np.zeros(count, dtype=np.int64)
         # What the device tables hold (None: not uploaded yet).
         self.uploaded_addresses = None
         self.uploaded_tensor_format = None
         self.uploaded_tensor_group = None
         self.device = {
-            "addresses": cupy.zeros((count, tables.SLOTS), dtype=np.int64),
-            "tensor_format": cupy.zeros((count, tables.FORMAT_COLUMNS), dtype=np.int64),
+            "addresses": cupy.zeros((count, kernel_layout.SLOTS), dtype=np.int64),
+            "tensor_format": cupy.zeros((count, kernel_layout.FORMAT_COLUMNS), dtype=np.int64),
             "chunk_tensor": cupy.asarray(chunk_tensor),
             "chunk_start": cupy.asarray(chunk_start),
             "chunk_length": cupy.asarray(chunk_length),
@@ -387,25 +419,29 @@ class _DtypeBucket:
             # statistics (set by CudaBackend; finish_grad_control reads them all).
         }
 
-    def kernel_name(self, optimizer_kernel):
+    def kernel_name(self):
         """The step kernel for this bucket's formats as uploaded: the plain one unless a tensor is stored in another
         format than the math dtype (fused.cu)."""
         mixed = self.uploaded_tensor_format is not None and bool(self.uploaded_tensor_format.any())
-        return f"{optimizer_kernel}_{self.ctype}" + ("_mixed" if mixed else "")
+        return f"step_{self.ctype}" + ("_mixed" if mixed else "")
 
 
 class CudaBackend(CupyArrays):
+    """The engine of one optimizer on the current GPU, built for a ``Layout`` (its params, their groups and storage);
+    ``step`` and ``grad_control`` are handed the current ``Layout`` (and ``GroupTable``) every call."""
+
     # grad_control takes the loss scale as a device array too (``scale=``), inverted on the device without a sync.
     takes_device_scale = True
 
-    def __init__(self, optimizer):
+    def __init__(self, layout):
         cupy = _cupy()
         self.cupy = cupy
-        self.optimizer = optimizer
+        self.rule = layout.rule.KERNEL  # the rule fused.cu is compiled for
+        self.tensor_count = len(layout.params)
         self.device_id = cupy.cuda.runtime.getDevice()
         multiprocessors = cupy.cuda.Device(self.device_id).attributes["MultiProcessorCount"]
-        self.buckets = [_DtypeBucket(cupy, dtype, indices, optimizer._params, multiprocessors)
-                        for dtype, indices in indices_by_math_dtype(optimizer).items()]
+        self.buckets = [_DtypeBucket(cupy, dtype, indices, layout.params, multiprocessors)
+                        for dtype, indices in layout.indices_by_math_dtype().items()]
         # Per-chunk grad statistics of every bucket, one after the other: finish_grad_control adds them in order.
         self.chunk_count = sum(bucket.chunk_count for bucket in self.buckets)
         self.partial_sums = cupy.zeros(max(self.chunk_count, 1), dtype=np.float64)
@@ -418,17 +454,15 @@ class CudaBackend(CupyArrays):
         # The grad controls the step kernels read, fixed allocations (a captured step replays reading them): a plain
         # one (1, 1, no skip) for steps without gradient handling, and the one finish_grad_control writes; and the
         # norm and non-finite count it writes while a step is captured (eager steps get their own, see grad_control).
-        plain = np.zeros(tables.GRAD_CONTROLS)
-        plain[[tables.GRAD_UNSCALE, tables.GRAD_CLIP]] = 1.0
+        plain = np.zeros(kernel_layout.GRAD_CONTROLS)
+        plain[[kernel_layout.GRAD_UNSCALE, kernel_layout.GRAD_CLIP]] = 1.0
         self.plain_control = cupy.asarray(plain)
         self.control_values = cupy.asarray(plain)
         self.captured_statistics = cupy.zeros(STATISTICS, dtype=np.float64)
-        # Per optimizer: the group table and the packed schedules, host copies as last uploaded and device arrays.
-        self.group_hyper = None
-        self.schedule_program = None
-        self.schedule_base = None
-        self.staged_group_tables = None
-        self.layout_version = None
+        # The Layout and GroupTable whose tables the device holds (None: none yet), and the device arrays of the group
+        # table and the packed schedules.
+        self.layout = None
+        self.groups = None
         self.device = {}
         # The optimizer step count the device counters hold once the queued work is done, as far as the host knows
         # (None: never uploaded). Graph replays and device-skipped steps change the device's count without the host's
@@ -475,36 +509,31 @@ class CudaBackend(CupyArrays):
             array = self.device[name] = self.cupy.empty(values.shape, dtype=values.dtype)
         return array
 
-    def _refresh_tables(self, pending, groups_changed):
-        """Bring the host tables up to date as the CPU engine does (group table and schedules when a group
-        changed, addresses and formats when the optimizer's buffers did); queue uploads of whatever differs from the
-        device."""
-        optimizer = self.optimizer
-        if groups_changed or self.group_hyper is None:
-            group_hyper, schedule_program, schedule_base = group_tables(optimizer)
-            for name, values, previous in (("group_hyper", group_hyper, self.group_hyper),
-                                           ("schedule_program", schedule_program, self.schedule_program),
-                                           ("schedule_base", schedule_base, self.schedule_base)):
-                if previous is None or previous.shape != values.shape or not np.array_equal(previous, values):
+    def _prepare(self, layout, groups, grads, step_count=None):
+        """Queue uploads of whatever the device lacks for a step with ``grads`` under ``layout`` and ``groups`` (None:
+        no group table needed, as for the grad statistics). A Layout or GroupTable other than the one the device holds
+        (by identity) is compared table by table with what was uploaded, and only what differs is copied; the grads'
+        addresses are compared every step, their formats too (they change only when the grads' dtypes do). The device
+        is known to hold ``layout`` and ``groups`` only once every copy is queued: a refused upload is tried again at
+        the next step."""
+        pending = []
+        if groups is not None and groups is not self.groups:
+            for name in ("group_hyper", "schedule_program", "schedule_base"):
+                values = getattr(groups, name)
+                previous = None if self.groups is None else getattr(self.groups, name)
+                # A device array resized for an upload that was then refused holds nothing: its shape is not the
+                # uploaded one's.
+                array = self.device.get(name)
+                if (array is None or array.shape != values.shape or previous is None
+                        or not np.array_equal(previous, values)):
                     pending.append((self._device_array(name, values), values))
-            # The host copies are replaced once the uploads are queued (_prepare): a refused upload must be
-            # tried again at the next step.
-            self.staged_group_tables = group_hyper, schedule_program, schedule_base
-        if self.layout_version != optimizer._layout_version:
-            for bucket in self.buckets:
-                fill_tensor_tables(optimizer, bucket.indices, bucket.addresses, bucket.tensor_group,
-                                   bucket.tensor_format, bucket.dtype, _address)
+        for bucket in self.buckets:
+            if layout is not self.layout:
+                fill_tensor_tables(layout, bucket.indices, bucket.addresses, bucket.tensor_group, bucket.tensor_format,
+                                   bucket.dtype, _address)
                 if bucket.uploaded_tensor_group is None or not np.array_equal(bucket.uploaded_tensor_group,
                                                                               bucket.tensor_group):
                     pending.append((bucket.device["tensor_group"], bucket.tensor_group.copy()))
-            self.layout_version = optimizer._layout_version
-
-    def _prepare(self, grads, groups_changed, step_count=None):
-        """Bring every device table up to date for a step with ``grads`` (uploads only what changed: the grads'
-        addresses when the buffers change, their formats when their dtypes do)."""
-        pending = []
-        self._refresh_tables(pending, groups_changed)
-        for bucket in self.buckets:
             set_grads(bucket.addresses, bucket.tensor_format, bucket.indices, grads, bucket.dtype, _address,
                       self.storage_name)
             if bucket.uploaded_addresses is None or not np.array_equal(bucket.uploaded_addresses, bucket.addresses):
@@ -519,16 +548,16 @@ class CudaBackend(CupyArrays):
                         for bucket in self.buckets]
         self._flush(pending)
         # Only now that every copy is queued do the host copies claim to match the device.
-        if self.staged_group_tables is not None:
-            self.group_hyper, self.schedule_program, self.schedule_base = self.staged_group_tables
-            self.staged_group_tables = None
+        self.layout = layout
+        if groups is not None:
+            self.groups = groups
         for bucket in self.buckets:
             bucket.uploaded_addresses = bucket.addresses.copy()
             bucket.uploaded_tensor_format = bucket.tensor_format.copy()
             bucket.uploaded_tensor_group = bucket.tensor_group.copy()
 
     # ---------------------------------------------------------------- the engine interface
-    def grad_control(self, grads, unscale, max_norm, skip_nonfinite=True, *, scale=None):
+    def grad_control(self, layout, grads, unscale, max_norm, skip_nonfinite=True, *, scale=None):
         """This step's :class:`DeviceGradControl`, decided on the device without a host synchronisation: one read of
         the grads (``grad_stats``: per-chunk sums of squares and non-finite counts, any storage format), then one
         block (``finish_grad_control``) that adds them up in a fixed order and writes the grad factors and the skip
@@ -540,7 +569,7 @@ class CudaBackend(CupyArrays):
         scale of the replay. ``max_norm``: the clipping threshold, None for none. ``skip_nonfinite`` False: NaN/inf
         grads do not skip the step (a guard that lets them through)."""
         cupy = self.cupy
-        self._prepare(grads, self.group_hyper is None)
+        self._prepare(layout, None, grads)
         scale_format = SCALE_ON_HOST
         scale_array = self.control_values  # any device pointer: not read
         if scale is not None:
@@ -569,29 +598,29 @@ class CudaBackend(CupyArrays):
              self.control_values, statistics))
         return DeviceGradControl(self.control_values, statistics)
 
-    def step(self, grads, step_count, groups_changed, lr_factor=1.0, control=None):
+    def step(self, layout, groups, grads, step_count, lr_factor=1.0, control=None):
         """One launch per math dtype on the current stream; no synchronisation, and no copy unless a table changed.
         ``control``: this step's :class:`DeviceGradControl` (None: the grads as they are); a step it skips on the
         device writes nothing and leaves the device's step counts where they were. A skip decided on the host
         launches nothing."""
         if control is not None and control.skipped:
             return
-        self._prepare(grads, groups_changed, step_count)
+        self._prepare(layout, groups, grads, step_count)
         values = self.plain_control if control is None else control.values
         for bucket in self.buckets:
             device = bucket.device
-            kernel(self.cupy, bucket.kernel_name(self.optimizer.KERNEL))(
+            kernel(self.cupy, bucket.kernel_name(), self.rule)(
                 (bucket.grid,), (BLOCK,),
                 (device["addresses"], device["tensor_format"], device["chunk_tensor"], device["chunk_start"],
                  device["chunk_length"], np.int64(bucket.chunk_count), device["tensor_group"], device["tensor_step"],
                  np.int64(bucket.indices.size), self.device["group_hyper"], self.device["schedule_program"],
-                 np.int64(self.schedule_program.size), self.device["schedule_base"], device["counters"],
-                 np.float64(lr_factor), values, np.int64(self.optimizer.seed)))
+                 np.int64(groups.schedule_program.size), self.device["schedule_base"], device["counters"],
+                 np.float64(lr_factor), values, np.int64(layout.seed)))
         self.expected_step_count = step_count + 1
 
     def tensor_steps(self):
         """Each param's step count, read from the device (synchronises)."""
-        steps = np.zeros(len(self.optimizer._params), dtype=np.int64)
+        steps = np.zeros(self.tensor_count, dtype=np.int64)
         for bucket in self.buckets:
             steps[bucket.indices] = self.cupy.asnumpy(bucket.device["tensor_step"])
         return steps

@@ -9,18 +9,15 @@ Stochastic rounding uses the kernels' (seed, step, element) keys, computed by :f
 import numpy as np
 
 from .. import dtypes, reference, schedules
-from ..optimizer import MASTER
 from . import GradControl, HostArrays
-from .tables import indices_by_math_dtype
 
 
 class ReferenceBackend(HostArrays):
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-        self.steps = np.zeros(len(optimizer._params), dtype=np.int64)
+    def __init__(self, layout):
+        self.steps = np.zeros(len(layout.params), dtype=np.int64)
         # Each param's position in its kernel bucket: the tensor part of the stochastic-rounding key.
-        self.positions = np.zeros(len(optimizer._params), dtype=np.int64)
-        for indices in indices_by_math_dtype(optimizer).values():
+        self.positions = np.zeros(len(layout.params), dtype=np.int64)
+        for indices in layout.indices_by_math_dtype().values():
             self.positions[indices] = np.arange(len(indices))
 
     @staticmethod
@@ -29,52 +26,49 @@ class ReferenceBackend(HostArrays):
         return (sum(float(np.sum(grad * grad)) for grad in present),
                 sum(int(np.count_nonzero(~np.isfinite(grad))) for grad in present))
 
-    def grad_control(self, grads, unscale, max_norm, skip_nonfinite=True):
+    def grad_control(self, layout, grads, unscale, max_norm, skip_nonfinite=True):
         sum_of_squares, nonfinite = self.grad_stats(grads)
         return GradControl(sum_of_squares, nonfinite, unscale, max_norm, skip_nonfinite)
 
-    def step(self, grads, step_count, groups_changed, lr_factor=1.0, control=None):
-        optimizer = self.optimizer
+    def step(self, layout, groups, grads, step_count, lr_factor=1.0, control=None):
         self.step_count = step_count
         self.control = GradControl.plain() if control is None else control
-        index = 0
-        for group in optimizer.param_groups:
-            lr = float(schedules.as_schedule(group["lr"])(step_count)) * lr_factor
-            scales = group["lr_scale"] or [None] * len(group["params"])
-            for param, scale in zip(group["params"], scales):
-                grad = grads[index]
-                if grad is not None:
-                    self._step_tensor(index, param, grad, scale, group, lr)
-                index += 1
+        for index, grad in enumerate(grads):
+            if grad is not None:
+                group = groups.groups[layout.tensor_group[index]]
+                lr = float(schedules.as_schedule(group["lr"])(step_count)) * lr_factor
+                self._step_tensor(layout, index, grad, group, lr)
 
-    def _step_tensor(self, index, param, grad, scale, group, lr):
-        optimizer = self.optimizer
-        buffers = {name: buffer for name, buffer in optimizer.state[index].items() if name != MASTER}
-        master = optimizer.state[index].get(MASTER)
-        # A tensor that has not stepped starts from no state, which the reference reads as zeros (and SGD's
-        # momentum buffer as torch's None: it starts as the gradient).
+    def _step_tensor(self, layout, index, grad, group, lr):
+        rule, param, master, scale = layout.rule, layout.params[index], layout.master[index], layout.lr_scale[index]
+        names = rule.state_names(group)
+        buffers = {name: buffer for name, buffer in zip(layout.state_slots, layout.states[index]) if name in names}
+        # A tensor that has not stepped starts from its buffers as created: zeros, passed as no state (which the
+        # reference reads as zeros, and SGD's momentum buffer as torch's None: it starts as the gradient), or a rule's
+        # initial value (Adagrad's), passed as stored (rounded to the buffer's storage).
         steps = int(self.steps[index])
-        state = {name: buffer.astype(np.float64) for name, buffer in buffers.items()} if steps else {}
+        state = {name: buffer.astype(np.float64) for name, buffer in buffers.items()
+                 if steps or rule.initial_state(name, group) != 0}
         state["step"] = steps
         work = (param if master is None else master).astype(np.float64)
         # The kernels round the grad factors to the math dtype (torch's are float32 tensors for float32 grads).
-        math = dtypes.math_dtype(optimizer.param_storage(index))
+        math = dtypes.math_dtype(layout.param_storage[index])
         unscale, clip = self.control.values[:2].astype(math)
-        optimizer.reference_step(work, grad.astype(np.float64) * float(unscale) * float(clip), state, group, lr,
-                                 1.0 if scale is None else scale.astype(np.float64))
+        rule.reference_step(work, grad.astype(np.float64) * float(unscale) * float(clip), state, group, lr,
+                            1.0 if scale is None else scale.astype(np.float64))
         if master is not None:
             master[...] = reference.round_to_storage(work, master.dtype)
             param[...] = master.astype(param.dtype)
-        elif optimizer.rounding == "stochastic" and param.dtype.itemsize == 2:
+        elif layout.stochastic and param.dtype.itemsize == 2:
             elements = (int(self.positions[index]) << 40) + np.arange(param.size)
-            param[...] = reference.round_to_storage(work, param.dtype, seed=optimizer.seed, step=self.step_count,
+            param[...] = reference.round_to_storage(work, param.dtype, seed=layout.seed, step=self.step_count,
                                                     elements=elements).reshape(param.shape)
         else:
             param[...] = reference.round_to_storage(work, param.dtype)
         for name, buffer in buffers.items():
             if name in state:
                 buffer[...] = reference.round_to_storage(state[name], buffer.dtype)
-        if optimizer.counts_step(group):
+        if rule.counts_step(group):
             self.steps[index] += 1
 
     def tensor_steps(self):

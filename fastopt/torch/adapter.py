@@ -121,8 +121,9 @@ class _CudaViews:
 class TorchOptimizer(torch.optim.Optimizer):
     """Base of the ``fastopt.torch`` optimizers: a ``torch.optim.Optimizer`` whose step is a fastopt kernel.
 
-    Subclasses give torch's signature and ``defaults``, and set ``CORE`` (the fastopt optimizer class) and
-    ``STEP_IN_STATE`` (whether torch keeps a ``step`` tensor per param: Adam and RMSprop do, SGD does not).
+    Subclasses give torch's signature and ``defaults``, and set ``CORE`` (the fastopt optimizer class),
+    ``STEP_IN_STATE`` (whether torch keeps a ``step`` tensor per param: Adam and RMSprop do, SGD does not) and
+    ``EAGER_STATE`` (whether torch makes every param's state at construction: Adagrad does).
 
     Behaviour beyond torch's:
 
@@ -145,6 +146,7 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     CORE: type = None
     STEP_IN_STATE = True
+    EAGER_STATE = False  # every param's state exists from construction on (torch's Adagrad), not from its first step
     _step_supports_amp_scaling = True  # GradScaler sets grad_scale / found_inf and calls step (see step)
     _core = None  # also the marker for "build before the next step" (after unpickling, say)
     _layout_changed = False
@@ -252,9 +254,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 continue
             entry = {name: views.to_host(value) for name, value in saved.items()
                      if name != "step" and value is not None}
-            # torch's SGD keeps no step: its momentum buffer exists from the first momentum step on, which is
-            # what the core's per-param count (momentum steps taken) must say.
-            counts[index] = int(float(saved["step"])) if "step" in saved else int("momentum_buffer" in entry)
+            # An optimizer that keeps no step (torch's SGD) has buffers from the first step that counts on (for
+            # SGD, the first momentum step): the core's per-param count must say so.
+            counts[index] = int(float(saved["step"])) if "step" in saved else int(bool(entry))
             entry["step"] = counts[index]
             entries[index] = entry
         if entries or step_count:
@@ -277,13 +279,21 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._counted = self._counted_mask()
         self._exposed = np.zeros(len(params), dtype=bool)
         self.state = defaultdict(dict)
+        if self.EAGER_STATE:
+            with views.on_device():
+                core.initialize_state()
+            entries = range(len(params))
         for index in entries:
             self._expose(index)
 
     def _counted_mask(self):
-        """The params whose step count a step with a grad advances: all, except in SGD groups without momentum
-        (torch keeps no state for them)."""
-        return None
+        """The params whose step count a step with a grad advances (the rule's ``counts_step``: all, except in SGD
+        groups without momentum, for which torch keeps no state); None: all."""
+        counts = [self._core.counts_step(group) for group in self._core.param_groups]
+        if all(counts):
+            return None
+        return np.concatenate([np.full(len(group["params"]), count)
+                               for group, count in zip(self._core.param_groups, counts)])
 
     def _expose(self, index):
         """Show param ``index``'s core buffers (and ``step``) to torch in ``self.state``, as torch would hold

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .. import schedules
+from ..backends import GradControl
 from ..guard import Guard
 from ..serialization import encode
 from .adapter import TorchOptimizer, _plain
@@ -612,20 +613,23 @@ class ShardedOptimizer(torch.optim.Optimizer):
                               device=self._spaces[0].param_buffer.device)
         dist.all_reduce(totals, group=self.process_group)
         sum_of_squares, nonfinite = totals.tolist()
-        self.last_grad_norm = math.sqrt(sum_of_squares)
-        admitted = self.guard.admit(int(nonfinite)) if self.guard is not None else nonfinite == 0
-        if not admitted:
+        # The core's decision from the global numbers: norm, clip factor, skip (the same on every rank).
+        skip_nonfinite = self.guard is None or self.guard.skip_nonfinite
+        control = GradControl(sum_of_squares, nonfinite, 1.0, self.max_grad_norm, skip_nonfinite)
+        self.last_grad_norm = control.norm
+        if self.guard is not None and not self.guard.admit(control.nonfinite):
+            control.skip()
+        if control.skipped:
             self.skipped_steps += 1
             return False
-        if self.max_grad_norm is not None:
-            scale = self.max_grad_norm / (self.last_grad_norm + 1e-6)
-            if scale < 1.0 and self.grads_averaged:  # into a copy: the grads are the caller's
-                for number, (piece, grad) in enumerate(zip(self._pieces, piece_grads)):
-                    if grad is not None:
-                        piece_grads[number] = torch.mul(grad, scale, out=piece.reduced_grad)
-            elif scale < 1.0:
-                for space in self._spaces:
-                    space.reduced.mul_(scale)
+        scale = control.clip
+        if scale < 1.0 and self.grads_averaged:  # into a copy: the grads are the caller's
+            for number, (piece, grad) in enumerate(zip(self._pieces, piece_grads)):
+                if grad is not None:
+                    piece_grads[number] = torch.mul(grad, scale, out=piece.reduced_grad)
+        elif scale < 1.0:
+            for space in self._spaces:
+                space.reduced.mul_(scale)
         return True
 
     # ---------------------------------------------------------------- checkpoints

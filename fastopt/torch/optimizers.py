@@ -1,14 +1,15 @@
-"""SGD, RMSprop, Adam and AdamW with exactly torch.optim's signatures, defaults and ``defaults`` keys.
+"""fastopt's optimizers as ``torch.optim.Optimizer`` subclasses: torch's signature and ``defaults`` keys, and the rule.
 
-The update rules are fastopt's (:mod:`fastopt.optimizers`), which follow torch's for-loop implementations
-operation by operation; the results agree with ``torch.optim`` to float rounding. Beyond torch's keywords each
+Each class is torch's signature (its keywords and defaults, exactly those of ``torch.optim``'s class of the same
+name, or of the package that defines the optimizer) over a fastopt rule (:mod:`fastopt.rules`), which follows that
+implementation operation by operation: the results agree with it to float rounding. Beyond torch's keywords each
 class takes the core's mixed-precision options (``master_weights``, ``state_dtype``, ``rounding``, ``seed``,
 ``max_grad_norm``).
 """
-import numpy as np
-
-from .. import optimizers as core
+from .. import rules as core
 from .adapter import TorchOptimizer
+
+__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad"]
 
 
 class SGD(TorchOptimizer):
@@ -23,12 +24,6 @@ class SGD(TorchOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize, foreach=foreach,
                                       differentiable=differentiable, fused=fused), options)
-
-    def _counted_mask(self):
-        # The core counts a param's momentum steps (0: its buffer starts as the grad); without momentum neither
-        # it nor torch keeps anything.
-        return np.concatenate([np.full(len(group["params"]), group["momentum"] != 0)
-                               for group in self.param_groups])
 
 
 class RMSprop(TorchOptimizer):
@@ -80,3 +75,18 @@ class AdamW(Adam):
         super().__setstate__(state)
         for group in self.param_groups:  # as torch's AdamW: loading any state keeps the decay decoupled
             group["decoupled_weight_decay"] = True
+
+
+class Adagrad(TorchOptimizer):
+    """``torch.optim.Adagrad`` run by :class:`fastopt.Adagrad`; ``state[p]`` holds ``step`` and ``sum`` from the
+    optimizer's construction on, as torch's does."""
+
+    CORE = core.Adagrad
+    EAGER_STATE = True
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 foreach=None, *, maximize=False, differentiable=False, fused=None, **options):
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value, foreach=foreach,
+                                      maximize=maximize, differentiable=differentiable, fused=fused), options)
+

@@ -18,7 +18,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from .jit import jit
-from .tables import BFLOAT16_STOCHASTIC, FLOAT16
+from .layout import BFLOAT16_STOCHASTIC, FLOAT16
 
 
 @intrinsic

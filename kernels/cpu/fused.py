@@ -1,10 +1,12 @@
-"""Fused multi-tensor optimizer steps: every tensor of one dtype updated in one parallel call.
+"""Fused multi-tensor optimizer steps: every tensor of one math dtype updated in one parallel call, by one generic
+loop written once for every update rule and compiled per rule (``step_kernels``) around the rule's element function.
 
 Like apex's multi-tensor apply, the kernel receives a table of buffer addresses and a table of chunks
-(tensor, start, length) and runs the chunks in parallel; a chunk reads each of its streams once and writes
+(tensor, start, length) and runs the chunks in parallel; a chunk reads each of its live streams once and writes
 each updated stream once. Before the parallel loop the kernel evaluates each group's schedule at the
-optimizer step, advances each tensor's step count and computes the tensor's step scalars (bias corrections,
-signed rates) in float64, rounding each once into the param dtype, as torch does with its Python floats.
+optimizer step and has the rule compute each tensor's step scalars (bias corrections, signed rates) in float64,
+rounding each once into the math dtype, as torch does with its Python floats; after it, each tensor's step count
+advances where its group counts steps.
 
 Tensors whose GRAD address is 0 have no gradient this step and are skipped, step count included (torch
 skips parameters whose .grad is None).
@@ -18,43 +20,32 @@ element)). The kernels take one typed scratch array per stream kind (``param_lik
 ``state_like``, ``master_like``), so each combination of storage formats compiles, on first use, into loops with
 no per-element branches: the float32 and float64 steps are the same code as without mixed precision.
 """
+import functools
+import hashlib
+import importlib
+import types
+from pathlib import Path
+
 import numba
 import numpy as np
-from numba import prange, types
+from numba import prange
+from numba import types as numba_types
 from numba.extending import intrinsic, overload
 
 from .conversions import float32_to_bfloat16_stochastic, load, store, widen_bits
-from .element_math import adam_element, rmsprop_element, sgd_element
 from .jit import jit, parallel_jit, reduction_jit, serial_twin
 from .schedule_math import schedule_value
-from .tables import (ADAM_COLUMNS, CHUNK, COEFFICIENT_GRAD_CLIP, COEFFICIENT_GRAD_UNSCALE, FLOAT32, GRAD,
-                     GRAD_CLIP, GRAD_FORMAT, GRAD_UNSCALE, LR_SCALE, MASTER, NATIVE, PARAM, RMSPROP_COLUMNS,
-                     SGD_COLUMNS, SKIP, STATE0, STATE1, STATE2)
+from .layout import (CHUNK, COEFFICIENT_GRAD_CLIP, COEFFICIENT_GRAD_UNSCALE, COUNTS_STEP, FLOAT32, GRAD, GRAD_CLIP,
+                     GRAD_FORMAT, GRAD_UNSCALE, LIVE_STATES, LR_SCALE, MASTER, MAXIMIZE, NATIVE, PARAM, SKIP, STATE0,
+                     STATE1, STATE2)
 
 # Elements per strip of 16-bit grads widened to float32 for the norm (a strip stays in L1).
 STRIP = 1024
 
-# Coefficient-row columns, per optimizer.
-SGD_RATE, SGD_WEIGHT_DECAY, SGD_MOMENTUM, SGD_DAMPENING_COMPLEMENT = range(4)
-RMSPROP_RATE, RMSPROP_ALPHA, RMSPROP_ALPHA_COMPLEMENT, RMSPROP_EPS, RMSPROP_WEIGHT_DECAY, RMSPROP_MOMENTUM, \
-    RMSPROP_ONE = range(7)
-(ADAM_STEP_RATE, ADAM_DECAY_FACTOR, ADAM_RATE_WEIGHT_DECAY, ADAM_BETA1_COMPLEMENT, ADAM_BETA2,
- ADAM_BETA2_COMPLEMENT, ADAM_BIAS_CORRECTION2_SQRT, ADAM_EPS, ADAM_WEIGHT_DECAY, ADAM_ONE) = range(10)
-
-# Group-table columns, derived from the one list in tables.py that the host fills by name.
-SGD_H_MOMENTUM, SGD_H_DAMPENING, SGD_H_WEIGHT_DECAY, SGD_H_NESTEROV, SGD_H_MAXIMIZE = (
-    SGD_COLUMNS.index(name) for name in ("momentum", "dampening", "weight_decay", "nesterov", "maximize"))
-RMS_H_ALPHA, RMS_H_EPS, RMS_H_WEIGHT_DECAY, RMS_H_MOMENTUM, RMS_H_CENTERED, RMS_H_MAXIMIZE = (
-    RMSPROP_COLUMNS.index(name) for name in ("alpha", "eps", "weight_decay", "momentum", "centered", "maximize"))
-ADAM_H_BETA1, ADAM_H_BETA2, ADAM_H_EPS, ADAM_H_WEIGHT_DECAY, ADAM_H_AMSGRAD, ADAM_H_MAXIMIZE, ADAM_H_DECOUPLED = (
-    ADAM_COLUMNS.index(name) for name in
-    ("beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"))
-
-
 @intrinsic
 def address_as_pointer(typingctx, address, like):
     """Reinterpret an int64 address as a pointer to ``like``'s element type."""
-    signature = types.CPointer(like.dtype)(address, like)
+    signature = numba_types.CPointer(like.dtype)(address, like)
 
     def codegen(context, builder, sig, args):
         return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
@@ -122,7 +113,7 @@ def param_streams(addresses, tensor, start, length, param_like, master_like):
 
 @overload(param_streams, jit_options=dict(cache=True))
 def _param_streams(addresses, tensor, start, length, param_like, master_like):
-    if isinstance(master_like, types.NoneType):
+    if isinstance(master_like, numba_types.NoneType):
         def without_master(addresses, tensor, start, length, param_like, master_like):
             return stream(addresses, tensor, PARAM, start, length, param_like), None
         return without_master
@@ -131,14 +122,6 @@ def _param_streams(addresses, tensor, start, length, param_like, master_like):
         return (stream(addresses, tensor, MASTER, start, length, master_like),
                 stream(addresses, tensor, PARAM, start, length, param_like))
     return with_master
-
-
-@jit
-def set_grad_coefficients(addresses, grad_control, coefficients):
-    """Every tensor's grad factors, rounded once to the math dtype (GradScaler's inverse scale is a float32)."""
-    for tensor in range(addresses.shape[0]):
-        coefficients[tensor, COEFFICIENT_GRAD_UNSCALE] = grad_control[GRAD_UNSCALE]
-        coefficients[tensor, COEFFICIENT_GRAD_CLIP] = grad_control[GRAD_CLIP]
 
 
 @jit
@@ -230,273 +213,110 @@ def unscaled_grad(grad, grad_unscale, grad_clip, maximize):
 
 
 @jit
-def sgd_loop(has_lr_scale, use_momentum, first_momentum_step, param, param_out, grad, lr_scale, momentum_buffer,
-             coefficients, maximize, use_weight_decay, nesterov, seed, step, first_element):
-    rate = coefficients[SGD_RATE]
-    weight_decay = coefficients[SGD_WEIGHT_DECAY]
-    momentum = coefficients[SGD_MOMENTUM]
-    dampening_complement = coefficients[SGD_DAMPENING_COMPLEMENT]
-    grad_unscale = coefficients[COEFFICIENT_GRAD_UNSCALE]
-    grad_clip = coefficients[COEFFICIENT_GRAD_CLIP]
+def coefficient_values(row):
+    """The rule's step scalars of a coefficient row as a tuple, read once before the loop (loads from the row inside
+    the loop could alias the streams' stores, and would be repeated)."""
+    return (row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
+            row[12], row[13])
+
+
+# ---------------------------------------------------------------- the generic loop, instantiated per rule
+# The functions below are templates, never compiled themselves: ``step_kernels`` compiles a copy of each per rule, with
+# these globals bound to the rule's functions and constants and each level of the dispatch bound to the rule's copy of
+# the next.
+rule_element = rule_coefficients = None
+ALWAYS_LIVE0 = ALWAYS_LIVE1 = ALWAYS_LIVE2 = NEVER_LIVE0 = NEVER_LIVE1 = NEVER_LIVE2 = False
+
+def chunk_loop(has_lr_scale, live0, live1, live2, streams):
+    """One chunk: each element of every live stream read once, the rule's element function applied, each updated
+    stream written once. The flags that decide which streams are read and written are literals (one loop per
+    combination, each without a per-element branch, so each vectorises); an absent stream's placeholder is the grad.
+    ``streams``: (param, param_out, grad, lr_scale, state0, state1, state2, coefficient row, maximize, and the
+    stochastic rounding's seed, step and first element), a tuple rather than star-args, which Numba types without
+    the literals."""
+    param, param_out, grad, lr_scale, state0, state1, state2, row, maximize, seed, step, first_element = streams
+    c = coefficient_values(row)
+    grad_unscale = row[COEFFICIENT_GRAD_UNSCALE]
+    grad_clip = row[COEFFICIENT_GRAD_CLIP]
     for i in range(param.shape[0]):
         g = unscaled_grad(load(grad, i), grad_unscale, grad_clip, maximize)
-        element_rate = rate * lr_scale[i] if has_lr_scale else rate
-        buffer = load(momentum_buffer, i) if use_momentum and not first_momentum_step else g
-        p, buffer = sgd_element(load(param, i), g, buffer, element_rate, weight_decay, momentum,
-                                dampening_complement, use_weight_decay, use_momentum, first_momentum_step, nesterov)
+        scale = lr_scale[i] if has_lr_scale else g
+        s0 = load(state0, i) if live0 else g
+        s1 = load(state1, i) if live1 else g
+        s2 = load(state2, i) if live2 else g
+        p, s0, s1, s2 = rule_element(load(param, i), g, s0, s1, s2, scale, has_lr_scale, live0, live1, live2, c)
         write_param(param, param_out, i, p, seed, step, first_element)
-        if use_momentum:
-            store(momentum_buffer, i, buffer)
+        if live0:
+            store(state0, i, s0)
+        if live1:
+            store(state1, i, s1)
+        if live2:
+            store(state2, i, s2)
 
 
-@jit
-def sgd_chunk(param, param_out, grad, lr_scale, momentum_buffer, coefficients, has_lr_scale, maximize,
-              use_weight_decay, use_momentum, first_momentum_step, nesterov, seed, step, first_element):
-    """sgd_loop with the flags that decide which streams are read or written passed as literals: Numba compiles
-    one loop per combination with the unused streams absent, and each vectorises (LLVM does not reliably
-    unswitch a loop on five run-time flags, and a conditional load blocks vectorisation)."""
-    if has_lr_scale:
-        if not use_momentum:
-            sgd_loop(True, False, False, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov, seed, step, first_element)
-        elif first_momentum_step:
-            sgd_loop(True, True, True, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov, seed, step, first_element)
-        else:
-            sgd_loop(True, True, False, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov, seed, step, first_element)
+# The dispatch from run-time flags to chunk_loop's literals, one flag per level. A slot the rule always uses (or
+# never has) is decided by the rule's constants ALWAYS_LIVE<k> / NEVER_LIVE<k>, which Numba prunes at compile time:
+# only the combinations a rule can meet are compiled.
+def with_slot2(has_lr_scale, live0, live1, live, streams):
+    if ALWAYS_LIVE2:
+        chunk_loop(has_lr_scale, live0, live1, True, streams)
+    elif NEVER_LIVE2:
+        chunk_loop(has_lr_scale, live0, live1, False, streams)
+    elif live & 4:
+        chunk_loop(has_lr_scale, live0, live1, True, streams)
     else:
-        if not use_momentum:
-            sgd_loop(False, False, False, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov, seed, step, first_element)
-        elif first_momentum_step:
-            sgd_loop(False, True, True, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov, seed, step, first_element)
-        else:
-            sgd_loop(False, True, False, param, param_out, grad, lr_scale, momentum_buffer, coefficients, maximize,
-                     use_weight_decay, nesterov, seed, step, first_element)
+        chunk_loop(has_lr_scale, live0, live1, False, streams)
 
 
-@parallel_jit
-def sgd_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
-             schedule_program, schedule_base, optimizer_step, lr_factor, grad_control, coefficients, scratch,
-             param_like, grad_like, state_like, master_like, seed):
-    """One SGD step over all tensors; ``tensor_step`` counts momentum steps (0: the buffer starts as the grad)."""
-    if grad_control[SKIP] != 0:
-        return
-    learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor)
-    set_grad_coefficients(addresses, grad_control, coefficients)
-    for tensor in range(tensor_group.shape[0]):
-        if addresses[tensor, GRAD] == 0:
-            continue
-        hyper = group_hyper[tensor_group[tensor]]
-        coefficients[tensor, SGD_RATE] = -learning_rates[tensor_group[tensor]]
-        coefficients[tensor, SGD_WEIGHT_DECAY] = hyper[SGD_H_WEIGHT_DECAY]
-        coefficients[tensor, SGD_MOMENTUM] = hyper[SGD_H_MOMENTUM]
-        coefficients[tensor, SGD_DAMPENING_COMPLEMENT] = 1.0 - hyper[SGD_H_DAMPENING]
-    for chunk in prange(chunk_tensor.shape[0]):
-        tensor = chunk_tensor[chunk]
-        if addresses[tensor, GRAD] == 0:
-            continue
-        start = chunk_start[chunk]
-        length = chunk_length[chunk]
-        hyper = group_hyper[tensor_group[tensor]]
-        param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
-        sgd_chunk(param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
-                  stream(addresses, tensor, LR_SCALE, start, length, scratch),
-                  stream(addresses, tensor, STATE0, start, length, state_like), coefficients[tensor],
-                  addresses[tensor, LR_SCALE] != 0, hyper[SGD_H_MAXIMIZE] != 0, hyper[SGD_H_WEIGHT_DECAY] != 0,
-                  hyper[SGD_H_MOMENTUM] != 0, tensor_step[tensor] == 0, hyper[SGD_H_NESTEROV] != 0, seed,
-                  optimizer_step, (np.int64(tensor) << np.int64(40)) + start)
-    for tensor in range(tensor_group.shape[0]):
-        if addresses[tensor, GRAD] != 0 and group_hyper[tensor_group[tensor], SGD_H_MOMENTUM] != 0:
-            tensor_step[tensor] += 1
-
-
-@jit
-def rmsprop_loop(has_lr_scale, use_momentum, centered, param, param_out, grad, lr_scale, square_avg,
-                 momentum_buffer, grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element):
-    rate = coefficients[RMSPROP_RATE]
-    alpha = coefficients[RMSPROP_ALPHA]
-    alpha_complement = coefficients[RMSPROP_ALPHA_COMPLEMENT]
-    eps = coefficients[RMSPROP_EPS]
-    weight_decay = coefficients[RMSPROP_WEIGHT_DECAY]
-    momentum = coefficients[RMSPROP_MOMENTUM]
-    one = coefficients[RMSPROP_ONE]
-    grad_unscale = coefficients[COEFFICIENT_GRAD_UNSCALE]
-    grad_clip = coefficients[COEFFICIENT_GRAD_CLIP]
-    for i in range(param.shape[0]):
-        g = unscaled_grad(load(grad, i), grad_unscale, grad_clip, maximize)
-        element_rate = rate * lr_scale[i] if has_lr_scale else rate
-        buffer = load(momentum_buffer, i) if use_momentum else g
-        average = load(grad_avg, i) if centered else g
-        p, v, buffer, average = rmsprop_element(load(param, i), g, load(square_avg, i), buffer, average,
-                                                element_rate, alpha, alpha_complement, eps, weight_decay, momentum,
-                                                one, use_weight_decay, use_momentum, centered)
-        write_param(param, param_out, i, p, seed, step, first_element)
-        store(square_avg, i, v)
-        if use_momentum:
-            store(momentum_buffer, i, buffer)
-        if centered:
-            store(grad_avg, i, average)
-
-
-@jit
-def rmsprop_chunk(param, param_out, grad, lr_scale, square_avg, momentum_buffer, grad_avg, coefficients,
-                  has_lr_scale, maximize, use_weight_decay, use_momentum, centered, seed, step, first_element):
-    """rmsprop_loop with the stream-selecting flags as literals (see sgd_chunk)."""
-    if has_lr_scale:
-        if use_momentum:
-            if centered:
-                rmsprop_loop(True, True, True, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
-                             grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
-            else:
-                rmsprop_loop(True, True, False, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
-                             grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
-        elif centered:
-            rmsprop_loop(True, False, True, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
-                         grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
-        else:
-            rmsprop_loop(True, False, False, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
-                         grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
+def with_slot1(has_lr_scale, live0, live, streams):
+    if ALWAYS_LIVE1:
+        with_slot2(has_lr_scale, live0, True, live, streams)
+    elif NEVER_LIVE1:
+        with_slot2(has_lr_scale, live0, False, live, streams)
+    elif live & 2:
+        with_slot2(has_lr_scale, live0, True, live, streams)
     else:
-        if use_momentum:
-            if centered:
-                rmsprop_loop(False, True, True, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
-                             grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
-            else:
-                rmsprop_loop(False, True, False, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
-                             grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
-        elif centered:
-            rmsprop_loop(False, False, True, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
-                         grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
-        else:
-            rmsprop_loop(False, False, False, param, param_out, grad, lr_scale, square_avg, momentum_buffer,
-                         grad_avg, coefficients, maximize, use_weight_decay, seed, step, first_element)
+        with_slot2(has_lr_scale, live0, False, live, streams)
 
 
-@parallel_jit
-def rmsprop_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
-                 schedule_program, schedule_base, optimizer_step, lr_factor, grad_control, coefficients, scratch,
-                 param_like, grad_like, state_like, master_like, seed):
-    """One RMSprop step over all tensors (state slots: square_avg, momentum_buffer, grad_avg)."""
-    if grad_control[SKIP] != 0:
-        return
-    learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor)
-    set_grad_coefficients(addresses, grad_control, coefficients)
-    for tensor in range(tensor_group.shape[0]):
-        if addresses[tensor, GRAD] == 0:
-            continue
-        tensor_step[tensor] += 1
-        hyper = group_hyper[tensor_group[tensor]]
-        coefficients[tensor, RMSPROP_RATE] = -learning_rates[tensor_group[tensor]]
-        coefficients[tensor, RMSPROP_ALPHA] = hyper[RMS_H_ALPHA]
-        coefficients[tensor, RMSPROP_ALPHA_COMPLEMENT] = 1.0 - hyper[RMS_H_ALPHA]
-        coefficients[tensor, RMSPROP_EPS] = hyper[RMS_H_EPS]
-        coefficients[tensor, RMSPROP_WEIGHT_DECAY] = hyper[RMS_H_WEIGHT_DECAY]
-        coefficients[tensor, RMSPROP_MOMENTUM] = hyper[RMS_H_MOMENTUM]
-        coefficients[tensor, RMSPROP_ONE] = 1.0
-    for chunk in prange(chunk_tensor.shape[0]):
-        tensor = chunk_tensor[chunk]
-        if addresses[tensor, GRAD] == 0:
-            continue
-        start = chunk_start[chunk]
-        length = chunk_length[chunk]
-        hyper = group_hyper[tensor_group[tensor]]
-        param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
-        rmsprop_chunk(param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
-                      stream(addresses, tensor, LR_SCALE, start, length, scratch),
-                      stream(addresses, tensor, STATE0, start, length, state_like),
-                      stream(addresses, tensor, STATE1, start, length, state_like),
-                      stream(addresses, tensor, STATE2, start, length, state_like), coefficients[tensor],
-                      addresses[tensor, LR_SCALE] != 0, hyper[RMS_H_MAXIMIZE] != 0, hyper[RMS_H_WEIGHT_DECAY] != 0,
-                      hyper[RMS_H_MOMENTUM] > 0, hyper[RMS_H_CENTERED] != 0, seed, optimizer_step,
-                      (np.int64(tensor) << np.int64(40)) + start)
-
-
-@jit
-def adam_loop(has_lr_scale, amsgrad, param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq,
-              coefficients, maximize, use_weight_decay, decoupled_weight_decay, seed, step, first_element):
-    step_rate = coefficients[ADAM_STEP_RATE]
-    decay_factor = coefficients[ADAM_DECAY_FACTOR]
-    rate_weight_decay = coefficients[ADAM_RATE_WEIGHT_DECAY]
-    beta1_complement = coefficients[ADAM_BETA1_COMPLEMENT]
-    beta2 = coefficients[ADAM_BETA2]
-    beta2_complement = coefficients[ADAM_BETA2_COMPLEMENT]
-    bias_correction2_sqrt = coefficients[ADAM_BIAS_CORRECTION2_SQRT]
-    eps = coefficients[ADAM_EPS]
-    weight_decay = coefficients[ADAM_WEIGHT_DECAY]
-    one = coefficients[ADAM_ONE]
-    grad_unscale = coefficients[COEFFICIENT_GRAD_UNSCALE]
-    grad_clip = coefficients[COEFFICIENT_GRAD_CLIP]
-    for i in range(param.shape[0]):
-        g = unscaled_grad(load(grad, i), grad_unscale, grad_clip, maximize)
-        if has_lr_scale:
-            element_step_rate = step_rate * lr_scale[i]
-            element_decay_factor = one - rate_weight_decay * lr_scale[i]
-        else:
-            element_step_rate = step_rate
-            element_decay_factor = decay_factor
-        v_max = load(max_exp_avg_sq, i) if amsgrad else g
-        p, m, v, v_max = adam_element(load(param, i), g, load(exp_avg, i), load(exp_avg_sq, i), v_max,
-                                      element_step_rate, element_decay_factor, beta1_complement, beta2,
-                                      beta2_complement, bias_correction2_sqrt, eps, weight_decay, one,
-                                      use_weight_decay, decoupled_weight_decay, amsgrad)
-        write_param(param, param_out, i, p, seed, step, first_element)
-        store(exp_avg, i, m)
-        store(exp_avg_sq, i, v)
-        if amsgrad:
-            store(max_exp_avg_sq, i, v_max)
-
-
-@jit
-def adam_chunk(param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq, coefficients, has_lr_scale,
-               maximize, use_weight_decay, decoupled_weight_decay, amsgrad, seed, step, first_element):
-    """adam_loop with the stream-selecting flags as literals (see sgd_chunk)."""
-    if has_lr_scale:
-        if amsgrad:
-            adam_loop(True, True, param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                      coefficients, maximize, use_weight_decay, decoupled_weight_decay, seed, step, first_element)
-        else:
-            adam_loop(True, False, param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                      coefficients, maximize, use_weight_decay, decoupled_weight_decay, seed, step, first_element)
+def with_slot0(has_lr_scale, live, streams):
+    if ALWAYS_LIVE0:
+        with_slot1(has_lr_scale, True, live, streams)
+    elif NEVER_LIVE0:
+        with_slot1(has_lr_scale, False, live, streams)
+    elif live & 1:
+        with_slot1(has_lr_scale, True, live, streams)
     else:
-        if amsgrad:
-            adam_loop(False, True, param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                      coefficients, maximize, use_weight_decay, decoupled_weight_decay, seed, step, first_element)
-        else:
-            adam_loop(False, False, param, param_out, grad, lr_scale, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                      coefficients, maximize, use_weight_decay, decoupled_weight_decay, seed, step, first_element)
+        with_slot1(has_lr_scale, False, live, streams)
 
 
-@parallel_jit
-def adam_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
+def run_chunk(has_lr_scale, live, streams):
+    """chunk_loop for one chunk, with ``has_lr_scale`` and each bit of ``live`` (the group's state slots in use)
+    turned into a literal."""
+    if has_lr_scale:
+        with_slot0(True, live, streams)
+    else:
+        with_slot0(False, live, streams)
+
+
+def rule_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
               schedule_program, schedule_base, optimizer_step, lr_factor, grad_control, coefficients, scratch,
               param_like, grad_like, state_like, master_like, seed):
-    """One Adam/AdamW step over all tensors (state slots: exp_avg, exp_avg_sq, max_exp_avg_sq)."""
+    """One step of the rule over every tensor of one math dtype (state slots STATE0..STATE2: the rule's
+    ``STATE_SLOTS``). A tensor's step count advances where its group's COUNTS_STEP is set; the rule's coefficients
+    see the count including this step."""
     if grad_control[SKIP] != 0:
         return
     learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor)
-    set_grad_coefficients(addresses, grad_control, coefficients)
     for tensor in range(tensor_group.shape[0]):
         if addresses[tensor, GRAD] == 0:
             continue
-        tensor_step[tensor] += 1
-        hyper = group_hyper[tensor_group[tensor]]
-        lr = learning_rates[tensor_group[tensor]]
-        step = float(tensor_step[tensor])
-        bias_correction1 = 1.0 - hyper[ADAM_H_BETA1] ** step
-        bias_correction2 = 1.0 - hyper[ADAM_H_BETA2] ** step
-        coefficients[tensor, ADAM_STEP_RATE] = -(lr / bias_correction1)
-        coefficients[tensor, ADAM_DECAY_FACTOR] = 1.0 - lr * hyper[ADAM_H_WEIGHT_DECAY]
-        coefficients[tensor, ADAM_RATE_WEIGHT_DECAY] = lr * hyper[ADAM_H_WEIGHT_DECAY]
-        coefficients[tensor, ADAM_BETA1_COMPLEMENT] = 1.0 - hyper[ADAM_H_BETA1]
-        coefficients[tensor, ADAM_BETA2] = hyper[ADAM_H_BETA2]
-        coefficients[tensor, ADAM_BETA2_COMPLEMENT] = 1.0 - hyper[ADAM_H_BETA2]
-        coefficients[tensor, ADAM_BIAS_CORRECTION2_SQRT] = bias_correction2 ** 0.5
-        coefficients[tensor, ADAM_EPS] = hyper[ADAM_H_EPS]
-        coefficients[tensor, ADAM_WEIGHT_DECAY] = hyper[ADAM_H_WEIGHT_DECAY]
-        coefficients[tensor, ADAM_ONE] = 1.0
+        group = tensor_group[tensor]
+        counts = group_hyper[group, COUNTS_STEP] != 0
+        rule_coefficients(group_hyper[group], learning_rates[group], tensor_step[tensor] + np.int64(counts),
+                          coefficients[tensor])
+        coefficients[tensor, COEFFICIENT_GRAD_UNSCALE] = grad_control[GRAD_UNSCALE]
+        coefficients[tensor, COEFFICIENT_GRAD_CLIP] = grad_control[GRAD_CLIP]
     for chunk in prange(chunk_tensor.shape[0]):
         tensor = chunk_tensor[chunk]
         if addresses[tensor, GRAD] == 0:
@@ -505,17 +325,43 @@ def adam_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, 
         length = chunk_length[chunk]
         hyper = group_hyper[tensor_group[tensor]]
         param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
-        adam_chunk(param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
+        run_chunk(addresses[tensor, LR_SCALE] != 0, np.int64(hyper[LIVE_STATES]),
+                  (param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
                    stream(addresses, tensor, LR_SCALE, start, length, scratch),
                    stream(addresses, tensor, STATE0, start, length, state_like),
                    stream(addresses, tensor, STATE1, start, length, state_like),
                    stream(addresses, tensor, STATE2, start, length, state_like), coefficients[tensor],
-                   addresses[tensor, LR_SCALE] != 0, hyper[ADAM_H_MAXIMIZE] != 0, hyper[ADAM_H_WEIGHT_DECAY] != 0,
-                   hyper[ADAM_H_DECOUPLED] != 0, hyper[ADAM_H_AMSGRAD] != 0, seed, optimizer_step,
-                   (np.int64(tensor) << np.int64(40)) + start)
+                   hyper[MAXIMIZE] != 0, seed, optimizer_step, (np.int64(tensor) << np.int64(40)) + start))
+    for tensor in range(tensor_group.shape[0]):
+        if addresses[tensor, GRAD] != 0 and group_hyper[tensor_group[tensor], COUNTS_STEP] != 0:
+            tensor_step[tensor] += 1
 
 
-# Single-threaded twins for small buckets (see tables.SERIAL_BELOW).
-sgd_step_serial = serial_twin(sgd_step)
-rmsprop_step_serial = serial_twin(rmsprop_step)
-adam_step_serial = serial_twin(adam_step)
+def _bound(template, suffix, names):
+    """``template`` with the globals ``names`` bound (Numba reads globals as compile-time constants), renamed
+    ``<name>_<suffix>`` so that its on-disk cache entry is its own."""
+    function = types.FunctionType(template.__code__, dict(template.__globals__, **names),
+                                  f"{template.__name__}_{suffix}", template.__defaults__, template.__closure__)
+    function.__qualname__ = function.__name__
+    function.__module__ = template.__module__
+    function.__doc__ = template.__doc__
+    return function
+
+
+@functools.lru_cache(maxsize=None)
+def step_kernels(kernel, always_live, optional_live):
+    """(parallel, serial) step kernels of the rule ``kernel`` (its module in kernels/cpu/rules/): the generic loop
+    above with the rule's element function and coefficients bound in. ``always_live`` and ``optional_live`` are bit
+    masks of the state slots the rule always uses and may use. The cache name carries a hash of the rule's source,
+    so an edited rule compiles anew (Numba checks only this file's time stamp)."""
+    rule = importlib.import_module(f"{__package__}.rules.{kernel}")
+    digest = hashlib.sha256(Path(rule.__file__).read_bytes()).hexdigest()[:12]
+    suffix = f"{kernel}_{always_live}_{optional_live}_{digest}"
+    names = dict(rule_element=rule.element, rule_coefficients=rule.coefficients)
+    for slot in range(3):
+        names[f"ALWAYS_LIVE{slot}"] = bool(always_live >> slot & 1)
+        names[f"NEVER_LIVE{slot}"] = not (always_live | optional_live) >> slot & 1
+    for template in (chunk_loop, with_slot2, with_slot1, with_slot0, run_chunk):
+        names[template.__name__] = jit(_bound(template, suffix, names))
+    step = parallel_jit(_bound(rule_step, suffix, names))
+    return step, serial_twin(step)

@@ -1,10 +1,11 @@
 // Loading and storing the fused kernels' streams in their storage formats: the CUDA side of the Numba kernels'
-// load_strip / store_strip (fastopt/kernels/cpu/fused.py), done in registers, element by element.
+// stream / param_streams / write_param (fastopt/kernels/cpu/fused.py) and conversions.load / store, done in
+// registers, element by element.
 //
 // A stream is loaded as the raw bits of its stored value (load_bits: a 16-, 32- or 64-bit load) and widened to the
 // math dtype T exactly (widen); an updated value is stored rounded to its format (store_value: to nearest even, or
 // stochastically for BFLOAT16_STOCHASTIC, keyed by (seed, optimizer step, (tensor << 40) + element within the
-// tensor) as store_strip keys it). The formats are template arguments (Formats): a chunk loop compiled for fixed
+// tensor) as write_param keys it). The formats are template arguments (Formats): a chunk loop compiled for fixed
 // formats has no per-element branch on a format (and, under float math, moves two adjacent elements per access);
 // RUNTIME reads them from the format row, for any tensor; PlainFormats is the all-NATIVE loop.
 //
@@ -14,7 +15,7 @@
 
 #include "conversions.cuh"
 #include "host_device.cuh"
-#include "tables.cuh"
+#include "layout.cuh"
 
 namespace fastopt {
 
@@ -286,7 +287,7 @@ struct ChunkStreams {
 };
 
 // The streams of the chunk starting at element ``start`` of the tensor whose address and format rows are given
-// (the Numba kernel's load_strip, which picks the MASTER copy for the math where there is one). Without MIXED the
+// (the Numba kernel's param_streams, which picks the MASTER copy for the math where there is one). Without MIXED the
 // tensor is known to be stored in T throughout: the formats are not read.
 template <typename T, bool MIXED>
 FASTOPT_HOST_DEVICE ChunkStreams<T> chunk_streams(const int64* address_row, const int64* format_row, int64 start,

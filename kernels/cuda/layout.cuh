@@ -1,9 +1,8 @@
-// Layouts of the tables the fused kernels read: the constants of fastopt/kernels/cpu/tables.py.
+// Layouts of the tables the fused kernels read: the constants of fastopt/kernels/cpu/layout.py.
 //
-// tables.py is the one source of truth (the host fills the group table by its column names).
-// fastopt.backends.cuda.compile_defines() passes each address slot as -DFASTOPT_SLOT_NAME and each group-table
-// column as -DFASTOPT_<OPTIMIZER>_<COLUMN> (its index in SGD_COLUMNS, RMSPROP_COLUMNS or ADAM_COLUMNS), plus
-// each table's width; this header names them and refuses to compile without them.
+// layout.py is the one source of truth. fastopt.backends.cuda.compile_defines() passes each of its constants as a -D
+// option (address slots as FASTOPT_SLOT_<NAME>, the others as FASTOPT_<NAME>); this header names them and refuses to
+// compile without them. A rule's own group-table columns are its business: rules/<kernel>.cuh reads them.
 //
 // Per optimizer step and math dtype (float32: float32, bfloat16 and float16 params; double: float64 params) the
 // kernel reads:
@@ -14,15 +13,16 @@
 // - chunk_tensor, chunk_start, chunk_length  int64 [chunks]: the work split, at most CHUNK elements each;
 //               one thread block per chunk.
 // - tensor_group int64 [tensors], tensor_step int64 [tensors] (steps taken; advanced on the device).
-// - group_hyper double [groups][columns] below, and the packed schedules with each group's base offset.
+// - group_hyper double [groups][Rule::COLUMNS]: GROUP_COLUMNS generic columns (below), then the rule's own; and the
+//               packed schedules with each group's base offset.
 // - counters    int64 [COUNTERS]: the optimizer step count, the ticket of the last block, the skipped steps.
 // - grad_control double [GRAD_CONTROLS]: this step's grad factors and skip flag, in device memory (written by the
 //               finish_grad_control kernel, or a constant plain control).
 #pragma once
 
-#if !defined(FASTOPT_SLOT_PARAM) || !defined(FASTOPT_SLOTS) || !defined(FASTOPT_ADAM_COLUMNS) || \
-    !defined(FASTOPT_SGD_COLUMNS) || !defined(FASTOPT_RMSPROP_COLUMNS) || !defined(FASTOPT_FORMAT_COLUMNS) || \
-    !defined(FASTOPT_GRAD_CONTROLS) || !defined(FASTOPT_BLOCK) || !defined(FASTOPT_ILP)
+#if !defined(FASTOPT_SLOT_PARAM) || !defined(FASTOPT_SLOTS) || !defined(FASTOPT_GROUP_COLUMNS) || \
+    !defined(FASTOPT_COEFFICIENTS) || !defined(FASTOPT_FORMAT_COLUMNS) || !defined(FASTOPT_GRAD_CONTROLS) || \
+    !defined(FASTOPT_BLOCK) || !defined(FASTOPT_ILP)
 #error "compile with the -D options of fastopt.backends.cuda.compile_options() (the table layouts)"
 #endif
 
@@ -70,30 +70,22 @@ constexpr int SCALE_ON_HOST = FASTOPT_SCALE_ON_HOST;
 constexpr int SCALE_FLOAT32 = FASTOPT_SCALE_FLOAT32;
 constexpr int SCALE_FLOAT64 = FASTOPT_SCALE_FLOAT64;
 
-// Group-table columns (booleans are stored as 0.0 / 1.0).
-constexpr int SGD_H_MOMENTUM = FASTOPT_SGD_MOMENTUM;
-constexpr int SGD_H_DAMPENING = FASTOPT_SGD_DAMPENING;
-constexpr int SGD_H_WEIGHT_DECAY = FASTOPT_SGD_WEIGHT_DECAY;
-constexpr int SGD_H_NESTEROV = FASTOPT_SGD_NESTEROV;
-constexpr int SGD_H_MAXIMIZE = FASTOPT_SGD_MAXIMIZE;
-constexpr int SGD_COLUMNS = FASTOPT_SGD_COLUMNS;
+// The group table's generic columns, which every rule's row starts with (filled by the host from the rule): whether
+// a step advances the tensors' step counts, which state slots the group uses (bit k: slot STATE0 + k is read and
+// written), and maximize (the generic loop negates the grad). The rule's columns follow from GROUP_COLUMNS on.
+constexpr int COUNTS_STEP = FASTOPT_COUNTS_STEP;
+constexpr int LIVE_STATES = FASTOPT_LIVE_STATES;
+constexpr int MAXIMIZE = FASTOPT_MAXIMIZE;
+constexpr int GROUP_COLUMNS = FASTOPT_GROUP_COLUMNS;
+constexpr int STATE_SLOTS = FASTOPT_STATE_SLOTS;
+static_assert(STATE1 == STATE0 + 1 && STATE2 == STATE0 + 2 && STATE_SLOTS == 3, "state slot k is STATE0 + k");
 
-constexpr int RMS_H_ALPHA = FASTOPT_RMSPROP_ALPHA;
-constexpr int RMS_H_EPS = FASTOPT_RMSPROP_EPS;
-constexpr int RMS_H_WEIGHT_DECAY = FASTOPT_RMSPROP_WEIGHT_DECAY;
-constexpr int RMS_H_MOMENTUM = FASTOPT_RMSPROP_MOMENTUM;
-constexpr int RMS_H_CENTERED = FASTOPT_RMSPROP_CENTERED;
-constexpr int RMS_H_MAXIMIZE = FASTOPT_RMSPROP_MAXIMIZE;
-constexpr int RMSPROP_COLUMNS = FASTOPT_RMSPROP_COLUMNS;
-
-constexpr int ADAM_H_BETA1 = FASTOPT_ADAM_BETA1;
-constexpr int ADAM_H_BETA2 = FASTOPT_ADAM_BETA2;
-constexpr int ADAM_H_EPS = FASTOPT_ADAM_EPS;
-constexpr int ADAM_H_WEIGHT_DECAY = FASTOPT_ADAM_WEIGHT_DECAY;
-constexpr int ADAM_H_AMSGRAD = FASTOPT_ADAM_AMSGRAD;
-constexpr int ADAM_H_MAXIMIZE = FASTOPT_ADAM_MAXIMIZE;
-constexpr int ADAM_H_DECOUPLED = FASTOPT_ADAM_DECOUPLED_WEIGHT_DECAY;
-constexpr int ADAM_COLUMNS = FASTOPT_ADAM_COLUMNS;
+// A tensor's coefficients (the CPU kernel's coefficient row): the rule's step scalars (RULE_COEFFICIENTS at most,
+// written by Rule::coefficients), then the two grad factors of grad_control rounded to the math dtype.
+constexpr int RULE_COEFFICIENTS = FASTOPT_RULE_COEFFICIENTS;
+constexpr int COEFFICIENTS = FASTOPT_COEFFICIENTS;
+constexpr int COEFFICIENT_GRAD_UNSCALE = FASTOPT_COEFFICIENT_GRAD_UNSCALE;
+constexpr int COEFFICIENT_GRAD_CLIP = FASTOPT_COEFFICIENT_GRAD_CLIP;
 
 // The device counters of one dtype's kernel (CUDA only: the CPU kernel gets the step count as an argument).
 constexpr int OPTIMIZER_STEP = FASTOPT_COUNTER_OPTIMIZER_STEP;  // steps taken by the optimizer
@@ -103,7 +95,7 @@ constexpr int COUNTERS = FASTOPT_COUNTERS;
 
 // Threads per block: every kernel is launched with exactly this many. The element loops stride by the constant
 // and index with ints, so the ILP loads of a stream are one address plus immediate offsets (with blockDim.x and
-// 64-bit indices each load needed its own 64-bit address: adam_step_double took 147 registers on sm_90, not 94).
+// 64-bit indices each load needed its own 64-bit address: Adam's double kernel took 147 registers on sm_90, not 94).
 constexpr int BLOCK = FASTOPT_BLOCK;
 constexpr int ILP = FASTOPT_ILP;  // elements in flight per thread
 

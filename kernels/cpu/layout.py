@@ -1,11 +1,13 @@
-"""Layouts of the small tables the fused CPU kernels read (numba-free, so the Python side can import it cheaply).
+"""Layout of the small tables the fused kernels read, CPU and CUDA (numba-free, so the Python side can import it
+cheaply; the CUDA sources get these constants as ``-D`` options).
 
 Per optimizer step the host passes:
 - ``addresses`` int64 [tensors, slots]: the data address of each tensor's param, grad, lr_scale and state
   buffers; 0 marks an absent buffer (no lr_scale, no grad this step, a state the group does not use).
 - ``chunk_tensor``, ``chunk_start``, ``chunk_length`` int64 [chunks]: the work split, at most CHUNK elements each.
 - ``tensor_group`` int64 [tensors] and ``tensor_step`` int64 [tensors] (steps taken, advanced by the kernel).
-- ``group_hyper`` float64 [groups, columns] below, plus the packed schedules (see schedule_codes).
+- ``group_hyper`` float64 [groups, columns]: the columns below, then the rule's, plus the packed schedules (see
+  schedule_codes).
 - ``tensor_format`` int64 [tensors, FORMAT_COLUMNS]: how each tensor's param, grad and state buffers are stored
   (the storage formats below); the math runs in the bucket's math dtype (float32, or float64 for float64 params).
 - ``grad_control`` float64 [GRAD_CONTROLS]: this step's gradient handling (loss-scale inverse, clip factor, skip).
@@ -36,17 +38,17 @@ FORMAT_COLUMNS = 3
 GRAD_UNSCALE, GRAD_CLIP, SKIP = range(3)
 GRAD_CONTROLS = 3
 
-# State slots per optimizer, in torch's state names.
-SGD_STATES = ("momentum_buffer",)
-RMSPROP_STATES = ("square_avg", "momentum_buffer", "grad_avg")
-ADAM_STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# The group table's columns that every rule's row starts with, filled by the host from the rule
+# (fastopt.backends.layout.group_table): whether a step advances the tensors' step counts, which state slots the group
+# uses (bit k: slot STATE0 + k is read and written), and maximize (the generic loop negates the grad). The rule's own
+# columns (``Rule.COLUMNS``) follow, from GROUP_COLUMNS on.
+COUNTS_STEP, LIVE_STATES, MAXIMIZE = range(3)
+GROUP_COLUMNS = 3
+STATE_SLOTS = 3  # at most three state buffers per param
 
-# Per-group hyperparameter columns; booleans are stored as 0.0 / 1.0.
-SGD_COLUMNS = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
-RMSPROP_COLUMNS = ("alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
-ADAM_COLUMNS = ("beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
-
-# Width of the per-tensor coefficient workspace: the widest optimizer's need, then the two grad factors
-# (grad_control's GRAD_UNSCALE and GRAD_CLIP rounded to the math dtype), shared by all optimizers.
-COEFFICIENTS = 12
-COEFFICIENT_GRAD_UNSCALE, COEFFICIENT_GRAD_CLIP = COEFFICIENTS - 2, COEFFICIENTS - 1
+# Width of the per-tensor coefficient row: the rule's step scalars (RULE_COEFFICIENTS at most, written by its
+# ``coefficients``), then the two grad factors (grad_control's GRAD_UNSCALE and GRAD_CLIP rounded to the math dtype),
+# written by the generic loop for every rule.
+RULE_COEFFICIENTS = 14
+COEFFICIENTS = RULE_COEFFICIENTS + 2
+COEFFICIENT_GRAD_UNSCALE, COEFFICIENT_GRAD_CLIP = RULE_COEFFICIENTS, RULE_COEFFICIENTS + 1
