@@ -135,6 +135,7 @@ OPTIMIZERS = {
     "Adam": OptimizerSpec(fo.Adam, "Adam", dict(lr=1e-3), 2, True),
     "AdamW": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True),
     "Adagrad": OptimizerSpec(fo.Adagrad, "Adagrad", dict(lr=1e-3), 1, False),  # torch's fused Adagrad: CPU only
+    "Lion": OptimizerSpec(fo.Lion, None, dict(lr=1e-4), 1, False),
     "AdamW_bf16_master": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "float32", True),
     "AdamW_bf16_bf16states": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "bfloat16"),
     "AdamW_bf16": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "float32"),

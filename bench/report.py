@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LARGE = ("16M", "32M", "64M", "GPT2")  # the sizes the targets speak of (>= 16M params; 1M fits in the caches)
-# The rows of the implementations fastopt is measured against: torch.optim's.
-ANCHOR_VARIANTS = ("torch_forloop", "torch_foreach", "torch_fused")
+# The rows of the implementations fastopt is measured against: torch.optim's, and lion-pytorch's Lion.
+ANCHOR_VARIANTS = ("torch_forloop", "torch_foreach", "torch_fused", "lion_pytorch")
 
 
 @dataclass
@@ -54,10 +54,12 @@ def time_ratio(group, slower, faster):
 
 # (target, optimizers, sizes, value of a group, comparison, threshold)
 TARGETS = [
-    ("fastopt / ceiling (GB/s)", ("SGD", "SGD_momentum", "RMSprop", "Adam", "AdamW", "Adagrad"), LARGE,
+    ("fastopt / ceiling (GB/s)", ("SGD", "SGD_momentum", "RMSprop", "Adam", "AdamW", "Adagrad", "Lion"), LARGE,
      lambda group: group["fastopt"].fraction_of_ceiling if "fastopt" in group else None, ">=", 0.9),
     ("speed-up over torch fused", ("Adagrad",), ("32M",),
      lambda group: time_ratio(group, "torch_fused", "fastopt"), ">=", 1.0),
+    ("speed-up over lion-pytorch", ("Lion",), LARGE,
+     lambda group: time_ratio(group, "lion_pytorch", "fastopt"), ">=", 3.0),
     ("speed-up over torch fused", ("Adam", "AdamW"), LARGE,
      lambda group: time_ratio(group, "torch_fused", "fastopt"), ">=", 1.0),
     ("speed-up over torch foreach", ("RMSprop",), LARGE,
@@ -129,7 +131,7 @@ def header_lines(run, title):
 EXPLANATION = (
     "The variants of one optimizer, size and thread count were timed interleaved (each round runs every variant "
     "once, in a rotating order); times are medians over the rounds. GB/s counts the least traffic of one fused pass "
-    "(bytes per param: SGD 12, SGD momentum, RMSprop and Adagrad 20, Adam/AdamW 28, plus 4 with lr_scale); "
+    "(bytes per param: SGD 12, SGD momentum, RMSprop, Adagrad and Lion 20, Adam/AdamW 28, plus 4 with lr_scale); "
     "*of ceiling* "
     "divides by the GB/s of the `ceiling` row (a Numba prange kernel with the optimizer's read/write pattern and "
     "trivial math) of the same optimizer, size and threads; *fastopt speed-up* is the row's time over fastopt's. "

@@ -50,6 +50,7 @@ CASES = {
     "Adam": OptimizerCase("Adam", dict(lr=1e-3), 2, True),
     "AdamW": OptimizerCase("AdamW", dict(lr=1e-3), 2, True),
     "Adagrad": OptimizerCase("Adagrad", dict(lr=1e-3), 1, True),
+    "Lion": OptimizerCase("Lion", dict(lr=1e-4), 1, False, anchor="lion_pytorch"),  # torch.optim has no Lion
 }
 QUICK = dict(sizes=(4 << 20,), repeats=5, sample_seconds=0.02)
 FULL = dict(sizes=(1 << 20, 16 << 20), repeats=9, sample_seconds=0.05)

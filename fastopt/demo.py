@@ -18,7 +18,7 @@ from . import rules, schedules
 OPTIMIZERS = {cls.__name__.lower(): cls for cls in rules.OPTIMIZERS}
 SCHEDULES = ("onecycle", "cosine", "warmup_cosine", "step", "constant")
 # Peak rates that train this model well; SGD uses Nesterov momentum 0.9.
-DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.1, "rmsprop": 1e-3, "adagrad": 3e-2}
+DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.1, "rmsprop": 1e-3, "adagrad": 3e-2, "lion": 1e-3}
 
 
 @dataclass

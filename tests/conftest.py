@@ -13,10 +13,19 @@ def tolerance(dtype, steps):
     return 4 * np.finfo(dtype).eps * max(steps, 1)
 
 
-def assert_close(actual, expected, rtol, what):
+def sign_flips(cls, size, largest_step):
+    """How far Lion's params may stray from the float64 reference: its update is a sign, and where float rounding
+    puts the sign's argument on the other side of zero than the reference does (an argument within rounding of zero:
+    about one element in 10^6 per step), the param moves by ``2 * lr * lr_scale`` the other way, and stays that far
+    off (the momentum does not depend on the param). (count, distance): at most 1 + size / 10^4 such elements, each
+    within ``2 * largest_step`` (the largest ``lr * lr_scale`` of the run) of the reference. None for other rules."""
+    return (1 + size // 10_000, 2 * largest_step) if cls.__name__ == "Lion" else None
+
+
+def assert_close(actual, expected, rtol, what, *, flips=None):
     """|actual - expected| <= atol + rtol |expected| elementwise, with atol = rtol * max|expected|: quantities
     formed by cancellation (moments of gradients that change sign) carry an absolute error of the size of
-    their inputs, not of themselves."""
+    their inputs, not of themselves. ``flips``: :func:`sign_flips`'s allowance, or None."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
@@ -29,6 +38,8 @@ def assert_close(actual, expected, rtol, what):
         error = np.abs(actual - expected)
     bound = atol + rtol * np.abs(expected)
     ok = (actual == expected) | (error <= bound) | np.isnan(expected)
+    if flips is not None and np.count_nonzero(~ok) <= flips[0]:
+        ok |= error <= bound + flips[1]
     if not ok.all():
         worst = int(np.argmax(np.where(ok, -np.inf, error - bound)))
         raise AssertionError(f"{what}: element {worst} is {actual.flat[worst]!r}, reference {expected.flat[worst]!r}"

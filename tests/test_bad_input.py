@@ -98,6 +98,10 @@ def test_bad_group_change_between_steps(change, error, message):
     (fo.Adagrad, dict(weight_decay=-0.1), ValueError, "invalid weight_decay"),
     (fo.Adagrad, dict(initial_accumulator_value=-1.0), ValueError, "invalid initial_accumulator_value"),
     (fo.Adagrad, dict(eps=-1e-10), ValueError, "invalid eps"),
+    (fo.Lion, dict(lr=-1e-4), ValueError, "invalid lr"),
+    (fo.Lion, dict(betas=(1.0, 0.99)), ValueError, "beta1"),
+    (fo.Lion, dict(betas=(0.9, -0.5)), ValueError, "beta2"),
+    (fo.Lion, dict(weight_decay=-0.1), ValueError, "invalid weight_decay"),
 ])
 def test_bad_hyperparameters(cls, kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -107,9 +111,11 @@ def test_bad_hyperparameters(cls, kwargs, error, message):
 @pytest.mark.parametrize("cls,change,message", [
     (fo.Adagrad, dict(lr_decay=-1.0), "invalid lr_decay"),
     (fo.Adagrad, dict(eps=float("inf")), "eps must be finite"),
+    (fo.Lion, dict(betas=(0.9, 1.0)), "beta2"),
+    (fo.Lion, dict(weight_decay=-1e-3), "invalid weight_decay"),
 ])
 def test_bad_group_change_of_the_new_rules(cls, change, message):
-    """Adagrad checks its hyperparameters before anything is written, as the others do."""
+    """Adagrad and Lion check their hyperparameters before anything is written, as the others do."""
     params, optimizer = make(cls)
     before = snapshot(params, optimizer)
     optimizer.param_groups[0].update(change)

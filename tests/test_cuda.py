@@ -552,6 +552,7 @@ MIXED_OPTIMIZERS = [
     (fo.AdamW, dict(betas=(0.5, 0.25), amsgrad=True)),
     (fo.Adam, dict(betas=(0.5, 0.25), weight_decay=0.01)),
     (fo.Adagrad, dict(lr_decay=0.1, weight_decay=0.01, initial_accumulator_value=0.5)),
+    (fo.Lion, dict(weight_decay=0.1)),
 ]
 MIXED_SIZES = (0, 1, 13, 5000)  # 5000: several chunks, on the GPU and in the stand-in
 MIXED_STEPS = 4
@@ -897,7 +898,7 @@ def bad_grads_cases(cp):
     ]
 
 
-@pytest.mark.parametrize("cls", [fo.SGD, fo.RMSprop, fo.Adam, fo.AdamW, fo.Adagrad])
+@pytest.mark.parametrize("cls", [fo.SGD, fo.RMSprop, fo.Adam, fo.AdamW, fo.Adagrad, fo.Lion])
 def test_bad_grads_leave_params_untouched(cp, cls):
     params = [cp.ones((2, 3), dtype=np.float32), cp.ones(5, dtype=np.float32)]
     kwargs = dict(momentum=0.9) if cls is fo.SGD else {}

@@ -202,8 +202,8 @@ def scenario_collective_exchange(ctx):
 
 
 def scenario_torch_optim_parity(ctx):
-    """fastopt.torch SGD, RMSprop, Adam, Adagrad (and torch.optim.AdamW as the inner class) sharded, with a torch lr
-    scheduler, against torch.optim on the averaged grads."""
+    """fastopt.torch SGD, RMSprop, Adam, Adagrad, Lion (and torch.optim.AdamW as the inner class) sharded, with a
+    torch lr scheduler, against torch.optim (lion-pytorch for Lion) on the averaged grads."""
     import fastopt.torch as ft
     from fastopt.torch.distributed import ShardedOptimizer
 
@@ -211,7 +211,8 @@ def scenario_torch_optim_parity(ctx):
                (ft.RMSprop, "RMSprop", dict(lr=1e-3, alpha=0.9, centered=True, momentum=0.5, weight_decay=1e-3)),
                (ft.Adam, "Adam", dict(lr=3e-3, amsgrad=True, weight_decay=1e-3)),
                (torch.optim.AdamW, "AdamW", dict(lr=3e-3, weight_decay=0.1)),
-               (ft.Adagrad, "Adagrad", dict(lr=0.05, lr_decay=1e-2, initial_accumulator_value=0.1))]
+               (ft.Adagrad, "Adagrad", dict(lr=0.05, lr_decay=1e-2, initial_accumulator_value=0.1)),
+               (ft.Lion, "Lion", dict(lr=3e-4, weight_decay=0.1))]
     for inner, name, kwargs in configs:
         runs = []
         for sharded in (True, False):

@@ -12,6 +12,7 @@ OPTIMIZERS = [
     (fo.Adam, dict(amsgrad=True)),
     (fo.AdamW, dict()),
     (fo.Adagrad, dict(lr_decay=0.01, initial_accumulator_value=0.1)),
+    (fo.Lion, dict(weight_decay=0.1)),
 ]
 
 

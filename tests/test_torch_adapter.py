@@ -119,6 +119,9 @@ CONFIGS = [
     ("Adagrad", dict(lr=0.05, lr_decay=1e-3, weight_decay=1e-3), lambda o: lr_scheduler.StepLR(o, 40, 0.5)),
     ("Adagrad", dict(lr=0.05, initial_accumulator_value=0.1, eps=1e-6, maximize=True),
      lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=STEPS)),
+    ("Lion", dict(lr=3e-4, weight_decay=0.1),
+     lambda o: lr_scheduler.OneCycleLR(o, max_lr=1e-3, total_steps=STEPS)),  # cycles betas[0] too
+    ("Lion", dict(lr=1e-4, betas=(0.95, 0.98)), lambda o: lr_scheduler.ExponentialLR(o, gamma=0.99)),
 ]
 CONFIG_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}" for name, kwargs, _ in CONFIGS]
 
@@ -226,7 +229,8 @@ def test_schedule_with_torch_scheduler_is_an_error(digits):
 # ---------------------------------------------------------------- checkpoints both ways
 CHECKPOINT_CONFIGS = [("SGD", dict(lr=0.05, momentum=0.9)), ("RMSprop", dict(lr=1e-3, centered=True, momentum=0.3)),
                       ("Adam", dict(lr=3e-3, amsgrad=True)), ("AdamW", dict(lr=3e-3)),
-                      ("Adagrad", dict(lr=0.05, lr_decay=1e-3, initial_accumulator_value=0.1))]
+                      ("Adagrad", dict(lr=0.05, lr_decay=1e-3, initial_accumulator_value=0.1)),
+                      ("Lion", dict(lr=3e-4, weight_decay=0.1))]
 
 
 def checkpoint_round_trip(optimizer, net):

@@ -89,8 +89,8 @@ SCHEDULER_PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("cls,kwargs", [(fo.SGD, dict(momentum=0.9)), (fo.AdamW, {}), (fo.Adagrad, dict(lr_decay=0.05))],
-                         ids=["SGD", "AdamW", "Adagrad"])
+@pytest.mark.parametrize("cls,kwargs", [(fo.SGD, dict(momentum=0.9)), (fo.AdamW, {}), (fo.Adagrad, dict(lr_decay=0.05)),
+                                        (fo.Lion, dict(weight_decay=0.1))], ids=["SGD", "AdamW", "Adagrad", "Lion"])
 @pytest.mark.parametrize("name,ours,theirs", SCHEDULER_PAIRS, ids=[pair[0] for pair in SCHEDULER_PAIRS])
 def test_schedule_in_kernel_matches_torch_scheduler(name, ours, theirs, cls, kwargs, rng):
     """The schedule evaluated inside the kernel gives the params torch reaches with its scheduler."""

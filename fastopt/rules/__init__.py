@@ -9,10 +9,11 @@ Everything else (chunks, streams, storage formats, grad control, schedules) is t
 """
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .lion import Lion
 from .rmsprop import RMSprop
 from .sgd import SGD
 
-OPTIMIZERS = (SGD, RMSprop, Adam, AdamW, Adagrad)
+OPTIMIZERS = (SGD, RMSprop, Adam, AdamW, Adagrad, Lion)
 # One class per kernel rule (AdamW shares Adam's): what the CUDA sources are compiled with.
 RULES = {cls.KERNEL: cls for cls in reversed(OPTIMIZERS)}
 # The float64 reference functions by name (``fastopt.reference.adam`` etc.).

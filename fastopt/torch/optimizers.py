@@ -9,7 +9,7 @@ class takes the core's mixed-precision options (``master_weights``, ``state_dtyp
 from .. import rules as core
 from .adapter import TorchOptimizer
 
-__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad"]
+__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Lion"]
 
 
 class SGD(TorchOptimizer):
@@ -90,3 +90,13 @@ class Adagrad(TorchOptimizer):
                                       initial_accumulator_value=initial_accumulator_value, foreach=foreach,
                                       maximize=maximize, differentiable=differentiable, fused=fused), options)
 
+
+class Lion(TorchOptimizer):
+    """The ``lion-pytorch`` package's ``Lion`` (its default, rate-scaled weight decay) run by :class:`fastopt.Lion`,
+    plus torch's ``maximize``; ``state[p]`` holds ``exp_avg`` (no ``step``, as lion-pytorch's)."""
+
+    CORE = core.Lion
+    STEP_IN_STATE = False
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, **options):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize), options)
