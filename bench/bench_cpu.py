@@ -5,7 +5,7 @@ needs (every param, grad and state buffer read once, every updated one written o
 where one is used), the same for every implementation of the update, so GB/s reads against the ``ceiling`` row:
 a prange kernel with the optimizer's read/write pattern and trivial math. See bench/README.md.
 
-    python -m pytest bench/bench_cpu.py --benchmark-json=bench/cpu.json     # all 40 groups, ~10 minutes
+    python -m pytest bench/bench_cpu.py --benchmark-json=bench/cpu.json     # all 70 groups, ~8 minutes
     python -m pytest bench/bench_cpu.py -k "16M and 2t"                      # quick: 16M, 2 threads
     python -m pytest bench/bench_cpu.py -k "Adam-16M"                        # group ids: Adam-16M-2t
 """

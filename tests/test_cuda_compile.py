@@ -13,6 +13,7 @@ arguments (Payne-Hanek), not spills; spills are reported separately and must be 
 what a kernel keeps live across it is saved on the stack and reported as spills, which is why fused.cu's first
 thread evaluates the schedule alone, before a barrier, and reads the tables again after it.)
 """
+import concurrent.futures
 import ctypes
 import ctypes.util
 import importlib.util
@@ -20,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +86,7 @@ class Nvcc:
         self.name = f"nvcc ({path})"
 
     def compile(self, source, name, options, architecture, directory):
-        source_path = Path(directory) / name
+        source_path = Path(tempfile.mkdtemp(dir=directory)) / name  # compiles run in parallel
         source_path.write_text(source)
         command = [self.path, "-cubin", f"-arch=sm_{architecture}", "-Xptxas", "-v", *options, str(source_path),
                    "-o", str(source_path.with_suffix(f".sm_{architecture}.cubin"))]
@@ -152,15 +154,17 @@ def compile_units(compiler):
     """{(unit id or header, architecture): (succeeded, log)}: every unit, and every header on its own (it must include
     what it uses)."""
     options = list(cuda.compile_options())
-    results = {}
-    for architecture in ARCHITECTURES:
-        for unit, source, extra, _ in UNITS:
-            results[unit, architecture] = compiler((cuda.SOURCE_DIR / source).read_text(), source,
-                                                   options + list(extra), architecture)
-        for name in HEADERS:
-            results[name, architecture] = compiler(f'#include "{name}"\n', f"only_{Path(name).name}.cu", options,
-                                                   architecture)
-    return results
+    jobs = {}
+    # One compile per core at a time (NVRTC's calls release the GIL, nvcc is a process of its own).
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for architecture in ARCHITECTURES:
+            for unit, source, extra, _ in UNITS:
+                jobs[unit, architecture] = pool.submit(compiler, (cuda.SOURCE_DIR / source).read_text(), source,
+                                                       options + list(extra), architecture)
+            for name in HEADERS:
+                jobs[name, architecture] = pool.submit(compiler, f'#include "{name}"\n', f"only_{Path(name).name}.cu",
+                                                       options, architecture)
+    return {key: job.result() for key, job in jobs.items()}
 
 
 @pytest.fixture(scope="module")

@@ -225,7 +225,7 @@ def coefficient_values(row):
 # these globals bound to the rule's functions and constants and each level of the dispatch bound to the rule's copy of
 # the next.
 rule_element = rule_coefficients = None
-ALWAYS_LIVE0 = ALWAYS_LIVE1 = ALWAYS_LIVE2 = NEVER_LIVE0 = NEVER_LIVE1 = NEVER_LIVE2 = False
+LIVE_MASK0 = LIVE_MASK1 = LIVE_MASK2 = LIVE_MASK3 = LIVE_MASK4 = LIVE_MASK5 = LIVE_MASK6 = LIVE_MASK7 = False
 
 def chunk_loop(has_lr_scale, live0, live1, live2, streams):
     """One chunk: each element of every live stream read once, the rule's element function applied, each updated
@@ -254,49 +254,27 @@ def chunk_loop(has_lr_scale, live0, live1, live2, streams):
             store(state2, i, s2)
 
 
-# The dispatch from run-time flags to chunk_loop's literals, one flag per level. A slot the rule always uses (or
-# never has) is decided by the rule's constants ALWAYS_LIVE<k> / NEVER_LIVE<k>, which Numba prunes at compile time:
-# only the combinations a rule can meet are compiled.
-def with_slot2(has_lr_scale, live0, live1, live, streams):
-    if ALWAYS_LIVE2:
-        chunk_loop(has_lr_scale, live0, live1, True, streams)
-    elif NEVER_LIVE2:
-        chunk_loop(has_lr_scale, live0, live1, False, streams)
-    elif live & 4:
-        chunk_loop(has_lr_scale, live0, live1, True, streams)
-    else:
-        chunk_loop(has_lr_scale, live0, live1, False, streams)
-
-
-def with_slot1(has_lr_scale, live0, live, streams):
-    if ALWAYS_LIVE1:
-        with_slot2(has_lr_scale, live0, True, live, streams)
-    elif NEVER_LIVE1:
-        with_slot2(has_lr_scale, live0, False, live, streams)
-    elif live & 2:
-        with_slot2(has_lr_scale, live0, True, live, streams)
-    else:
-        with_slot2(has_lr_scale, live0, False, live, streams)
-
-
-def with_slot0(has_lr_scale, live, streams):
-    if ALWAYS_LIVE0:
-        with_slot1(has_lr_scale, True, live, streams)
-    elif NEVER_LIVE0:
-        with_slot1(has_lr_scale, False, live, streams)
-    elif live & 1:
-        with_slot1(has_lr_scale, True, live, streams)
-    else:
-        with_slot1(has_lr_scale, False, live, streams)
-
-
 def run_chunk(has_lr_scale, live, streams):
-    """chunk_loop for one chunk, with ``has_lr_scale`` and each bit of ``live`` (the group's state slots in use)
-    turned into a literal."""
-    if has_lr_scale:
-        with_slot0(True, live, streams)
-    else:
-        with_slot0(False, live, streams)
+    """chunk_loop for one chunk, with the group's live state slots (``live``, bit k for slot k) as literals; the
+    caller makes ``has_lr_scale`` one. A live mask the rule cannot have (its LIVE_MASK<m> constant False) is pruned
+    at compile time, so only the loops a rule can run are compiled. All in one function: every level of calls between
+    the step and its loops is optimised again by LLVM with everything below it, which multiplied compile times."""
+    if LIVE_MASK0 and live == 0:
+        chunk_loop(has_lr_scale, False, False, False, streams)
+    elif LIVE_MASK1 and live == 1:
+        chunk_loop(has_lr_scale, True, False, False, streams)
+    elif LIVE_MASK2 and live == 2:
+        chunk_loop(has_lr_scale, False, True, False, streams)
+    elif LIVE_MASK3 and live == 3:
+        chunk_loop(has_lr_scale, True, True, False, streams)
+    elif LIVE_MASK4 and live == 4:
+        chunk_loop(has_lr_scale, False, False, True, streams)
+    elif LIVE_MASK5 and live == 5:
+        chunk_loop(has_lr_scale, True, False, True, streams)
+    elif LIVE_MASK6 and live == 6:
+        chunk_loop(has_lr_scale, False, True, True, streams)
+    elif LIVE_MASK7 and live == 7:
+        chunk_loop(has_lr_scale, True, True, True, streams)
 
 
 def rule_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
@@ -325,13 +303,17 @@ def rule_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, 
         length = chunk_length[chunk]
         hyper = group_hyper[tensor_group[tensor]]
         param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
-        run_chunk(addresses[tensor, LR_SCALE] != 0, np.int64(hyper[LIVE_STATES]),
-                  (param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
+        live = np.int64(hyper[LIVE_STATES])
+        streams = (param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
                    stream(addresses, tensor, LR_SCALE, start, length, scratch),
                    stream(addresses, tensor, STATE0, start, length, state_like),
                    stream(addresses, tensor, STATE1, start, length, state_like),
                    stream(addresses, tensor, STATE2, start, length, state_like), coefficients[tensor],
-                   hyper[MAXIMIZE] != 0, seed, optimizer_step, (np.int64(tensor) << np.int64(40)) + start))
+                   hyper[MAXIMIZE] != 0, seed, optimizer_step, (np.int64(tensor) << np.int64(40)) + start)
+        if addresses[tensor, LR_SCALE] != 0:
+            run_chunk(True, live, streams)
+        else:
+            run_chunk(False, live, streams)
     for tensor in range(tensor_group.shape[0]):
         if addresses[tensor, GRAD] != 0 and group_hyper[tensor_group[tensor], COUNTS_STEP] != 0:
             tensor_step[tensor] += 1
@@ -358,10 +340,9 @@ def step_kernels(kernel, always_live, optional_live):
     digest = hashlib.sha256(Path(rule.__file__).read_bytes()).hexdigest()[:12]
     suffix = f"{kernel}_{always_live}_{optional_live}_{digest}"
     names = dict(rule_element=rule.element, rule_coefficients=rule.coefficients)
-    for slot in range(3):
-        names[f"ALWAYS_LIVE{slot}"] = bool(always_live >> slot & 1)
-        names[f"NEVER_LIVE{slot}"] = not (always_live | optional_live) >> slot & 1
-    for template in (chunk_loop, with_slot2, with_slot1, with_slot0, run_chunk):
+    for mask in range(8):  # the live masks a group of the rule can have: every slot it always uses, and no others
+        names[f"LIVE_MASK{mask}"] = mask & always_live == always_live and mask & ~(always_live | optional_live) == 0
+    for template in (chunk_loop, run_chunk):
         names[template.__name__] = jit(_bound(template, suffix, names))
     step = parallel_jit(_bound(rule_step, suffix, names))
     return step, serial_twin(step)
