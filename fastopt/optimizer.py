@@ -58,6 +58,12 @@ class Optimizer:
     COLUMNS: tuple = ()
     REFERENCE = None
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if len(cls.STATE_SLOTS) > kernel_layout.STATE_SLOTS or not set(cls.OPTIONAL_STATES) <= set(cls.STATE_SLOTS):
+            raise TypeError(f"{cls.__name__}: a rule has at most {kernel_layout.STATE_SLOTS} STATE_SLOTS (the kernels' "
+                            "address table), and its OPTIONAL_STATES are among them")
+
     def __init__(self, params, defaults, *, backend="auto", guard=None, master_weights=False, state_dtype="float32",
                  rounding="nearest", seed=0, max_grad_norm=None):
         if guard is not None and not isinstance(guard, Guard):

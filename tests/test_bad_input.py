@@ -223,3 +223,10 @@ def test_betas_edited_in_place_take_effect():
     first.step([grads[1]])
     second.step([grads[1]])
     np.testing.assert_array_equal(edited, replaced)
+
+
+def test_a_rule_with_more_state_slots_than_the_kernels_address_is_refused():
+    with pytest.raises(TypeError, match="at most 3 STATE_SLOTS"):
+        type("FourStates", (fo.Optimizer,), {"STATE_SLOTS": ("a", "b", "c", "d")})
+    with pytest.raises(TypeError, match="OPTIONAL_STATES are among them"):
+        type("StrayOptional", (fo.Optimizer,), {"STATE_SLOTS": ("a",), "OPTIONAL_STATES": ("b",)})
