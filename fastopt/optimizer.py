@@ -261,6 +261,11 @@ class Optimizer:
         return tuple(range(kernel_layout.GROUP_COLUMNS, kernel_layout.GROUP_COLUMNS + len(cls.COLUMNS)))
 
     @classmethod
+    def slot_mask(cls, names):
+        """The bit mask of the state slots named in ``names`` (bit k: slot STATE0 + k), as the kernels read it."""
+        return sum(1 << slot for slot, name in enumerate(cls.STATE_SLOTS) if name in names)
+
+    @classmethod
     def group_row(cls, group):
         """The kernels' values of ``COLUMNS`` for ``group``, as floats (booleans as 0.0 / 1.0)."""
         return {name: float(group[name]) for name in cls.COLUMNS if name in group}

@@ -26,13 +26,6 @@ def _address(array):
     return array.__array_interface__["data"][0] if array.size else 0
 
 
-def _slot_masks(rule):
-    """(always, optional): bit masks of the state slots the rule always uses and those only some groups use."""
-    always = sum(1 << slot for slot, name in enumerate(rule.STATE_SLOTS) if name not in rule.OPTIONAL_STATES)
-    optional = sum(1 << slot for slot, name in enumerate(rule.STATE_SLOTS) if name in rule.OPTIONAL_STATES)
-    return always, optional
-
-
 class _DtypeBucket:
     """The tensors of one math dtype and the tables one kernel call reads."""
 
@@ -67,7 +60,9 @@ class _DtypeBucket:
 
 class CpuBackend(HostArrays):
     def __init__(self, layout):
-        kernels = fused.step_kernels(layout.rule.KERNEL, *_slot_masks(layout.rule))
+        rule = layout.rule  # its step, for the state slots it always uses and those only some groups use
+        kernels = fused.step_kernels(rule.KERNEL, rule.slot_mask(set(rule.STATE_SLOTS) - set(rule.OPTIONAL_STATES)),
+                                     rule.slot_mask(rule.OPTIONAL_STATES))
         self.buckets = [_DtypeBucket(dtype, indices, layout.params, kernels)
                         for dtype, indices in layout.indices_by_math_dtype().items()]
         self.parameter_count = len(layout.params)

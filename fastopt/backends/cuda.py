@@ -125,9 +125,8 @@ def compile_defines():
         defines.update({f"{prefix}_{column.upper()}": index
                         for column, index in zip(rule.COLUMNS, rule.column_indices())})
         defines[f"{prefix}_COLUMNS"] = kernel_layout.GROUP_COLUMNS + len(rule.COLUMNS)
-        optional = [name in rule.OPTIONAL_STATES for name in rule.STATE_SLOTS]
-        defines[f"{prefix}_ALWAYS_LIVE"] = sum(1 << slot for slot, maybe in enumerate(optional) if not maybe)
-        defines[f"{prefix}_OPTIONAL_LIVE"] = sum(1 << slot for slot, maybe in enumerate(optional) if maybe)
+        defines[f"{prefix}_ALWAYS_LIVE"] = rule.slot_mask(set(rule.STATE_SLOTS) - set(rule.OPTIONAL_STATES))
+        defines[f"{prefix}_OPTIONAL_LIVE"] = rule.slot_mask(rule.OPTIONAL_STATES)
     defines.update(FASTOPT_STATISTIC_NORM=STATISTIC_NORM, FASTOPT_STATISTIC_NONFINITE=STATISTIC_NONFINITE,
                    FASTOPT_STATISTICS=STATISTICS, FASTOPT_CLIP_EPSILON=repr(float(CLIP_EPSILON)),
                    FASTOPT_SCALE_ON_HOST=SCALE_ON_HOST, FASTOPT_SCALE_FLOAT32=SCALE_FLOAT32,

@@ -67,8 +67,8 @@ class GroupTable:
         width = kernel_layout.GROUP_COLUMNS + len(rule.COLUMNS)
         self.group_hyper = np.zeros((len(groups), width), dtype=np.float64)
         for number, group in enumerate(groups):
-            live = sum(1 << slot for slot, name in enumerate(rule.STATE_SLOTS) if name in rule.state_names(group))
             row = rule.group_row(group)
+            live = rule.slot_mask(rule.state_names(group))
             self.group_hyper[number, :kernel_layout.GROUP_COLUMNS] = (float(rule.counts_step(group)), float(live),
                                                                       float(group["maximize"]))
             self.group_hyper[number, kernel_layout.GROUP_COLUMNS:] = [row[name] for name in rule.COLUMNS]
