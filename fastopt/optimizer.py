@@ -267,8 +267,12 @@ class Optimizer:
 
     @classmethod
     def group_row(cls, group):
-        """The kernels' values of ``COLUMNS`` for ``group``, as floats (booleans as 0.0 / 1.0)."""
-        return {name: float(group[name]) for name in cls.COLUMNS if name in group}
+        """The kernels' values of ``COLUMNS`` for ``group``, as floats (booleans as 0.0 / 1.0); a ``betas`` pair is
+        the columns ``beta1`` and ``beta2``."""
+        values = dict(group)
+        if "betas" in group:
+            values["beta1"], values["beta2"] = group["betas"]
+        return {name: float(values[name]) for name in cls.COLUMNS}
 
     @classmethod
     def state_names(cls, group):

@@ -76,8 +76,7 @@ class Adam(Optimizer):
 
     @classmethod
     def group_row(cls, group):
-        return dict(super().group_row(dict(group, decoupled_weight_decay=cls.DECOUPLED_WEIGHT_DECAY)),
-                    beta1=float(group["betas"][0]), beta2=float(group["betas"][1]))
+        return super().group_row(dict(group, decoupled_weight_decay=cls.DECOUPLED_WEIGHT_DECAY))
 
 
 class AdamW(Adam):

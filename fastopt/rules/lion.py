@@ -51,7 +51,3 @@ class Lion(Optimizer):
     def validate_hyperparameters(cls, group, where):
         super().validate_hyperparameters(group, where)
         cls.check_betas(group["betas"], where)
-
-    @classmethod
-    def group_row(cls, group):
-        return dict(super().group_row(group), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]))
