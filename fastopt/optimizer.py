@@ -7,13 +7,15 @@ untouched.
 """
 import math
 import numbers
+import threading
 
 import numpy as np
 
-from . import backends, dtypes, schedules
-from .backends.layout import MASTER, GroupTable, Layout
+from . import backends, dtypes, interrupts, schedules
+from .backends.layout import MASTER, GroupTable, Layout, MemorySpans
 from .guard import Guard
 from .kernels.cpu import layout as kernel_layout
+from .state import OptimizerState, ParamState
 STATE_DTYPES = ("float32", "bfloat16")
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -95,9 +97,15 @@ class Optimizer:
         self.defaults = dict(defaults)
         self.validate_hyperparameters(self.defaults, "defaults")
         self.param_groups = []
-        self.state = []  # per param, in group order: dict of torch-named state buffers
+        self._state = OptimizerState()  # per param, in group order: its torch-named state buffers (see state)
+        # What the kernels address, held here rather than read from param_groups (which the user may edit): the
+        # params, and each param's lr_scale array (or None). Holding them keeps them alive, so the ids of the
+        # groups' entries, compared with these every step, cannot be those of freed arrays.
         self._params = []
+        self._lr_scales = []
+        self._group_counts = []  # the number of params in each group
         self.step_count = 0
+        self._stepping = threading.Lock()  # held by the step in progress: one optimizer, one step at a time
         self._frozen_layout = None  # the Layout the engine was last handed; None: a buffer changed since
         self._group_table = None
         for group in groups:
@@ -150,31 +158,34 @@ class Optimizer:
         params = list(params)
         for index, param in enumerate(params):
             self._check_array(param, f"{where}['params'][{index}]", param=True)
-        self._check_disjoint(params, where)
         lr_scale = group.get("lr_scale")
         if lr_scale is not None:
             lr_scale = self._check_lr_scale(lr_scale, params, where)
+        self._check_disjoint(params, lr_scale, where)
         full = {"params": params}
         for key, default in self.defaults.items():
             full[key] = group.get(key, default)
         full["lr_scale"] = lr_scale
         self.validate_hyperparameters(full, where)
         self.param_groups.append(full)
+        self._lr_scales += lr_scale or [None] * len(params)
+        self._group_counts.append(len(params))
         for param in params:
             self._params.append(param)
-            self.state.append({})
+            self.state.append(ParamState(self._replacement_check(len(self.state))))
 
-    def _check_disjoint(self, params, where):
-        """No param may appear twice or overlap another's memory: each would be updated twice per step."""
-        spans = sorted((self._engine.address(p), self._engine.address(p) + p.nbytes, position)
-                       for position, p in enumerate(self._params + params) if p.size)
-        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-            if start < end:
-                index = max(first, second) - len(self._params)
-                raise ValueError(f"{where}['params'][{index}] appears more than once among the optimizer's "
-                                 "params (or shares its memory with another param)")
+    def _check_disjoint(self, params, lr_scale, where):
+        """No param may appear twice or share memory with another (threads would update it twice per step), and no
+        lr_scale may share memory with a param (a thread would read it while another writes it)."""
         if len({id(p) for p in self._params + params}) != len(self._params) + len(params):
             raise ValueError(f"{where} holds a param that appears more than once among the optimizer's params")
+        spans = MemorySpans([(f"param {index}", param) for index, param in enumerate(self._params)] +
+                            [(f"{where}['params'][{index}]", param) for index, param in enumerate(params)],
+                            self._engine.address)
+        scales = [(f"lr_scale of param {index}", scale) for index, scale in enumerate(self._lr_scales)
+                  if scale is not None]
+        spans.check_disjoint(scales + [(f"{where}['lr_scale'][{index}]", scale)
+                                       for index, scale in enumerate(lr_scale or ())], self._engine.address)
 
     def _check_array(self, array, where, *, param=False, like=None, grad=False):
         """Type, device, dtype, layout (and for params, writability) of one array, against its param ``like``:
@@ -233,6 +244,13 @@ class Optimizer:
         return lr_scale
 
     @property
+    def state(self):
+        """Each param's state buffers by torch's names, in group order (``state[i]["exp_avg"]``): a
+        :class:`~fastopt.state.OptimizerState` of :class:`~fastopt.state.ParamState` mappings, which check a
+        replaced buffer and refuse deletions."""
+        return self._state
+
+    @property
     def params(self):
         """Every param, in group order (the order ``step`` takes grads in)."""
         return list(self._params)
@@ -241,18 +259,43 @@ class Optimizer:
         """The frozen :class:`~fastopt.backends.layout.Layout` of every buffer the kernels address, built anew after
         any of them changed."""
         if self._frozen_layout is None:
-            tensor_group, lr_scale = [], []
-            for number, group in enumerate(self.param_groups):
-                tensor_group += [number] * len(group["params"])
-                lr_scale += list(group["lr_scale"] or [None] * len(group["params"]))
-            self._frozen_layout = Layout(
-                rule=type(self), params=self._params, tensor_group=tensor_group, lr_scale=lr_scale,
-                states=[[state.get(name) for name in self.STATE_SLOTS] for state in self.state],
-                master=[state.get(MASTER) for state in self.state],
-                param_storage=[self.param_storage(index) for index in range(len(self._params))],
-                state_storage=[self.state_storage(index) for index in range(len(self._params))],
-                stochastic=self.rounding == "stochastic", seed=self.seed)
+            self._frozen_layout = self._build_layout(self.state)
         return self._frozen_layout
+
+    def _build_layout(self, states, lr_scales=None):
+        """A Layout of the held params, the held lr_scales (or ``lr_scales``, one array or None per param) and the
+        buffers of ``states`` (per param, a mapping of state name to array). ValueError if a buffer the kernels write
+        shares memory with another they address."""
+        tensor_group = [number for number, count in enumerate(self._group_counts) for _ in range(count)]
+        return Layout(rule=type(self), params=self._params, tensor_group=tensor_group,
+                      lr_scale=self._lr_scales if lr_scales is None else lr_scales,
+                      states=[[state.get(name) for name in self.STATE_SLOTS] for state in states],
+                      master=[state.get(MASTER) for state in states],
+                      param_storage=[self.param_storage(index) for index in range(len(self._params))],
+                      state_storage=[self.state_storage(index) for index in range(len(self._params))],
+                      stochastic=self.rounding == "stochastic", seed=self.seed, address_of=self._engine.address)
+
+    def _replacement_check(self, index):
+        """The check ``state[index]`` runs on ``state[index][name] = array`` (see :class:`~fastopt.state.ParamState`):
+        the array must fit the buffer it replaces and share memory with no other buffer of the optimizer. Once it
+        has passed, the layout is rebuilt before the next step."""
+        def check(name, array):
+            where = f"state[{index}][{name!r}]"
+            if name not in self.STATE_SLOTS and not (name == MASTER and self.has_master(index)):
+                raise KeyError(f"{where}: {type(self).__name__} keeps no buffer {name!r} for this param (its buffers: "
+                               f"{', '.join(self.STATE_SLOTS)})")
+            self._engine.check_array(array, where, writable=True)
+            param = self._params[index]
+            if array.shape != param.shape:
+                raise ValueError(f"{where} has shape {array.shape}, its param has shape {param.shape}")
+            storage = "float32" if name == MASTER else self.state_storage(index)
+            if self._engine.storage_name(array.dtype) != storage:
+                raise TypeError(f"{where} has dtype {array.dtype}; this buffer is stored as {storage}")
+            states = [dict(state) for state in self.state]
+            states[index][name] = array
+            self._build_layout(states)  # raises if the array shares memory with another buffer
+            self._frozen_layout = None
+        return check
 
     # ---------------------------------------------------------------- the rule
     @classmethod
@@ -347,34 +390,55 @@ class Optimizer:
     # ---------------------------------------------------------------- the step
     def _snapshot(self):
         """What the engine's tables depend on, per group: its keys, its values (lists copied to tuples, so an
-        in-place edit of ``betas`` shows), and which lr_scale arrays it holds."""
+        in-place edit of ``betas`` shows), and which params and lr_scale arrays it holds (by id: while the optimizer
+        holds its own arrays, no other array can have their ids)."""
         def frozen(value):
             return tuple(value) if isinstance(value, list) else value
 
-        def scale_ids(lr_scale):
-            if lr_scale is None:
+        def ids(arrays):
+            if arrays is None:
                 return ()
-            return (id(lr_scale),) if _is_array(lr_scale) else tuple(map(id, lr_scale))
+            return (id(arrays),) if _is_array(arrays) or not isinstance(arrays, (list, tuple)) else \
+                tuple(map(id, arrays))
 
-        return [(tuple(group), tuple(frozen(group.get(key)) for key in self.DEFAULTS), scale_ids(group["lr_scale"]))
-                for group in self.param_groups]
+        return [(tuple(group), tuple(frozen(group.get(key)) for key in self.DEFAULTS), ids(group.get("params")),
+                 ids(group.get("lr_scale"))) for group in self.param_groups]
 
     def _sync_groups(self):
         """Re-validate groups whose hyperparameters changed since the last step (torch's schedulers write
-        ``group["lr"]``) and note the state buffers they now need. Returns True if anything changed."""
+        ``group["lr"]``), take in new lr_scale arrays, and note the state buffers the groups now need. Everything is
+        checked before anything changes. Returns True if anything changed."""
         snapshot = self._snapshot()
         if snapshot == self._group_snapshot:
             return False
-        previous = self._group_snapshot or [None] * len(snapshot)
-        for index, (group, now, before) in enumerate(zip(self.param_groups, snapshot, previous)):
+        if len(snapshot) != len(self._group_counts):
+            raise ValueError(f"param_groups holds {len(snapshot)} groups, the optimizer was given "
+                             f"{len(self._group_counts)}: add groups with add_param_group (groups cannot be removed)")
+        lr_scales, new_scales = list(self._lr_scales), {}
+        for index, (group, (_, _, param_ids, scale_ids)) in enumerate(zip(self.param_groups, snapshot)):
             where = f"param_groups[{index}]"
+            first, count = sum(self._group_counts[:index]), self._group_counts[index]
+            if param_ids != tuple(map(id, self._params[first:first + count])):
+                raise ValueError(f"{where}['params'] no longer holds the arrays the optimizer was given (a param was "
+                                 "replaced, added or removed): the kernels update the arrays they were given; build a "
+                                 "new optimizer for other arrays, or add them with add_param_group")
             self._check_keys(group, where)
+            missing = {"lr_scale", *self.DEFAULTS} - set(group)
+            if missing:
+                raise ValueError(f"{where} lacks {sorted(missing)}")
             self.validate_hyperparameters(group, where)
-            # Checking values is a reduction (a device sync on the GPU): only for lr_scale arrays that are new.
-            if before is None or now[2] != before[2]:
-                if group["lr_scale"] is not None:
-                    group["lr_scale"] = self._check_lr_scale(group["lr_scale"], group["params"], where)
-                self._frozen_layout = None
+            held = self._lr_scales[first:first + count]
+            if scale_ids != (() if all(scale is None for scale in held) else tuple(map(id, held))):
+                # Checking values is a reduction (a device sync on the GPU): only for lr_scale arrays that are new.
+                scales = group["lr_scale"]
+                new_scales[index] = None if scales is None else self._check_lr_scale(scales, group["params"], where)
+                lr_scales[first:first + count] = new_scales[index] or [None] * count
+        if new_scales:
+            self._build_layout(self.state, lr_scales)  # an lr_scale that shares memory with a written buffer: refused
+            self._lr_scales = lr_scales
+            for index, scales in new_scales.items():
+                self.param_groups[index]["lr_scale"] = scales
+            self._frozen_layout = None
         self._missing_state = {}
         position = 0
         for group in self.param_groups:
@@ -384,7 +448,7 @@ class Optimizer:
                 if missing:
                     self._missing_state[position] = missing
                 position += 1
-        self._group_snapshot = snapshot
+        self._group_snapshot = self._snapshot()  # lr_scale lists were copied
         self._group_table = GroupTable(type(self), self.param_groups)
         return True
 
@@ -396,8 +460,9 @@ class Optimizer:
         ordinal = sum(len(state) for state in self.state)
         for index in [index for index in self._missing_state if grads[index] is not None]:
             for name in self._missing_state.pop(index):
-                self.state[index][name] = self._new_buffer(index, name, ordinal)
-                ordinal += 1
+                if name not in self.state[index]:  # a buffer the user set before the first step is kept
+                    self.state[index].adopt(name, self._new_buffer(index, name, ordinal))
+                    ordinal += 1
             self._frozen_layout = None
 
     def initialize_state(self):
@@ -452,11 +517,27 @@ class Optimizer:
           1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` over all params.
         - With either, or with a :class:`~fastopt.Guard`: grads holding NaN/inf skip the whole step (params, state
           and step counts untouched) and count in ``skipped_steps``; ``last_grad_norm`` holds the norm.
+
+        Every check runs before anything is written. The update and the advance of the step counts are one unit: a
+        KeyboardInterrupt during the step is raised once both are done. One optimizer is stepped by one thread at a
+        time: a step called while another runs raises RuntimeError.
         """
-        grads = self._check_grads(grads)
-        device_scale = self._device_scale(grad_scale)
-        unscale = 1.0 if device_scale is not None else self._unscale(grad_scale)
-        self._sync_groups()
+        if not self._stepping.acquire(blocking=False):
+            raise RuntimeError(f"{type(self).__name__}.step was called while another step of the same optimizer runs "
+                               "(from another thread): step an optimizer from one thread at a time")
+        try:
+            grads = self._check_grads(grads)
+            device_scale = self._device_scale(grad_scale)
+            unscale = 1.0 if device_scale is not None else self._unscale(grad_scale)
+            self._sync_groups()
+            self._backend.bind_grads(self._layout(), grads)
+            with interrupts.deferred():
+                self._apply(grads, grad_scale, device_scale, unscale)
+        finally:
+            self._stepping.release()
+
+    def _apply(self, grads, grad_scale, device_scale, unscale):
+        """The writing part of :meth:`step`, on checked input."""
         self._allocate_state(grads)
         if grad_scale is None and self.max_grad_norm is None and self.guard is None:
             control = None
@@ -555,20 +636,32 @@ class Optimizer:
             for name, value in entry.items():
                 where = f"state of param {position}"
                 if name == "step":
-                    steps[position] = self._count(value, f"{where}: step")
+                    steps[position] = self.count(value, f"{where}: step")
                     continue
                 if name not in self.STATE_SLOTS and not (name == MASTER and self.has_master(position)):
                     raise ValueError(f"{where} has unknown buffer {name!r}")
                 value = np.asarray(value)
                 if value.shape != param.shape:
                     raise ValueError(f"{where}: {name!r} has shape {value.shape}, the param has shape {param.shape}")
-                if value.dtype.kind not in "fiu" and dtypes.storage_name(value.dtype) is None:
-                    raise TypeError(f"{where}: {name!r} has dtype {value.dtype}, not a number type")
+                if dtypes.storage_name(value.dtype) is None:
+                    raise TypeError(f"{where}: {name!r} has dtype {value.dtype}; state is float64, float32, bfloat16 "
+                                    "or float16")
                 storage = "float32" if name == MASTER else self.state_storage(position)
                 converted[name] = value.astype(dtypes.numpy_dtype(storage))
             buffers.append(converted)
-        step_count = self._count(state_dict.get("step_count", 0), "state dict: step_count")
-        skipped_steps = self._count(state_dict.get("skipped_steps", 0), "state dict: skipped_steps")
+        # A param that has stepped needs every buffer its group's (loaded) hyperparameters use: a missing one would
+        # restart from zeros under a step count that says otherwise (torch raises KeyError at the next step).
+        position = 0
+        for group, new_values in zip(self.param_groups, values):
+            needed = self.state_names(dict(group, **new_values))
+            for converted in buffers[position:position + len(group["params"])]:
+                missing = [name for name in needed if name not in converted]
+                if steps[position] and missing:
+                    raise KeyError(f"state of param {position} has step {steps[position]} but no {missing[0]!r}, "
+                                   "which its group's hyperparameters use: the state dict is incomplete")
+                position += 1
+        step_count = self.count(state_dict.get("step_count", 0), "state dict: step_count")
+        skipped_steps = self.count(state_dict.get("skipped_steps", 0), "state dict: skipped_steps")
         if self.guard is not None and "guard" in state_dict:
             Guard().load_state_dict(state_dict["guard"])  # validates
         # Everything is checked and converted: write.
@@ -577,10 +670,10 @@ class Optimizer:
         ordinal = sum(len(state) for state in self.state)
         for position, (state, converted) in enumerate(zip(self.state, buffers)):
             for name in [name for name in state if name not in converted]:
-                del state[name]
+                state.discard(name)
             for name, value in converted.items():
                 if name not in state:
-                    state[name] = self._new_buffer(position, name, ordinal)
+                    state.adopt(name, self._new_buffer(position, name, ordinal))
                     ordinal += 1
                 self._engine.copy_from_numpy(state[name], value)
         self.step_count = step_count
@@ -593,8 +686,35 @@ class Optimizer:
         self._backend = self._engine(self._layout())
         self._backend.set_tensor_steps(steps)
 
+    # ---------------------------------------------------------------- copies
+    def __getstate__(self):
+        """What a deep copy or pickle holds: copies of the params and buffers and the per-param step counts, never
+        the engine, whose tables hold the original's addresses: :meth:`__setstate__` builds one over the copy's own
+        arrays."""
+        self._sync_step_count()
+        state = dict(self.__dict__)
+        for name in ("_backend", "_frozen_layout", "_group_table", "_group_snapshot", "_missing_state", "_stepping"):
+            del state[name]
+        state["_state"] = [dict(entry) for entry in self.state]
+        state["_tensor_steps"] = self._backend.tensor_steps()
+        state["_skipped_steps"] = self.skipped_steps
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        buffers, steps = state.pop("_state"), state.pop("_tensor_steps")
+        self.__dict__.update(state)
+        self._state = OptimizerState()
+        for index, entry in enumerate(buffers):
+            self.state.append(ParamState(self._replacement_check(index), entry))
+        self._stepping = threading.Lock()
+        self._frozen_layout = self._group_table = self._group_snapshot = None
+        self._missing_state = {}
+        self._backend = self._engine(self._layout())
+        self._backend.set_tensor_steps(steps)
+
     @staticmethod
-    def _count(value, what):
+    def count(value, what):
         """A step count from a state dict: a non-negative integer (a float or 0-d array holding one is fine)."""
         number = np.asarray(value)
         if number.shape != () or number.dtype.kind not in "fiu" or number != np.floor(number) or number < 0:

@@ -39,12 +39,13 @@ def round_to_storage(values, dtype, *, seed=None, step=0, elements=None):
         return single
     if seed is None:
         return single.astype(dtype)
+    single = single.reshape(-1)  # NumPy arithmetic on 0-d arrays gives scalars, which cannot be assigned into
     bits = single.view(np.uint32).astype(np.uint64)
     noise = (counter_hash(seed, step, elements) >> np.uint32(16)).astype(np.uint64).reshape(bits.shape)
     rounded = ((bits + noise) >> np.uint64(16)).astype(np.uint16).view(dtype)
     special = ~np.isfinite(single)
     rounded[special] = single[special].astype(dtype)
-    return rounded
+    return rounded.reshape(np.shape(values))
 
 
 def clip_factor(norm, max_norm):

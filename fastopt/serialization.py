@@ -5,9 +5,15 @@ steps, the step count) as one JSON document in the entry ``meta``. A ``.npz`` ca
 (``ml_dtypes.bfloat16`` arrays come back as raw void bytes): they are stored as their uint16 bits and named in
 the meta's ``bfloat16`` list. Schedules are written as their record
 type and fields, and rebuilt through :mod:`fastopt.schedules` on load.
+
+A save never leaves a half-written file at its path: the archive goes to a temporary file beside it, which is
+renamed over it only once it is complete and on disk.
 """
+import contextlib
 import dataclasses
 import json
+import os
+import secrets
 
 import numpy as np
 
@@ -45,8 +51,24 @@ def decode(value):
     return value
 
 
+def checkpoint_path(path):
+    """The file that :func:`save` writes and :func:`load` reads for ``path`` (a ``str`` or ``os.PathLike``), as a
+    ``str``: ``path`` itself when it ends with ``.npz``, else ``path + ".npz"`` (where earlier versions, through
+    ``np.savez``, wrote it). Case-sensitive, as ``np.savez`` is: ``ckpt.NPZ`` becomes ``ckpt.NPZ.npz``."""
+    path = os.fspath(path)
+    return path if path.endswith(".npz") else path + ".npz"
+
+
 def save(path, optimizer):
-    """Write ``optimizer.state_dict()`` to ``path`` (a ``.npz``)."""
+    """Write ``optimizer.state_dict()`` to :func:`checkpoint_path` of ``path`` (``ckpt`` and ``ckpt.npz`` both
+    write ``ckpt.npz``) and return that path.
+
+    Atomic: the archive is written to ``.<name>.tmp-<random>`` in the same directory, flushed to disk and renamed
+    over the target, so a crash at any moment leaves either the previous file or the new one, whole. A stray
+    ``.<name>.tmp-*`` file is what a killed save leaves behind: garbage, safe to delete. On an exception the
+    temporary file is removed and the previous file is untouched. A target that is a symlink stays one: the file
+    it points to is replaced."""
+    target = checkpoint_path(path)
     state_dict = optimizer.state_dict()
     arrays, steps, bfloat16 = {}, {}, []
     for index, entry in state_dict["state"].items():
@@ -64,11 +86,49 @@ def save(path, optimizer):
             "steps": steps, "guard": state_dict.get("guard"),
             "param_groups": [{key: encode(value) for key, value in group.items()}
                              for group in state_dict["param_groups"]]}
-    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+    entries = {"meta": np.array(json.dumps(meta)), **arrays}
+    # realpath: a symlink is written through, as np.savez did, and the temporary file is made beside the real file,
+    # on its file system, where the rename is atomic.
+    _replace_atomically(os.path.realpath(target), lambda file: np.savez(file, **entries))
+    return target
+
+
+def _replace_atomically(path, write):
+    """Call ``write(file)`` on a new temporary file beside ``path``, make it durable, and rename it onto ``path``.
+    On an exception before the rename, the temporary file is removed and the exception propagates."""
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.tmp-{secrets.token_hex(8)}")
+    file = open(temporary, "xb")  # "x": never truncates another file; mode from the umask, unlike mkstemp's 0600
+    try:
+        with file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the original error is the one to report
+            os.remove(temporary)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory):
+    """Put a rename in ``directory`` on disk: on POSIX it is part of the directory, not of the file."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory (and its rename needs no directory fsync)
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load(path, optimizer):
-    """Load a file written by :func:`save` into ``optimizer`` (same optimizer type and param layout)."""
+    """Load a file written by :func:`save` into ``optimizer`` (same optimizer type and param layout), from
+    :func:`checkpoint_path` of ``path``: ``ckpt`` and ``ckpt.npz`` both read ``ckpt.npz``. A missing file raises
+    ``FileNotFoundError`` naming that path."""
+    path = checkpoint_path(path)
     with np.load(path, allow_pickle=False) as archive:
         meta = json.loads(str(archive["meta"]))
         if meta.get("format") != _FORMAT:

@@ -368,12 +368,13 @@ def test_stores_match_the_cpu_kernels(shim, seed, step, tensor, start):
     (0.0, 0, 1.0, 1.0, True),
     (3e5, 0, 0.5, None, True),
     (np.inf, 3, 1.0, 2.0, True),
+    (np.inf, 0, 1.0, 2.0, True),  # float64 grads whose norm overflows: clipped to 0, as clip_grad_norm_ does
     (np.nan, 1, 0.25, 2.0, True),
     (np.nan, 1, 0.25, 2.0, False),
 ])
 def test_grad_control_matches_the_host(shim, sum_of_squares, nonfinite, unscale, max_norm, skip_nonfinite):
     """finish_grad_control's arithmetic (step_math.cuh: set_grad_control) against backends.GradControl, bit for
-    bit: the norm of the unscaled grads, the clip factor (1 without clipping or with a non-finite norm), the skip."""
+    bit: the norm of the unscaled grads, the clip factor (1 without clipping or with a NaN norm, 0 with an infinite one), the skip."""
     expected = GradControl(sum_of_squares, nonfinite, unscale, max_norm, skip_nonfinite)
     control, statistics = np.full(kernel_layout.GRAD_CONTROLS, 123.0), np.full(cuda.STATISTICS, 123.0)
     shim.host_set_grad_control(sum_of_squares, nonfinite, unscale, -1.0 if max_norm is None else max_norm,

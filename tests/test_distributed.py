@@ -551,6 +551,92 @@ def scenario_bad_input(ctx):
     optimizer.step()
 
 
+def same_bytes(first, second):
+    return (first.dtype == second.dtype and first.shape == second.shape
+            and torch.equal(first.reshape(-1).view(torch.uint8), second.reshape(-1).view(torch.uint8)))
+
+
+# Group edits the inner fastopt.torch.AdamW refuses, each made on rank 1 alone: (what, group, edit, the error rank 1
+# raises, words of its message). fastopt_groups: group 0 has a schedule, group 1 lr_scale.
+ONE_RANK_EDITS = [
+    ("a negative lr", 1, lambda group: group.update(lr=-1.0), ValueError, "invalid lr -1.0"),
+    ("a negative one-element tensor lr", 1, lambda group: group.update(lr=torch.tensor(-1.0)), ValueError,
+     "invalid lr -1.0"),
+    ("beta2 = 1", 1, lambda group: group.update(betas=(0.9, 1.0)), ValueError, "invalid beta2"),
+    ("a valid lr and a negative beta1", 1, lambda group: group.update(lr=0.5, betas=(-0.1, 0.99)), ValueError,
+     "invalid beta1"),
+    ("a negative weight_decay", 2, lambda group: group.update(weight_decay=-0.1), ValueError,
+     "invalid weight_decay -0.1"),
+    ("a string eps", 1, lambda group: group.update(eps="1e-8"), TypeError, "eps must be a real number"),
+    ("an int amsgrad", 1, lambda group: group.update(amsgrad=1), TypeError, "amsgrad must be a bool"),
+    ("no eps", 1, lambda group: group.pop("eps"), ValueError, "param_groups[1] has no ['eps']"),
+    ("differentiable=True", 1, lambda group: group.update(differentiable=True), ValueError,
+     "differentiable=True is not supported"),
+    ("a schedule and a torch scheduler", 0, lambda group: group.update(initial_lr=0.01), TypeError,
+     "a torch lr scheduler drives it too"),
+    ("a valid lr and an lr_scale of the wrong shape", 1,
+     lambda group: group.update(lr=0.5, lr_scale=[scale.reshape(-1) for scale in group["lr_scale"]]), ValueError,
+     "['lr_scale'][1] must be a contiguous tensor of its param's shape (5, 7)"),
+]
+
+
+def scenario_one_rank_group_edits(ctx):
+    """A group edit the inner optimizer refuses, made on rank 1 alone (ONE_RANK_EDITS): every rank raises (rank 1
+    its own error, the others a RuntimeError naming rank 1) with the params, the state and the inner groups as
+    they were, byte for byte; once rank 1 undoes the edit, the next step equals a twin's that never saw it. A key
+    the inner optimizer does not know (a misspelt one) is ignored on that rank, as torch and fastopt.torch do."""
+    import fastopt.torch as ft
+    from fastopt.torch.distributed import ShardedOptimizer
+
+    params, twin_params = make_params(), make_params()
+    optimizer = ShardedOptimizer(fastopt_groups(params), ft.AdamW)
+    twin = ShardedOptimizer(fastopt_groups(twin_params), ft.AdamW)
+    train(ctx, optimizer, params, 2)
+    train(ctx, twin, twin_params, 2)
+
+    def state(sharded):
+        return {key: {name: value.clone() for name, value in entry.items()}
+                for key, entry in sharded.optim.state_dict()["state"].items()}
+
+    def same_state(first, second):
+        return first.keys() == second.keys() and all(
+            first[key].keys() == second[key].keys() and all(same_bytes(value, second[key][name])
+                                                             for name, value in first[key].items()) for key in first)
+
+    def step(sharded, tensors, number):
+        set_grads(tensors, [grad(number, ctx.rank, index) for index in range(len(tensors))], False)
+        sharded.step()
+
+    def same_as_twin(what):
+        ctx.check(all(same_bytes(p, q) for p, q in zip(params, twin_params)), f"{what}: params differ from the twin's")
+        ctx.check(same_state(state(optimizer), state(twin)), f"{what}: state differs from the twin's")
+
+    for number, (what, group_number, edit, error, words) in enumerate(ONE_RANK_EDITS, 2):
+        group = optimizer.param_groups[group_number]
+        kept = dict(group)
+        saved_params, saved_state = [p.detach().clone() for p in params], state(optimizer)
+        saved_groups = [dict(inner) for inner in optimizer.optim.param_groups]
+        if ctx.rank == 1:
+            edit(group)
+        ctx.raises(error if ctx.rank == 1 else RuntimeError, words if ctx.rank == 1 else "rank(s) [1]",
+                   lambda: step(optimizer, params, number), what)
+        ctx.check(all(same_bytes(p, q) for p, q in zip(params, saved_params)), f"{what}: params changed")
+        ctx.check(same_state(state(optimizer), saved_state), f"{what}: state changed")
+        ctx.check(all(inner.keys() == saved.keys() and all(inner[key] is saved[key] for key in inner)
+                      for inner, saved in zip(optimizer.optim.param_groups, saved_groups)),
+                  f"{what}: the inner param groups changed")
+        group.clear()
+        group.update(kept)
+        step(optimizer, params, number)
+        step(twin, twin_params, number)
+        same_as_twin(f"the step after {what}")
+    if ctx.rank == 1:
+        optimizer.param_groups[1]["weight_decya"] = 0.5
+    step(optimizer, params, len(ONE_RANK_EDITS) + 2)
+    step(twin, twin_params, len(ONE_RANK_EDITS) + 2)
+    same_as_twin("a misspelt key")
+
+
 def scenario_timeout(ctx):
     """Rank 1 never calls step(): rank 0 gets a RuntimeError naming the step after the group's timeout (5 s)
     instead of waiting forever."""
@@ -678,6 +764,12 @@ def test_mismatched_ranks(ranks):
 
 def test_bad_input(ranks):
     check(ranks, "bad_input")
+
+
+def test_one_rank_group_edits(ranks):
+    """Negative lr, betas out of [0, 1), negative weight_decay, wrong types, a missing key, ... on rank 1 alone:
+    every rank raises, nothing changes, and training goes on as if the edit had never been made."""
+    check(ranks, "one_rank_group_edits")
 
 
 def test_timeout(ranks):

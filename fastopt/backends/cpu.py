@@ -15,7 +15,11 @@ import numpy as np
 from . import GradControl, HostArrays
 from .. import dtypes
 from .layout import chunk_table, fill_tensor_tables, set_grads
+from .processes import ParallelKernel
 from ..kernels.cpu import fused, layout as kernel_layout
+from ..kernels.cpu.jit import serial_twin
+
+_grad_stats = ParallelKernel(fused.grad_stats, serial_twin(fused.grad_stats))
 
 # The element type the kernels see for each storage (Numba has no 16-bit floats).
 _KERNEL_DTYPES = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.int16), "float32": np.dtype(np.float32),
@@ -23,7 +27,7 @@ _KERNEL_DTYPES = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.int16)
 
 
 def _address(array):
-    return array.__array_interface__["data"][0] if array.size else 0
+    return HostArrays.address(array) if array.size else 0
 
 
 class _DtypeBucket:
@@ -37,6 +41,7 @@ class _DtypeBucket:
         self.tensor_format = np.zeros((count, kernel_layout.FORMAT_COLUMNS), dtype=np.int64)
         self.tensor_group = np.zeros(count, dtype=np.int64)
         self.tensor_step = np.zeros(count, dtype=np.int64)
+        self.grad_ends = np.zeros(count, dtype=np.int64)  # where each grad's memory ends (set_grads' overlap check)
         self.coefficients = np.zeros((count, kernel_layout.COEFFICIENTS), dtype=dtype)
         # Stands in for absent buffers (see kernels/cpu/fused.stream): one chunk of distinct memory per slot.
         # Filled explicitly: loads from never-written calloc pages were 10x slower than from written ones here,
@@ -46,9 +51,10 @@ class _DtypeBucket:
         self.chunk_tensor, self.chunk_start, self.chunk_length = chunk_table([params[i].size for i in indices],
                                                                              kernel_layout.CHUNK)
         serial = int(self.chunk_length.sum()) < kernel_layout.SERIAL_BELOW
-        self.kernel = kernels[1] if serial else kernels[0]
+        self.kernel = kernels[1] if serial else ParallelKernel(*kernels)
         self.scratches = {self.scratch.dtype: self.scratch}
         self.static_kinds = None  # per tensor: (param dtype, state dtype, master?, stochastic?) as the kernels see them
+        self.kinds, self.kinds_key = {}, None  # CpuBackend._kinds: {kind: positions}, and what they were found for
 
     def like(self, dtype):
         """A scratch array of ``dtype`` (SLOTS chunks of distinct, written memory, as ``scratch``): it types a
@@ -79,22 +85,25 @@ class CpuBackend(HostArrays):
                 (_KERNEL_DTYPES[layout.param_storage[index]], _KERNEL_DTYPES[layout.state_storage[index]],
                  layout.master[index] is not None, layout.stochastic and layout.param_storage[index] == "bfloat16")
                 for index in bucket.indices]
+            bucket.kinds_key = None
         self.layout = layout
 
-    def _set_grads(self, bucket, grads):
-        set_grads(bucket.addresses, bucket.tensor_format, bucket.indices, grads, bucket.dtype, _address,
-                  self.storage_name)
+    def bind_grads(self, layout, grads):
+        """Take this step's grads (their addresses and formats) into the tables that ``grad_control`` and ``step``
+        read, after checking that none overlaps a buffer the step writes (ValueError: nothing is written)."""
+        for bucket in self.buckets:
+            set_grads(layout, bucket.addresses, bucket.grad_ends, bucket.tensor_format, bucket.indices, grads,
+                      bucket.dtype, _address, self.storage_name)
 
     def grad_stats(self, layout, grads):
-        """(sum of squares, number of non-finite values) over all grads, one parallel read."""
+        """(sum of squares, number of non-finite values) over all grads (as bound by ``bind_grads``), one parallel
+        read."""
         self._refresh_tables(layout)
         sum_of_squares, nonfinite = 0.0, 0
         for bucket in self.buckets:
-            self._set_grads(bucket, grads)
-            total, count = fused.grad_stats(bucket.addresses, bucket.tensor_format, bucket.chunk_tensor,
-                                            bucket.chunk_start, bucket.chunk_length, bucket.scratch,
-                                            bucket.like(_KERNEL_DTYPES["bfloat16"]),
-                                            bucket.like(_KERNEL_DTYPES["float32"]))
+            total, count = _grad_stats(bucket.addresses, bucket.tensor_format, bucket.chunk_tensor,
+                                       bucket.chunk_start, bucket.chunk_length, bucket.scratch,
+                                       bucket.like(_KERNEL_DTYPES["bfloat16"]), bucket.like(_KERNEL_DTYPES["float32"]))
             sum_of_squares += total
             nonfinite += count
         return sum_of_squares, nonfinite
@@ -108,7 +117,6 @@ class CpuBackend(HostArrays):
         values = self.plain_control if control is None else control.values
         seed = np.int64(layout.seed)
         for bucket in self.buckets:
-            self._set_grads(bucket, grads)
             for kind, addresses in self._kinds(bucket, grads):
                 param_dtype, state_dtype, has_master, stochastic, grad_dtype = kind
                 bucket.kernel(addresses, bucket.chunk_tensor, bucket.chunk_start, bucket.chunk_length,
@@ -117,17 +125,25 @@ class CpuBackend(HostArrays):
                               bucket.coefficients, bucket.scratch, bucket.like(param_dtype), bucket.like(grad_dtype),
                               bucket.like(state_dtype), bucket.scratch if has_master else None,
                               seed if stochastic else None)
+
     @staticmethod
     def _kinds(bucket, grads):
         """[(kind, address table)]: the ways the bucket's tensors with a grad this step are stored, each with the
         address table of one kernel call (the bucket's own when there is one kind; else a copy in which the
-        grads of the other kinds are 0, so that call skips them)."""
-        kinds = {}
-        for position, index in enumerate(bucket.indices):
-            grad = grads[index]
-            if grad is not None:
-                kind = bucket.static_kinds[position] + (_KERNEL_DTYPES[dtypes.storage_name(grad.dtype)],)
-                kinds.setdefault(kind, []).append(position)
+        grads of the other kinds are 0, so that call skips them). The kinds are worked out again only when the
+        layout, the grads' formats or which tensors have grads changed (a per-tensor loop: the step's largest
+        host cost otherwise)."""
+        key = (bucket.tensor_format[:, kernel_layout.GRAD_FORMAT].tobytes(),
+               (bucket.addresses[:, kernel_layout.GRAD] != 0).tobytes())
+        if key != bucket.kinds_key:
+            bucket.kinds = {}
+            for position, index in enumerate(bucket.indices):
+                grad = grads[index]
+                if grad is not None:
+                    kind = bucket.static_kinds[position] + (_KERNEL_DTYPES[dtypes.storage_name(grad.dtype)],)
+                    bucket.kinds.setdefault(kind, []).append(position)
+            bucket.kinds_key = key
+        kinds = bucket.kinds
         if len(kinds) <= 1:
             return [(kind, bucket.addresses) for kind in kinds]
         calls = []

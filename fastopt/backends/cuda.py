@@ -401,6 +401,7 @@ class _DtypeBucket:
         self.addresses = np.zeros((count, kernel_layout.SLOTS), dtype=np.int64)
         self.tensor_format = np.zeros((count, kernel_layout.FORMAT_COLUMNS), dtype=np.int64)
         self.tensor_group = np.zeros(count, dtype=np.int64)
+        self.grad_ends = np.zeros(count, dtype=np.int64)  # where each grad's memory ends (set_grads' overlap check)
         # What the device tables hold (None: not uploaded yet).
         self.uploaded_addresses = None
         self.uploaded_tensor_format = None
@@ -508,11 +509,12 @@ class CudaBackend(CupyArrays):
             array = self.device[name] = self.cupy.empty(values.shape, dtype=values.dtype)
         return array
 
-    def _prepare(self, layout, groups, grads, step_count=None):
-        """Queue uploads of whatever the device lacks for a step with ``grads`` under ``layout`` and ``groups`` (None:
-        no group table needed, as for the grad statistics). A Layout or GroupTable other than the one the device holds
-        (by identity) is compared table by table with what was uploaded, and only what differs is copied; the grads'
-        addresses are compared every step, their formats too (they change only when the grads' dtypes do). The device
+    def _prepare(self, layout, groups, step_count=None):
+        """Queue uploads of whatever the device lacks for a step with the grads ``bind_grads`` took under ``layout``
+        and ``groups`` (None: no group table needed, as for the grad statistics). A Layout or GroupTable other than
+        the one the device holds (by identity) is compared table by table with what was uploaded, and only what differs
+        is copied; the grads' addresses are compared every step, their formats too (they change only when the grads'
+        dtypes do). The device
         is known to hold ``layout`` and ``groups`` only once every copy is queued: a refused upload is tried again at
         the next step."""
         pending = []
@@ -533,8 +535,6 @@ class CudaBackend(CupyArrays):
                 if bucket.uploaded_tensor_group is None or not np.array_equal(bucket.uploaded_tensor_group,
                                                                               bucket.tensor_group):
                     pending.append((bucket.device["tensor_group"], bucket.tensor_group.copy()))
-            set_grads(bucket.addresses, bucket.tensor_format, bucket.indices, grads, bucket.dtype, _address,
-                      self.storage_name)
             if bucket.uploaded_addresses is None or not np.array_equal(bucket.uploaded_addresses, bucket.addresses):
                 pending.append((bucket.device["addresses"], bucket.addresses.copy()))
             if (bucket.uploaded_tensor_format is None
@@ -556,6 +556,14 @@ class CudaBackend(CupyArrays):
             bucket.uploaded_tensor_group = bucket.tensor_group.copy()
 
     # ---------------------------------------------------------------- the engine interface
+    def bind_grads(self, layout, grads):
+        """Take this step's grads (their addresses and formats) into the host tables that ``grad_control`` and
+        ``step`` upload where they changed, after checking that none overlaps a buffer the step writes (ValueError:
+        nothing is written)."""
+        for bucket in self.buckets:
+            set_grads(layout, bucket.addresses, bucket.grad_ends, bucket.tensor_format, bucket.indices, grads,
+                      bucket.dtype, _address, self.storage_name)
+
     def grad_control(self, layout, grads, unscale, max_norm, skip_nonfinite=True, *, scale=None):
         """This step's :class:`DeviceGradControl`, decided on the device without a host synchronisation: one read of
         the grads (``grad_stats``: per-chunk sums of squares and non-finite counts, any storage format), then one
@@ -568,7 +576,7 @@ class CudaBackend(CupyArrays):
         scale of the replay. ``max_norm``: the clipping threshold, None for none. ``skip_nonfinite`` False: NaN/inf
         grads do not skip the step (a guard that lets them through)."""
         cupy = self.cupy
-        self._prepare(layout, None, grads)
+        self._prepare(layout, None)
         scale_format = SCALE_ON_HOST
         scale_array = self.control_values  # any device pointer: not read
         if scale is not None:
@@ -604,7 +612,7 @@ class CudaBackend(CupyArrays):
         launches nothing."""
         if control is not None and control.skipped:
             return
-        self._prepare(layout, groups, grads, step_count)
+        self._prepare(layout, groups, step_count)
         values = self.plain_control if control is None else control.values
         for bucket in self.buckets:
             device = bucket.device

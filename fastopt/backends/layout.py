@@ -2,9 +2,14 @@
 groups' rows and schedules, and the host-side building of the tables the fused kernels read from them (CPU and
 CUDA alike; the table layouts are described in ``fastopt.kernels.cpu.layout``).
 
-The optimizer builds a new Layout whenever a buffer the kernels address changes (a state buffer created, an
-``lr_scale`` replaced, a checkpoint loaded) and a new GroupTable whenever a group's hyperparameters do; an engine
-compares them by identity and rebuilds its tables only then. Engines read nothing else of the optimizer.
+The optimizer builds a new Layout whenever a buffer the kernels address changes (a state buffer created or
+replaced, an ``lr_scale`` replaced, a checkpoint loaded) and a new GroupTable whenever a group's hyperparameters do;
+an engine compares them by identity and rebuilds its tables only then. Engines read nothing else of the optimizer.
+
+A Layout holds a reference to every buffer in it, so none is freed while a kernel may address it, and it checks the
+memory they cover: the buffers a step writes (params, states, master copies) are disjoint, and no buffer the kernels
+only read (an ``lr_scale``; a grad, per step: :meth:`Layout.check_reads`) overlaps one they write. Parallel chunks
+then never touch a byte another chunk writes, and a step's result does not depend on thread timing.
 """
 import numpy as np
 
@@ -26,10 +31,10 @@ class Layout:
     """
 
     __slots__ = ("rule", "state_slots", "params", "tensor_group", "lr_scale", "states", "master", "param_storage",
-                 "state_storage", "stochastic", "seed")
+                 "state_storage", "stochastic", "seed", "written")
 
     def __init__(self, *, rule, params, tensor_group, lr_scale, states, master, param_storage, state_storage,
-                 stochastic, seed):
+                 stochastic, seed, address_of):
         values = dict(rule=rule, state_slots=tuple(rule.STATE_SLOTS), params=tuple(params),
                       tensor_group=tuple(tensor_group), lr_scale=tuple(lr_scale),
                       states=tuple(tuple(row) for row in states), master=tuple(master),
@@ -37,9 +42,23 @@ class Layout:
                       stochastic=bool(stochastic), seed=int(seed))
         for name, value in values.items():
             object.__setattr__(self, name, value)
+        written = [(f"param {index}", param) for index, param in enumerate(self.params)]
+        for index, (row, master) in enumerate(zip(self.states, self.master)):
+            written += [(f"state {name!r} of param {index}", buffer)
+                        for name, buffer in zip(self.state_slots, row) if buffer is not None]
+            written += [] if master is None else [(f"{MASTER!r} of param {index}", master)]
+        object.__setattr__(self, "written", MemorySpans(written, address_of))
+        scales = [(f"lr_scale of param {index}", scale) for index, scale in enumerate(self.lr_scale)
+                  if scale is not None]
+        self.check_reads(scales, address_of)
 
     def __setattr__(self, name, value):
         raise AttributeError("a Layout is frozen: the optimizer builds a new one when its buffers change")
+
+    def check_reads(self, labelled, address_of):
+        """ValueError if an array of ``labelled`` ((label, array) pairs, read by the kernels) overlaps a buffer they
+        write."""
+        self.written.check_disjoint(labelled, address_of)
 
     def indices_by_math_dtype(self):
         """{math dtype: the indices of the params whose update runs in it}, in order: one bucket, and one kernel call,
@@ -53,6 +72,49 @@ class Layout:
         """(param format, state format) codes of param ``index`` under the bucket's ``math`` dtype."""
         return (dtypes.kernel_format(self.param_storage[index], math, stochastic=self.stochastic),
                 dtypes.kernel_format(self.state_storage[index], math))
+
+
+class MemorySpans:
+    """The bytes covered by arrays that must not share memory: their [start, end) ranges, sorted by start, with a label
+    each. Empty arrays cover nothing. Raises ValueError naming two of the arrays that overlap."""
+
+    def __init__(self, labelled, address_of):
+        spans = sorted((address_of(array), array.nbytes, label) for label, array in labelled if array.size)
+        self.starts = np.array([start for start, _, _ in spans], dtype=np.int64)
+        self.ends = self.starts + np.array([size for _, size, _ in spans], dtype=np.int64)
+        self.labels = [label for _, _, label in spans]
+        # Sorted by start, ranges are pairwise disjoint exactly when each ends before the next begins.
+        clash = np.flatnonzero(self.starts[1:] < self.ends[:-1])
+        if clash.size:
+            first, second = self.labels[clash[0]], self.labels[clash[0] + 1]
+            raise ValueError(f"{second} shares memory with {first}: each buffer an optimizer writes must have memory "
+                             "of its own (pass a copy)")
+
+    def first_overlap(self, starts, ends):
+        """(position, label): the first range [starts[k], ends[k]) that overlaps one of these, and that one's label;
+        None if none does (an empty range overlaps nothing)."""
+        if not self.labels:
+            return None
+        following = np.searchsorted(self.ends, starts, side="right")  # the first span ending after each start
+        candidate = np.minimum(following, len(self.labels) - 1)
+        hits = np.flatnonzero((following < len(self.labels)) & (self.starts[candidate] < ends) & (starts < ends))
+        if not hits.size:
+            return None
+        return int(hits[0]), self.labels[candidate[hits[0]]]
+
+    def check_disjoint(self, labelled, address_of):
+        """ValueError if an array of ``labelled`` ((label, array) pairs) overlaps one of these."""
+        labelled = [(label, array) for label, array in labelled if array.size]
+        starts = np.array([address_of(array) for _, array in labelled], dtype=np.int64)
+        ends = starts + np.array([array.nbytes for _, array in labelled], dtype=np.int64)
+        overlap = self.first_overlap(starts, ends)
+        if overlap is not None:
+            raise read_overlap_error(labelled[overlap[0]][0], overlap[1])
+
+
+def read_overlap_error(label, written):
+    return ValueError(f"{label} shares memory with {written}, which the step writes (the result would depend on "
+                      "thread timing): pass an array in memory of its own")
 
 
 class GroupTable:
@@ -108,19 +170,21 @@ def fill_tensor_tables(layout, indices, addresses, tensor_group, tensor_format, 
             layout.kernel_formats(index, math)
 
 
-def set_grads(addresses, tensor_format, indices, grads, math, address_of, storage_name):
-    """The GRAD column and grad formats for this step: address 0 skips the tensor (no grad); an empty grad has
-    no address, so -1 marks it present (it has no chunks to read, but its step still counts). Returns whether a
-    grad format changed (the formats change only when the grads' dtypes do)."""
+def set_grads(layout, addresses, grad_ends, tensor_format, indices, grads, math, address_of, storage_name):
+    """The GRAD column and grad formats for this step, after checking that no grad overlaps a buffer the step writes
+    (ValueError; ``grad_ends`` is scratch for the ends of the grads' memory). Address 0 skips the tensor (no grad);
+    an empty grad has no address, so -1 marks it present (it has no chunks to read, but its step still counts)."""
     column = addresses[:, kernel_layout.GRAD]
     formats = tensor_format[:, kernel_layout.GRAD_FORMAT]
-    changed = False
     for position, index in enumerate(indices):
         grad = grads[index]
-        column[position] = 0 if grad is None else (address_of(grad) or -1)
-        if grad is not None:
-            grad_format = dtypes.kernel_format(storage_name(grad.dtype), math)
-            if formats[position] != grad_format:
-                formats[position] = grad_format
-                changed = True
-    return changed
+        if grad is None:
+            column[position] = grad_ends[position] = 0
+        else:
+            start = address_of(grad) if grad.size else -1
+            column[position], grad_ends[position] = start, start + grad.nbytes
+            formats[position] = dtypes.kernel_format(storage_name(grad.dtype), math)
+    overlap = layout.written.first_overlap(column, grad_ends)
+    if overlap is not None:
+        column[:] = 0  # no half-set grads left for a later call
+        raise read_overlap_error(f"grads[{indices[overlap[0]]}]", overlap[1])

@@ -20,11 +20,17 @@ class ReferenceBackend(HostArrays):
         for indices in layout.indices_by_math_dtype().values():
             self.positions[indices] = np.arange(len(indices))
 
+    def bind_grads(self, layout, grads):
+        """Check that no grad overlaps a buffer the step writes, as the kernels' engines do (ValueError)."""
+        layout.check_reads([(f"grads[{index}]", grad) for index, grad in enumerate(grads) if grad is not None],
+                           self.address)
+
     @staticmethod
     def grad_stats(grads):
         present = [grad.astype(np.float64) for grad in grads if grad is not None]
-        return (sum(float(np.sum(grad * grad)) for grad in present),
-                sum(int(np.count_nonzero(~np.isfinite(grad))) for grad in present))
+        with np.errstate(over="ignore"):  # an overflowing norm is inf, as in the kernels (it clips to 0)
+            return (sum(float(np.sum(grad * grad)) for grad in present),
+                    sum(int(np.count_nonzero(~np.isfinite(grad))) for grad in present))
 
     def grad_control(self, layout, grads, unscale, max_norm, skip_nonfinite=True):
         sum_of_squares, nonfinite = self.grad_stats(grads)

@@ -17,7 +17,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from .. import dtypes, schedules
+from .. import dtypes, interrupts, schedules
+from ..optimizer import Optimizer
 from ..serialization import decode, encode
 
 # Keywords of torch's signatures that choose an implementation rather than the math. fastopt always runs one
@@ -36,6 +37,11 @@ def _plain(value):
     if isinstance(value, tuple) and any(isinstance(item, torch.Tensor) for item in value):
         return tuple(_plain(item) for item in value)
     return value
+
+
+def _memory(tensor):
+    """What a view of ``tensor`` depends on: its address, shape and strides."""
+    return tensor.data_ptr(), tensor.shape, tensor.stride()
 
 
 class _HostViews:
@@ -269,7 +275,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 core.load_state_dict({"state": entries, "param_groups": groups, "step_count": step_count})
 
         self._core, self._views, self._params = core, views, params
-        self._pointers = [param.data_ptr() for param in params]
+        self._memory = [_memory(param) for param in params]
         self._group_sizes = [len(group["params"]) for group in self.param_groups]
         self._lr_scales = [group.get("lr_scale") for group in self.param_groups]
         # torch's `step` of every param, in one array: a step advances them all in one operation.
@@ -306,9 +312,9 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- the step
     def _params_changed(self):
-        """Whether the param list or any param's storage changed since the views were made (``p.data = ...``,
+        """Whether the param list or any param's memory changed since the views were made (``p.data = ...``,
         ``model.to(...)`` after the optimizer, edits of ``group["params"]``): the views would update memory
-        that is no longer the param's."""
+        that is no longer the param's, or in another order (``p.data = p.data.t()`` keeps the address)."""
         if self._core is None or len(self.param_groups) != len(self._group_sizes):
             return True
         position = 0
@@ -317,7 +323,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if len(params) != size:
                 return True
             for param in params:
-                if param is not self._params[position] or param.data_ptr() != self._pointers[position]:
+                if param is not self._params[position] or _memory(param) != self._memory[position]:
                     return True
                 position += 1
         return self._core_class() is not type(self._core)
@@ -381,9 +387,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         skipped = self._core.skipped_steps if checked else None
         with self._views.stream():  # first: CUDA grads exported on torch's stream need no cross-stream wait
             grads = self._grads()
-            self._core.step(grads, grad_scale=None if grad_scale is None else self._views.scale(grad_scale))
+            with interrupts.deferred():  # the core's update and torch's step counts advance together
+                self._core.step(grads, grad_scale=None if grad_scale is None else self._views.scale(grad_scale))
+                self._advance(grads, skipped)
+        return loss
+
+    def _advance(self, grads, skipped):
+        """After the core's step: advance torch's ``step`` of the params it updated (none if it skipped the step) and
+        show the buffers of params that have them now."""
         if skipped is not None and self._core.skipped_steps != skipped:
-            return loss
+            return
         stepped = np.fromiter((grad is not None for grad in grads), dtype=bool, count=len(grads))
         if self._counted is not None:
             stepped &= self._counted
@@ -394,7 +407,6 @@ class TorchOptimizer(torch.optim.Optimizer):
             for index in np.flatnonzero(self._exposed):
                 self._expose(index)
             self._layout_changed = False
-        return loss
 
     # ---------------------------------------------------------------- rates
     def _step_count(self):
@@ -438,15 +450,17 @@ class TorchOptimizer(torch.optim.Optimizer):
         ``lr_scale`` where the checkpoint has none. A checkpoint that does not fit (state shapes, unknown buffers,
         invalid hyperparameters) raises and leaves the optimizer as it was."""
         previous = self.state, self.param_groups
+        step_count = self._step_count()
         super().load_state_dict(state_dict)  # torch's checks; self.state and param_groups now the checkpoint's
-        self._restore_state_dtypes(state_dict)
-        step_count = int(state_dict.get("fastopt_step_count", self._step_count()))
         try:
+            self._restore_state_dtypes(state_dict)
+            step_count = Optimizer.count(state_dict.get("fastopt_step_count", step_count),
+                                         "state dict: fastopt_step_count")
             for group, old in zip(self.param_groups, previous[1]):
                 encoded = group.pop("fastopt_schedule", None)
                 if encoded is not None:
                     group["lr"] = decode(encoded["schedule"])
-                    step_count = int(encoded["step_count"])
+                    step_count = Optimizer.count(encoded["step_count"], "fastopt_schedule: step_count")
                 for flag in IMPLEMENTATION_FLAGS:
                     if flag in old:
                         group[flag] = old[flag]

@@ -389,15 +389,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._step_calls += 1
         where = f"step() call {self._step_calls}"
-        error, grads = None, [None] * len(self._params)
+        error, grads, checked = None, [None] * len(self._params), None
         try:
             self._check_params()
             grads = self._local_grads()
-            self._sync_groups()
-        except (TypeError, ValueError, RuntimeError) as exc:
+            checked = self._checked_groups()
+        except (TypeError, ValueError, RuntimeError, KeyError) as exc:
             error = exc
         counts = self._exchange_flags(grads, error, where)
         has_grad = [count > 0 for count in counts]
+        self._sync_groups(checked)
         with torch.no_grad():
             if self.grads_averaged:
                 for index, count in enumerate(counts):
@@ -465,23 +466,50 @@ class ShardedOptimizer(torch.optim.Optimizer):
             grads.append(grad)
         return grads
 
-    def _sync_groups(self):
-        """Copy each group's hyperparameters into its inner group (with the guard's back-off factor on the rate),
-        and slices of a new lr_scale."""
+    def _checked_groups(self):
+        """What each inner group takes from its group at this step, checked as the inner optimizer's step would
+        check it but not written yet (step writes it once every rank has passed its checks, so that a value one
+        rank alone refuses raises on every rank): the hyperparameters, the rate times the guard's back-off factor,
+        and the group's lr_scale (a new list is checked; the same list as at the last step is unchanged)."""
         factor = 1.0 if self.guard is None else self.guard.lr_factor
-        for number, (group, inner) in enumerate(zip(self.param_groups, self.optim.param_groups)):
-            for key, value in group.items():
-                if key not in _PER_PARAM_KEYS:
-                    inner[key] = value
+        checked = []
+        for number, group in enumerate(self.param_groups):
+            where = f"param_groups[{number}]"
+            self._check_hyperparameters(group, where)
+            values = {key: value for key, value in group.items() if key not in _PER_PARAM_KEYS}
             if factor != 1.0:  # a schedule is evaluated here: the inner optimizer's rate has no factor of its own
                 lr = _plain(group["lr"])
-                inner["lr"] = (lr(self.step_count) if isinstance(lr, schedules.Schedule) else lr) * factor
-            scales = group.get("lr_scale")
-            if scales is not self._lr_scales[number]:  # a new list (as for the adapter: in-place list edits unseen)
-                self._check_lr_scale(group, f"param_groups[{number}]")
-                scales = group.get("lr_scale")
-                pieces = self._group_pieces(number)
-                inner["lr_scale"] = None if scales is None else _scale_slices(scales, pieces)
+                values["lr"] = (lr(self.step_count) if isinstance(lr, schedules.Schedule) else lr) * factor
+            if group.get("lr_scale") is not self._lr_scales[number]:  # as for the adapter: in-place edits unseen
+                self._check_lr_scale(group, where)
+            checked.append((values, group.get("lr_scale")))
+        return checked
+
+    def _check_hyperparameters(self, group, where):
+        """What the inner ``fastopt.torch`` optimizer's step refuses in a group: a missing or invalid
+        hyperparameter (its fastopt rule's checks, on one-element tensors as floats), an implementation flag it
+        cannot honour, a fastopt schedule also driven by a torch scheduler. Keys it does not know it ignores, as
+        torch does (torch's schedulers add some). A ``torch.optim`` class checks its values at construction only."""
+        if not issubclass(self.optimizer_class, TorchOptimizer):
+            return
+        rule = self.optimizer_class.CORE
+        missing = [key for key in rule.DEFAULTS if key not in group]
+        if missing:
+            raise ValueError(f"{where} has no {missing}: {self.optimizer_class.__name__} needs each of "
+                             f"{sorted(rule.DEFAULTS)}")
+        self.optimizer_class._check_flags(group, where)
+        values = {key: _plain(group[key]) for key in rule.DEFAULTS}
+        rule.validate_hyperparameters(values, where)
+        if isinstance(values["lr"], schedules.Schedule) and "initial_lr" in group:
+            raise TypeError(f"{where}: its lr is a fastopt schedule and a torch lr scheduler drives it too "
+                            "('initial_lr' is set); use one or the other")
+
+    def _sync_groups(self, checked):
+        """Copy the values :meth:`_checked_groups` returned into the inner groups, and slices of a new lr_scale."""
+        for number, ((values, scales), inner) in enumerate(zip(checked, self.optim.param_groups)):
+            inner.update(values)
+            if scales is not self._lr_scales[number]:
+                inner["lr_scale"] = None if scales is None else _scale_slices(scales, self._group_pieces(number))
                 self._lr_scales[number] = scales
 
     def _group_pieces(self, number):

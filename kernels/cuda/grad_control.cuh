@@ -15,7 +15,7 @@ FASTOPT_HOST_DEVICE void set_grad_control(double sum_of_squares, int64 nonfinite
                                           bool skip_nonfinite, double* grad_control, double* statistics) {
     const double norm = sqrt(sum_of_squares) * unscale;
     double clip = 1.0;
-    if (max_norm >= 0.0 && isfinite(norm)) {
+    if (max_norm >= 0.0 && !isnan(norm)) {  // an overflowing (inf) norm clips to 0, as clip_grad_norm_ does
         const double factor = max_norm / (norm + CLIP_EPSILON);
         clip = factor < 1.0 ? factor : 1.0;  // Python's min(1.0, factor)
     }
