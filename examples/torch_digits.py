@@ -54,6 +54,9 @@ def main():
                                                             total_steps=args.epochs * steps_per_epoch)
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
+            state = optimizer.state[model[0].weight]
+            print(f"checkpoint after epoch {epoch}: {buffer.getbuffer().nbytes / 1e3:.0f} kB, resumed into a fresh "
+                  f"{type(optimizer).__name__} at step {int(state['step'])} with lr {scheduler.get_last_lr()[0]:.2e}")
         print(f"epoch {epoch:2d}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
     with torch.no_grad():
         accuracy = (model(test_x).argmax(1) == test_y).float().mean().item()

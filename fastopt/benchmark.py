@@ -193,7 +193,8 @@ def run(optimizer_names=None, sizes=None, threads=None, repeats=None, sample_sec
     warmed up by two steps (the first compiles or loads Numba's cache and allocates state), then timed in
     ``repeats`` interleaved rounds of about ``sample_seconds`` each. ``threads`` (default: Numba's default) is
     set for both Numba and torch for the run and restored afterwards. Rows hold ms_per_step (the median),
-    gb_per_s, fraction_of_ceiling and, on torch rows, ``fastopt_speedup`` (their time over fastopt's).
+    gb_per_s, fraction_of_ceiling, on torch rows ``fastopt_speedup`` (their time over fastopt's), and
+    ``rounds_disagree`` (see :func:`rounds_disagree`).
     """
     defaults = QUICK if quick else FULL
     optimizer_names = list(optimizer_names or CASES)
@@ -256,7 +257,13 @@ def _measure_group(name, size, threads, repeats, sample_seconds, torch, bar):
         for variant, step in steps.items():  # interleaved: drifts in bandwidth hit every variant alike
             samples[variant].append(_time_steps(step, counts[variant]))
         bar.update(f"{label}: round {round_number + 1}/{repeats}")
-    bytes_per_step = case.bytes_per_param * size
+    return group_rows(name, size, threads, samples)
+
+
+def group_rows(name, size, threads, samples):
+    """The rows of one (optimizer, size) group from ``samples``: each variant's round times in seconds, the
+    ``ceiling`` and ``fastopt`` variants among them."""
+    bytes_per_step = CASES[name].bytes_per_param * size
     seconds = {variant: statistics.median(values) for variant, values in samples.items()}
     rows = []
     for variant, median in seconds.items():
@@ -265,8 +272,20 @@ def _measure_group(name, size, threads, repeats, sample_seconds, torch, bar):
                          bytes_per_step=bytes_per_step, ms_per_step=median * 1e3, gb_per_s=gb_per_s,
                          fraction_of_ceiling=seconds["ceiling"] / median,
                          fastopt_speedup=median / seconds["fastopt"] if variant.startswith("torch") else None,
-                         samples_ms=[value * 1e3 for value in samples[variant]]))
+                         samples_ms=[value * 1e3 for value in samples[variant]],
+                         rounds_disagree=rounds_disagree(samples[variant])))
     return rows
+
+
+# The rounds of one variant time the same work: a slowest round more than 1.5x the fastest means something else
+# had the cores or the memory for part of the run, and the median, and every ratio taken from it, may be off.
+ROUNDS_DISAGREE = 1.5
+ROUNDS_DISAGREE_NOTE = f"! rounds disagree by more than {ROUNDS_DISAGREE:g}x: the machine was busy; rerun"
+
+
+def rounds_disagree(round_times):
+    """Whether a row's slowest round took more than ``ROUNDS_DISAGREE`` times its fastest."""
+    return max(round_times) > ROUNDS_DISAGREE * min(round_times)
 
 
 def busy_warning(result):
@@ -282,12 +301,21 @@ def busy_warning(result):
 
 
 def format_table(result):
-    """The rows as a fixed-width text table."""
-    header = (f"{'optimizer':<13} {'size':>5} {'backend':<12} {'ms/step':>9} {'GB/s':>7} {'of ceiling':>10} "
-              f"{'fastopt speed-up':>16}")
+    """The rows as a fixed-width text table: a "!" before each row whose rounds disagree, with a footnote, and the
+    speed-up column only when there are torch rows."""
+    rows = result["rows"]
+    with_speedup = any(row["fastopt_speedup"] is not None for row in rows)
+    header = (f"  {'optimizer':<13} {'size':>5} {'backend':<12} {'ms/step':>9} {'GB/s':>7} {'of ceiling':>10}"
+              + (f" {'fastopt speed-up':>16}" if with_speedup else ""))
     lines = [header, "-" * len(header)]
-    for row in result["rows"]:
-        speedup = f"{row['fastopt_speedup']:.2f}x" if row["fastopt_speedup"] is not None else ""
-        lines.append(f"{row['optimizer']:<13} {row['size']:>5} {row['backend']:<12} {row['ms_per_step']:>9.3f} "
-                     f"{row['gb_per_s']:>7.1f} {row['fraction_of_ceiling']:>10.2f} {speedup:>16}")
+    for row in rows:
+        line = (f"{'!' if row['rounds_disagree'] else ' '} {row['optimizer']:<13} {row['size']:>5} "
+                f"{row['backend']:<12} {row['ms_per_step']:>9.3f} {row['gb_per_s']:>7.1f} "
+                f"{row['fraction_of_ceiling']:>10.2f}")
+        if with_speedup:
+            speedup = f"{row['fastopt_speedup']:.2f}x" if row["fastopt_speedup"] is not None else ""
+            line += f" {speedup:>16}"
+        lines.append(line)
+    if any(row["rounds_disagree"] for row in rows):
+        lines.append(ROUNDS_DISAGREE_NOTE)
     return "\n".join(lines)

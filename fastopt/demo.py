@@ -5,7 +5,7 @@ bundled 8x8 digits (1,797 images, no download), written in NumPy with hand-writt
     model = MLP(hidden=128)
     loss, grads = model.loss_and_grads(data.x_train[:64], data.y_train[:64])
 
-Needs scikit-learn (``pip install fastopt[demo]``), imported only when the data are loaded.
+Needs scikit-learn (``pip install scikit-learn``), imported only when the data are loaded.
 """
 import contextlib
 import time
@@ -34,7 +34,7 @@ def load_digits_split(test_fraction=0.2, seed=0):
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError("the demo needs scikit-learn: pip install 'fastopt[demo]'") from error
+        raise ImportError("the demo needs scikit-learn: pip install scikit-learn") from error
     data = load_digits()
     x = (data.data / 16.0).astype(np.float32)
     y = data.target.astype(np.int64)

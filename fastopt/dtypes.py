@@ -57,7 +57,7 @@ def numpy_dtype(name):
     """The NumPy dtype of storage ``name`` (bfloat16 needs ml_dtypes)."""
     if name == "bfloat16":
         if BFLOAT16 is None:
-            raise ImportError("bfloat16 arrays need ml_dtypes: pip install ml_dtypes (or fastopt[bfloat16])")
+            raise ImportError("bfloat16 arrays need ml_dtypes: pip install ml_dtypes")
         return BFLOAT16
     return np.dtype(name)
 

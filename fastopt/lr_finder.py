@@ -26,12 +26,25 @@ class LRFinderResult:
 
     ``lrs`` are the rates applied (of the group with the largest rate, see :func:`lr_find`), ``losses`` the
     raw losses ``step_fn`` returned at them and ``smoothed`` their bias-corrected moving average.
-    ``suggestion`` is the rate where the smoothed loss falls fastest (against log lr in ``"exp"`` mode, against
-    lr in ``"linear"`` mode), looked for between the first ``0.5 / smooth`` steps (still noisy averages) and the
-    loss minimum; ``suggestion_min10`` is the rate at the minimum of the smoothed loss divided by 10. Both are
-    None when the smoothed loss never falls below its first value.
+
+    ``suggestion`` is the rate where the smoothed loss falls fastest: the most negative central difference
+    ``(smoothed[i+1] - smoothed[i-1]) / (x[i+1] - x[i-1])``, with ``x = log10(lr)`` in ``"exp"`` mode and
+    ``x = lr`` in ``"linear"`` mode (there the rates are evenly spaced in lr, so this is the step where the loss
+    fell fastest, as in exp mode). Only rates with a recorded point on each side count, after the first
+    ``0.5 / smooth`` points (where the average is still the mean of a few noisy losses) where possible and
+    before the minimum of the smoothed loss; so the suggestion is never the first or the last rate tried, and
+    None when no rate qualifies. ``suggestion_min10`` is the rate at that minimum divided by 10, raised to the
+    first rate tried when it falls below it. Both lie within the rates tried, ``lrs[0]..lrs[-1]``, and both
+    are None when the smoothed loss never falls below its first value.
+
+    ``warning`` is None when the sweep can be trusted, else it says what is wrong, one clause per problem
+    joined by "; ": the loss never fell (no suggestion); the sweep is too short to judge (the smoothed loss was
+    lowest within the first ``0.5 / smooth + 5`` points, before the average settled and showed a descent); the
+    loss never diverged (the sweep ended without blowing up, so the best rate may lie above ``lrs[-1]`` and the
+    suggestions are lower bounds at best); or the minimum / 10 was raised to the first rate tried.
     ``stopped_early`` says whether the sweep stopped before ``num_steps`` (divergence, a non-finite loss, or
-    a step the optimizer's guard skipped); ``stop_reason`` says why.
+    a step the optimizer's guard skipped); ``stop_reason`` says why. ``optimizer`` is the optimizer's class
+    name, for the plot's title.
     """
 
     lrs: np.ndarray
@@ -42,12 +55,15 @@ class LRFinderResult:
     suggestion_min10: float | None
     stopped_early: bool
     stop_reason: str
+    warning: str | None = None
+    optimizer: str = ""
 
-    def plot(self, path):
-        """Write the loss-against-lr curve (raw and smoothed, suggestions marked) to ``path`` as a PNG."""
+    def plot(self, path, model=None):
+        """Write the loss-against-lr curve (raw and smoothed, suggestions marked) to ``path`` as a PNG; the title
+        names the optimizer and ``model`` (a few words, such as ``"the digits MLP"``) when given."""
         from .plotting import plot_lr_find  # matplotlib only when asked for a picture
 
-        return plot_lr_find(self, path)
+        return plot_lr_find(self, path, model=model)
 
 
 def sweep_rates(start_lr, end_lr, num_steps, mode):
@@ -67,20 +83,60 @@ def smooth_losses(losses, smooth):
     return np.array(smoothed)
 
 
+def settle_points(smooth):
+    """How many points the moving average needs before its differences are more than noise: ``0.5 / smooth``."""
+    return int(round(0.5 / smooth))
+
+
+# Points past settle_points a descent needs before its steepest part can be told from noise.
+MIN_DESCENT_POINTS = 5
+
+
+def loss_fell(smoothed):
+    """Whether the smoothed loss ever fell below its first value by more than rounding."""
+    return len(smoothed) > 1 and smoothed.min() < smoothed[0] - 1e-9 * abs(smoothed[0])
+
+
 def suggestions(lrs, smoothed, mode, smooth):
     """(steepest-descent rate, minimum rate / 10) of a smoothed curve; see :class:`LRFinderResult`."""
-    if len(smoothed) < 2:
+    if not loss_fell(smoothed):
         return None, None
     lowest = int(np.argmin(smoothed))
-    if smoothed[lowest] >= smoothed[0] - 1e-9 * abs(smoothed[0]):  # flat but for rounding, or only rising
-        return None, None
     # Only the descent counts: past the minimum the curve rises, and the fall after a spike is not progress.
-    # The first 0.5 / smooth points (10 by default) are skipped where possible: there the average is still the
-    # mean of a few noisy losses, and its first differences are noise.
-    first = max(0, min(int(round(0.5 / smooth)), lowest - 2))
-    x = np.log10(lrs[first:lowest + 1]) if mode == "exp" else lrs[first:lowest + 1]
-    slope = np.gradient(smoothed[first:lowest + 1], x)
-    return float(lrs[first + int(np.argmin(slope))]), float(lrs[lowest] / 10.0)
+    # Its first settle_points are skipped where it is long enough: there the average is still the mean of a few
+    # noisy losses. Central differences only: one-sided ones at the ends made the first or the last rate tried
+    # the suggestion, though neither has points on both sides.
+    first = max(1, min(settle_points(smooth), lowest - 1))
+    x = np.log10(lrs) if mode == "exp" else lrs
+    candidates = np.arange(first, lowest)
+    steepest = None
+    if candidates.size:
+        slope = (smoothed[candidates + 1] - smoothed[candidates - 1]) / (x[candidates + 1] - x[candidates - 1])
+        steepest = float(lrs[candidates[np.argmin(slope)]])
+    return steepest, float(max(lrs[lowest] / 10.0, lrs[0]))
+
+
+def sweep_warning(lrs, smoothed, smooth, diverged, diverge_factor):
+    """What makes a sweep's suggestions untrustworthy, one clause per problem, or None; see
+    :class:`LRFinderResult`."""
+    if not loss_fell(smoothed):
+        return ("the loss never fell: no suggestion. If it only rose, start lower; if it stayed flat, sweep "
+                "higher rates or check that the model learns")
+    problems = []
+    lowest = int(np.argmin(smoothed))
+    needed = settle_points(smooth) + MIN_DESCENT_POINTS
+    if lowest < needed:
+        problems.append(f"the sweep is too short to judge: the smoothed loss was lowest at rate {lowest + 1} of "
+                        f"{len(lrs)} ({lrs[lowest]:.3g}), and a descent needs {needed} or more; use more steps, "
+                        f"or a narrower range around {lrs[lowest]:.3g}")
+    if not diverged:
+        problems.append(f"the loss never diverged (the smoothed loss stayed under {diverge_factor:g} x its "
+                        f"minimum up to {lrs[-1]:.3g}), so the sweep did not show where the rate gets too large: "
+                        "the suggestions are lower bounds at best")
+    if lrs[lowest] / 10.0 < lrs[0]:
+        problems.append(f"minimum / 10 ({lrs[lowest] / 10.0:.3g}) is below the rates tried: raised to the "
+                        f"first, {lrs[0]:.3g}; start lower")
+    return "; ".join(problems) or None
 
 
 # ---------------------------------------------------------------- the two kinds of optimizer
@@ -197,13 +253,14 @@ def lr_find(opt, step_fn, start_lr=1e-7, end_lr=10.0, num_steps=100, mode="exp",
     For that the finder holds a copy of the params and of the optimizer's state (on the host for fastopt's
     buffers) during the sweep. ``step_fn``'s own state (a data iterator, a random generator) is not restored.
 
-    Returns a :class:`LRFinderResult`.
+    Returns a :class:`LRFinderResult`; its ``warning`` says when the sweep was too short, or never showed the loss
+    falling or blowing up, to back its suggestions.
     """
     _check(start_lr, end_lr, num_steps, mode, smooth, diverge_factor)
     sweep = _FastoptSweep(opt) if isinstance(opt, Optimizer) else _TorchSweep(opt)
     top = max(sweep.base_lrs)
     ratios = [lr / top if top > 0 else 1.0 for lr in sweep.base_lrs]
-    lrs, losses, reason = [], [], "completed the sweep"
+    lrs, losses, reason, diverged = [], [], "completed the sweep", True
     average, best = 0.0, math.inf
     try:
         for lr in sweep_rates(float(start_lr), float(end_lr), num_steps, mode):
@@ -224,10 +281,14 @@ def lr_find(opt, step_fn, start_lr=1e-7, end_lr=10.0, num_steps=100, mode="exp",
             if current > diverge_factor * best:
                 reason = f"the smoothed loss passed {diverge_factor:g} x its minimum at lr {lr:.3g}"
                 break
+        else:  # no break: the loss never blew up
+            diverged = False
     finally:
         sweep.restore()
     lrs, losses = np.array(lrs), np.array(losses)
     smoothed = smooth_losses(losses, smooth)
     suggestion, suggestion_min10 = suggestions(lrs, smoothed, mode, smooth)
     return LRFinderResult(lrs=lrs, losses=losses, smoothed=smoothed, mode=mode, suggestion=suggestion,
-                          suggestion_min10=suggestion_min10, stopped_early=len(lrs) < num_steps, stop_reason=reason)
+                          suggestion_min10=suggestion_min10, stopped_early=len(lrs) < num_steps, stop_reason=reason,
+                          warning=sweep_warning(lrs, smoothed, smooth, diverged, diverge_factor),
+                          optimizer=type(opt).__name__)

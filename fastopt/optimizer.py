@@ -207,7 +207,7 @@ class Optimizer:
         if grad:
             if array.dtype != like.dtype and storage != "float32":
                 raise TypeError(f"{where} has dtype {array.dtype}; a grad must have its param's dtype "
-                                f"({like.dtype}) or float32")
+                                f"({like.dtype}) or float32: convert it with grad.astype(np.float32)")
             return
         math = dtypes.math_dtype(param_storage)
         if array.dtype != math:

@@ -1,4 +1,4 @@
-"""PNG pictures of schedules, range tests and benchmark results (needs matplotlib: ``pip install fastopt[plot]``).
+"""PNG pictures of schedules, range tests and benchmark results (needs matplotlib: ``pip install matplotlib``).
 
 Figures are built with ``matplotlib.figure.Figure`` and written by the Agg canvas, never through pyplot: no
 window opens, no global backend is switched, and nothing here changes a user's own matplotlib set-up.
@@ -6,6 +6,7 @@ Imported lazily by :func:`fastopt.schedules.plot`, :meth:`fastopt.lr_find` resul
 so ``import fastopt`` does not import matplotlib.
 """
 import dataclasses
+import textwrap
 
 import numpy as np
 
@@ -13,7 +14,7 @@ try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError("fastopt's plots need matplotlib: pip install 'fastopt[plot]'") from error
+    raise ImportError("fastopt's plots need matplotlib: pip install matplotlib") from error
 
 __all__ = ["plot_schedules", "plot_lr_find", "plot_bench", "schedule_label"]
 
@@ -77,8 +78,9 @@ def plot_schedules(schedules, steps, path, labels=None):
     return _save(figure, path)
 
 
-def plot_lr_find(result, path):
-    """Loss against learning rate for a :class:`fastopt.lr_find.LRFinderResult`, with both suggestions marked."""
+def plot_lr_find(result, path, model=None):
+    """Loss against learning rate for a :class:`fastopt.lr_find.LRFinderResult`, with both suggestions marked;
+    the title names the optimizer and ``model`` (a few words, or None to leave it out)."""
     figure = _figure()
     axes = figure.add_subplot()
     axes.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss")
@@ -93,10 +95,17 @@ def plot_lr_find(result, path):
         # Keep the blow-up at the end from flattening the interesting part of the curve.
         low = float(min(np.min(result.smoothed), np.min(result.losses)))
         start = float(max(result.smoothed[0], result.losses[0]))
-        axes.set_ylim(low - 0.1 * abs(start - low) - 1e-12, max(start, low) + 0.5 * abs(start - low) + 1e-12)
+        top = max(start, low) + 0.5 * abs(start - low)
+        if not result.stopped_early:  # no blow-up to hide: a rise after the minimum is part of the story
+            top = max(top, float(np.max(result.smoothed)) + 0.1 * abs(start - low))
+        axes.set_ylim(low - 0.1 * abs(start - low) - 1e-12, top + 1e-12)
     axes.set_xlabel("learning rate")
     axes.set_ylabel("loss")
-    axes.set_title("learning-rate range test")
+    subject = " on ".join(name for name in (result.optimizer, model) if name)
+    axes.set_title("learning-rate range test" + (f" of {subject}" if subject else ""))
+    if result.warning:  # under the axes, where constrained layout makes room for it
+        figure.supxlabel(textwrap.fill(f"warning: {result.warning}", 130), fontsize="x-small", color="C3",
+                         ha="left", x=0.01)
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize="small")
     return _save(figure, path)
@@ -104,27 +113,37 @@ def plot_lr_find(result, path):
 
 def plot_bench(rows, path, title="one optimizer step against the memory-bandwidth ceiling"):
     """Bars of GB/s per implementation, grouped by (optimizer, size), each group under a line at its measured
-    ceiling, with the fraction of the ceiling written on each bar. ``rows`` are :mod:`fastopt.benchmark` rows."""
+    ceiling, with the fraction of the ceiling written on each bar. ``rows`` are :mod:`fastopt.benchmark` rows;
+    a row whose rounds disagree gets a "!" (and a hatched bar), explained in a footnote."""
+    from .benchmark import ROUNDS_DISAGREE_NOTE
+
     groups = list(dict.fromkeys((row["optimizer"], row["size"]) for row in rows))
     variants = list(dict.fromkeys(row["backend"] for row in rows if row["backend"] != "ceiling"))
     width = 0.8 / max(len(variants), 1)
     figure = _figure(max(6.0, 1.3 * len(groups) + 2), 4.5)
     axes = figure.add_subplot()
     for number, variant in enumerate(variants):
+        label = variant  # on the variant's first bar: the first group may lack it (no torch-fused RMSprop)
         for position, group in enumerate(groups):
             row = next((r for r in rows if (r["optimizer"], r["size"]) == group and r["backend"] == variant), None)
             if row is None:
                 continue
             x = position - 0.4 + width * (number + 0.5)
-            axes.bar(x, row["gb_per_s"], width, color=f"C{number}", label=variant if position == 0 else None)
+            flag = "!" if row.get("rounds_disagree") else ""
+            axes.bar(x, row["gb_per_s"], width, color=f"C{number}", hatch="//" if flag else None, label=label)
+            label = None
             if row.get("fraction_of_ceiling") is not None:
-                axes.text(x, row["gb_per_s"], f"{row['fraction_of_ceiling']:.2f}", ha="center", va="bottom",
+                axes.text(x, row["gb_per_s"], f"{row['fraction_of_ceiling']:.2f}{flag}", ha="center", va="bottom",
                           fontsize="x-small")
     for position, group in enumerate(groups):
         ceiling = next((r for r in rows if (r["optimizer"], r["size"]) == group and r["backend"] == "ceiling"), None)
         if ceiling is not None:
             axes.hlines(ceiling["gb_per_s"], position - 0.45, position + 0.45, colors="black", linestyles="--",
                         label="ceiling (same traffic, trivial math)" if position == 0 else None)
+            if ceiling.get("rounds_disagree"):
+                axes.text(position + 0.45, ceiling["gb_per_s"], "!", ha="left", va="center", fontsize="small")
+    if any(row.get("rounds_disagree") for row in rows):
+        figure.supxlabel(ROUNDS_DISAGREE_NOTE, fontsize="small", color="C3")
     axes.set_xticks(range(len(groups)), [f"{optimizer}\n{size}" for optimizer, size in groups], fontsize="small")
     axes.set_ylabel("GB/s (bytes one fused pass must move)")
     figure.suptitle(title, fontsize="medium")  # over the whole figure: the legend sits beside the axes

@@ -138,6 +138,7 @@ def test_suggestions_near_the_best_rate_of_a_quadratic(lipschitz, rng):
     optimizer, step_fn = quadratic(lipschitz, rng)
     result = fo.lr_find(optimizer, step_fn, start_lr=1e-5, end_lr=10.0, num_steps=100)
     best = 1.0 / lipschitz
+    assert result.warning is None, result.warning  # a healthy sweep: long, falling, then diverging
     assert best / 4 <= result.suggestion <= best * 4, result.suggestion
     assert best / 4 <= result.suggestion_min10 <= best * 4, result.suggestion_min10
     # Diverged past the stability limit 2/L and stopped there.
@@ -149,7 +150,7 @@ def test_linear_mode(rng):
     optimizer, step_fn = quadratic(10.0, rng)
     result = fo.lr_find(optimizer, step_fn, start_lr=1e-3, end_lr=1.0, num_steps=100, mode="linear")
     np.testing.assert_allclose(result.lrs, np.linspace(1e-3, 1.0, 100)[:len(result.lrs)])
-    assert result.mode == "linear" and result.stopped_early
+    assert result.mode == "linear" and result.stopped_early and result.warning is None
     assert 0.1 / 4 <= result.suggestion <= 0.1 * 4 and 0.1 / 4 <= result.suggestion_min10 <= 0.1 * 4
 
 
@@ -171,6 +172,7 @@ def test_full_sweep_without_divergence():
     result = fo.lr_find(optimizer, lambda: (5.0, [np.zeros(3)]), start_lr=1e-3, end_lr=1e-1, num_steps=20)
     assert not result.stopped_early and len(result.lrs) == 20 and result.stop_reason == "completed the sweep"
     assert result.suggestion is None and result.suggestion_min10 is None  # a flat loss suggests nothing
+    assert result.warning.startswith("the loss never fell")
     rising = iter(np.linspace(1.0, 2.0, 20))
     result = fo.lr_find(optimizer, lambda: (next(rising), [np.zeros(3)]), start_lr=1e-3, end_lr=1e-1, num_steps=20)
     assert result.suggestion is None and result.suggestion_min10 is None
@@ -258,6 +260,74 @@ def test_bad_arguments(kwargs, match):
     params = [np.zeros(2)]
     with pytest.raises(ValueError, match=match):
         fo.lr_find(fo.SGD(params), lambda: (1.0, [np.zeros(2)]), **kwargs)
+
+
+# ---------------------------------------------------------------- sweeps that cannot back a suggestion
+def test_three_steps_suggest_neither_end_and_warn(rng):
+    optimizer, step_fn = quadratic(10.0, rng)
+    result = fo.lr_find(optimizer, step_fn, num_steps=3)  # 1e-7, 3e-3, 10: it suggested 10
+    assert result.suggestion == result.lrs[1] and result.lrs[0] <= result.suggestion_min10 <= result.lrs[-1]
+    assert "too short to judge" in result.warning and "never diverged" in result.warning
+
+
+def test_a_narrow_range_keeps_minimum_over_10_inside_it():
+    wandering = iter(2.4 + 0.1 * np.cos(np.linspace(0, 2 * np.pi, 100)))  # a loss the tiny rates do not move
+    result = fo.lr_find(fo.SGD([np.zeros(3)]), lambda: (next(wandering), [np.zeros(3)]), start_lr=1e-6,
+                        end_lr=1e-5)
+    assert 2e-6 < result.lrs[int(np.argmin(result.smoothed))] < 5e-6
+    # It suggested 2.15e-07 for minimum / 10, below the rates tried, and said it had completed the sweep.
+    assert result.suggestion_min10 == result.lrs[0] and "below the rates tried" in result.warning
+    assert result.lrs[0] <= result.suggestion <= result.lrs[-1]
+    assert not result.stopped_early and "never diverged" in result.warning
+
+
+def test_linear_mode_over_the_exp_range_does_not_suggest_its_start(rng):
+    optimizer, step_fn = quadratic(10.0, rng)  # best rate 0.1, diverges past 0.2: the second and third rates
+    result = fo.lr_find(optimizer, step_fn, start_lr=1e-7, end_lr=10.0, mode="linear")
+    assert result.suggestion != result.lrs[0]  # what it suggested before
+    assert result.lrs[0] <= result.suggestion <= result.lrs[-1] and result.stopped_early
+    assert "too short to judge" in result.warning and "never diverged" not in result.warning
+
+
+def test_no_suggestion_without_a_rate_between_the_first_and_the_minimum():
+    losses = iter([2.0, 1.0, 5.0])  # lowest at the second rate: no rate has points on both sides
+    result = fo.lr_find(fo.SGD([np.zeros(3)]), lambda: (next(losses), [np.zeros(3)]), start_lr=1e-3, end_lr=1.0,
+                        num_steps=3, mode="linear", smooth=1.0)
+    assert result.suggestion is None and result.suggestion_min10 == result.lrs[1] / 10
+    assert "too short to judge" in result.warning
+
+
+@pytest.mark.parametrize("mode", ["exp", "linear"])
+@pytest.mark.parametrize("start_lr, end_lr, num_steps", [
+    (1e-7, 10.0, 2), (1e-7, 10.0, 3), (1e-7, 10.0, 12), (1e-7, 10.0, 100), (1e-6, 1e-5, 100), (1e-6, 1.1e-6, 40),
+    (1e-3, 1.0, 30), (0.05, 0.15, 50), (1.0, 100.0, 20), (1e-4, 1e3, 200)])
+def test_suggestions_lie_within_the_rates_tried(start_lr, end_lr, num_steps, mode, rng):
+    optimizer, step_fn = quadratic(10.0, rng)
+    result = fo.lr_find(optimizer, step_fn, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, mode=mode)
+    for suggestion in (result.suggestion, result.suggestion_min10):
+        assert suggestion is None or result.lrs.min() <= suggestion <= result.lrs.max(), suggestion
+    assert result.warning is not None or None not in (result.suggestion, result.suggestion_min10)
+
+
+def test_the_command_prints_the_warning(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from fastopt import cli
+
+    assert cli.main(["lr-find", "--num-steps", "3", "--threads", "1", "-o", str(tmp_path / "lr.png")]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the sweep is too short to judge" in captured.err
+    assert "steepest descent): 0.00316" in captured.out  # the middle rate of 1e-6, 3.16e-3, 10
+
+
+def test_plots_of_warned_sweeps(tmp_path, rng):
+    assert_png = pytest.importorskip("test_plotting").assert_png
+    optimizer, step_fn = quadratic(10.0, rng)
+    for mode in ("exp", "linear"):
+        result = fo.lr_find(optimizer, step_fn, start_lr=1e-7, end_lr=10.0, num_steps=10, mode=mode)
+        assert "too short" in result.warning and result.optimizer == "SGD"
+        path = tmp_path / f"{mode}.png"
+        assert result.plot(path, model="a quadratic") == str(path)
+        assert_png(path)
 
 
 # ---------------------------------------------------------------- torch.optim, by duck typing

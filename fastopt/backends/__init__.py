@@ -102,6 +102,9 @@ class HostArrays:
     @staticmethod
     def check_array(array, where, *, writable):
         if not isinstance(array, np.ndarray):
+            if type(array).__module__.partition(".")[0] == "torch":  # told apart without importing torch
+                raise TypeError(f"{where} is a {_describe(array)}, but this optimizer works on NumPy arrays; for "
+                                "torch tensors use the same class from fastopt.torch (e.g. fastopt.torch.Adam)")
             if is_gpu_array(array):
                 raise TypeError(f"{where} is a GPU array ({_describe(array)}) but this optimizer works on NumPy "
                                 "arrays in host memory; params, grads and lr_scale must be on one device")

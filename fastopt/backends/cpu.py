@@ -13,13 +13,14 @@ per way ("kind"), each with the grads of the other kinds masked out.
 import numpy as np
 
 from . import GradControl, HostArrays
-from .. import dtypes
+from .. import dtypes, kernel_cache
 from .layout import chunk_table, fill_tensor_tables, set_grads
 from .processes import ParallelKernel
 from ..kernels.cpu import fused, layout as kernel_layout
 from ..kernels.cpu.jit import serial_twin
 
 _grad_stats = ParallelKernel(fused.grad_stats, serial_twin(fused.grad_stats))
+kernel_cache.name_kernels((_grad_stats.parallel, _grad_stats.serial), "grad-control", kind="kernel")
 
 # The element type the kernels see for each storage (Numba has no 16-bit floats).
 _KERNEL_DTYPES = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.int16), "float32": np.dtype(np.float32),
@@ -69,6 +70,7 @@ class CpuBackend(HostArrays):
         rule = layout.rule  # its step, for the state slots it always uses and those only some groups use
         kernels = fused.step_kernels(rule.KERNEL, rule.slot_mask(set(rule.STATE_SLOTS) - set(rule.OPTIONAL_STATES)),
                                      rule.slot_mask(rule.OPTIONAL_STATES))
+        kernel_cache.name_kernels(kernels, rule.__name__)  # its compiles are logged under the optimizer's name
         self.buckets = [_DtypeBucket(dtype, indices, layout.params, kernels)
                         for dtype, indices in layout.indices_by_math_dtype().items()]
         self.parameter_count = len(layout.params)

@@ -250,7 +250,7 @@ def _cupy():
     try:
         import cupy
     except ImportError as error:
-        raise ImportError("the cuda backend needs CuPy: pip install cupy-cuda12x (or fastopt[cupy])") from error
+        raise ImportError("the cuda backend needs CuPy: pip install cupy-cuda12x") from error
     return cupy
 
 
