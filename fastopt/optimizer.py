@@ -51,6 +51,13 @@ class Optimizer:
       - ``rounding``: how 16-bit params without a master copy are rounded: "nearest" (even) or "stochastic"
         (bfloat16 only; unbiased, keyed by (``seed``, step, element) so that runs are reproducible).
       - ``max_grad_norm``: clip the grads by their global L2 norm inside the step (see :meth:`step`).
+
+    ``grad_reduction`` (an attribute, None by default): for params that are shards of larger tensors held by other
+    processes (``fastopt.torch`` over FSDP2's DTensors). A callable taking this process's grad statistics
+    ``(sum_of_squares, nonfinite)`` and returning the totals over every process (an all-reduce); the step decides
+    clipping and the non-finite skip from the totals, so that every process decides the same. It is called in every
+    step that has grad control (``grad_scale``, ``max_grad_norm`` or a guard), on every process together. The
+    statistics are read on the host: the CPU engine only. Copies and pickles drop it.
     """
 
     KERNEL: str = None
@@ -59,6 +66,7 @@ class Optimizer:
     OPTIONAL_STATES: tuple = ()
     COLUMNS: tuple = ()
     REFERENCE = None
+    grad_reduction = None  # see the class docstring
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -529,6 +537,7 @@ class Optimizer:
             grads = self._check_grads(grads)
             device_scale = self._device_scale(grad_scale)
             unscale = 1.0 if device_scale is not None else self._unscale(grad_scale)
+            self._check_grad_reduction(grad_scale, device_scale)
             self._sync_groups()
             self._backend.bind_grads(self._layout(), grads)
             with interrupts.deferred():
@@ -543,9 +552,12 @@ class Optimizer:
             control = None
         else:
             skip_nonfinite = self.guard is None or self.guard.skip_nonfinite
-            scale = {} if device_scale is None else {"scale": device_scale}
-            control = self._backend.grad_control(self._layout(), grads, unscale, self.max_grad_norm, skip_nonfinite,
-                                                 **scale)
+            if self.grad_reduction is not None:
+                control = self._reduced_grad_control(grads, unscale, skip_nonfinite)
+            else:
+                scale = {} if device_scale is None else {"scale": device_scale}
+                control = self._backend.grad_control(self._layout(), grads, unscale, self.max_grad_norm,
+                                                     skip_nonfinite, **scale)
             self.last_grad_norm = control.norm
             if self.guard is not None and not self.guard.admit(control.nonfinite):
                 control.skip()
@@ -555,6 +567,22 @@ class Optimizer:
         lr_factor = 1.0 if self.guard is None else self.guard.lr_factor
         self._backend.step(self._layout(), self._group_table, grads, self.step_count, lr_factor, control)
         self.step_count += 1
+
+    def _check_grad_reduction(self, grad_scale, device_scale):
+        """A step that will call ``grad_reduction`` needs the engine's statistics on the host (checked before
+        anything is written)."""
+        if self.grad_reduction is None or (grad_scale is None and self.max_grad_norm is None and self.guard is None):
+            return
+        if not hasattr(self._backend, "grad_stats") or device_scale is not None:
+            raise NotImplementedError(f"{type(self).__name__}: grad_reduction (sharded params with max_grad_norm, a "
+                                      "loss scale or a guard) needs the grad statistics on the host: the CPU engine "
+                                      f"only, not {self._engine.__name__}")
+
+    def _reduced_grad_control(self, grads, unscale, skip_nonfinite):
+        """The step's :class:`~fastopt.backends.GradControl` from the statistics of every process's grads: this
+        one's (one read by the engine), combined by ``grad_reduction``."""
+        sum_of_squares, nonfinite = self.grad_reduction(*self._backend.grad_stats(self._layout(), grads))
+        return backends.GradControl(sum_of_squares, nonfinite, unscale, self.max_grad_norm, skip_nonfinite)
 
     def _device_scale(self, grad_scale):
         """A one-element float GPU array that the engine can invert on the device (no host sync), else None. Its
@@ -695,6 +723,7 @@ class Optimizer:
         state = dict(self.__dict__)
         for name in ("_backend", "_frozen_layout", "_group_table", "_group_snapshot", "_missing_state", "_stepping"):
             del state[name]
+        state.pop("grad_reduction", None)  # a collective over this process's group: not the copy's
         state["_state"] = [dict(entry) for entry in self.state]
         state["_tensor_steps"] = self._backend.tensor_steps()
         state["_skipped_steps"] = self.skipped_steps

@@ -8,6 +8,7 @@ One ``torch.multiprocessing.spawn`` per world size runs every scenario on every 
 records what disagrees instead of raising, so that the ranks stay in step, and each test reads its scenario's
 records."""
 import datetime
+import importlib
 import json
 import os
 import socket
@@ -661,7 +662,8 @@ SCENARIOS = {name.removeprefix("scenario_"): function for name, function in glob
 TWO_RANKS_ONLY = {"timeout"}  # sleeps; one world size shows it
 
 
-def _worker(rank, world, port, directory, names):
+def _worker(rank, world, port, directory, module, names):
+    scenarios = importlib.import_module(module).SCENARIOS
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     import numba
@@ -673,7 +675,7 @@ def _worker(rank, world, port, directory, names):
     for name in names:
         ctx = Ranks(rank, world, directory)
         try:
-            SCENARIOS[name](ctx)
+            scenarios[name](ctx)
         except Exception:  # noqa: BLE001 (recorded for the test that reads this scenario)
             ctx.errors.append(f"rank {rank} raised:\n{traceback.format_exc()}")
         results[name] = ctx.errors
@@ -688,15 +690,12 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"{world}ranks" for world in WORLD_SIZES])
-def ranks(request, tmp_path_factory):
-    """Spawn the ranks once per world size; every scenario's records, per rank."""
-    world = request.param
-    directory = str(tmp_path_factory.mktemp(f"ranks{world}"))
-    names = [name for name in SCENARIOS if world == 2 or name not in TWO_RANKS_ONLY]
+def run_scenarios(module, world, directory, names):
+    """Spawn ``world`` gloo ranks that run the scenarios ``names`` of the test module ``module`` (its ``SCENARIOS``)
+    once each; every scenario's records (what went wrong, over the ranks), by name."""
     failure = None
     try:
-        torch.multiprocessing.spawn(_worker, args=(world, _free_port(), directory, names), nprocs=world)
+        torch.multiprocessing.spawn(_worker, args=(world, _free_port(), directory, module, names), nprocs=world)
     except Exception as exc:  # noqa: BLE001 (a rank died: the scenarios it left unfinished fail below)
         failure = str(exc)
     records = {}
@@ -705,7 +704,16 @@ def ranks(request, tmp_path_factory):
         done = json.load(open(path)) if os.path.exists(path) else {}
         for name in names:
             records.setdefault(name, []).extend(done.get(name, [f"rank {rank} never finished: {failure}"]))
-    return world, records
+    return records
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"{world}ranks" for world in WORLD_SIZES])
+def ranks(request, tmp_path_factory):
+    """Spawn the ranks once per world size; every scenario's records, per rank."""
+    world = request.param
+    directory = str(tmp_path_factory.mktemp(f"ranks{world}"))
+    names = [name for name in SCENARIOS if world == 2 or name not in TWO_RANKS_ONLY]
+    return world, run_scenarios(__name__, world, directory, names)
 
 
 def check(ranks, name):

@@ -418,12 +418,12 @@ def test_lr_scale_is_the_core_kernel(digits):
         core.step(grads)
     for param, expected in zip([*net.body.parameters(), *net.head.parameters()], copies):
         np.testing.assert_array_equal(param.detach().numpy(), expected)
-    # A torch.optim checkpoint has no lr_scale: the group keeps its own (and fastopt its implementation flags).
+    # A torch.optim checkpoint has no lr_scale: the group keeps its own (foreach and fused are the checkpoint's).
     theirs = torch.optim.AdamW([{"params": net.body.parameters()}, {"params": net.head.parameters()}], fused=True)
     loss_at(net, digits, 0).backward()
     theirs.step()
     optimizer.load_state_dict(theirs.state_dict())
-    assert optimizer.param_groups[1]["lr_scale"] is scales and optimizer.param_groups[1]["fused"] is None
+    assert optimizer.param_groups[1]["lr_scale"] is scales and optimizer.param_groups[1]["fused"] is True
     optimizer.step()
 
 
@@ -492,7 +492,7 @@ def test_bad_group_change_leaves_params_and_state_untouched(change, error, messa
 
 
 @pytest.mark.parametrize("make,error,message", [
-    (lambda: ft.Adam([torch.nn.Parameter(torch.ones(3))], lr=-1.0), ValueError, "invalid lr"),
+    (lambda: ft.Adam([torch.nn.Parameter(torch.ones(3))], lr=-1.0), ValueError, "Invalid learning rate"),  # torch's
     (lambda: ft.SGD([torch.nn.Parameter(torch.ones(3))], nesterov=True), ValueError, "Nesterov"),
     (lambda: ft.RMSprop([torch.nn.Parameter(torch.ones(3))], alpha=1.5), ValueError, "alpha"),
     (lambda: ft.AdamW([torch.nn.Parameter(torch.ones(3))], betas=(0.9,)), TypeError, "betas must be a pair"),

@@ -26,14 +26,15 @@ class ReferenceBackend(HostArrays):
                            self.address)
 
     @staticmethod
-    def grad_stats(grads):
+    def grad_stats(layout, grads):
+        """(sum of squares, number of non-finite values) over all grads, in float64 (the CPU engine's signature)."""
         present = [grad.astype(np.float64) for grad in grads if grad is not None]
         with np.errstate(over="ignore"):  # an overflowing norm is inf, as in the kernels (it clips to 0)
             return (sum(float(np.sum(grad * grad)) for grad in present),
                     sum(int(np.count_nonzero(~np.isfinite(grad))) for grad in present))
 
     def grad_control(self, layout, grads, unscale, max_norm, skip_nonfinite=True):
-        sum_of_squares, nonfinite = self.grad_stats(grads)
+        sum_of_squares, nonfinite = self.grad_stats(layout, grads)
         return GradControl(sum_of_squares, nonfinite, unscale, max_norm, skip_nonfinite)
 
     def step(self, layout, groups, grads, step_count, lr_factor=1.0, control=None):

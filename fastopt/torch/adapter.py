@@ -12,14 +12,20 @@ params are still the ones the views were made of, copies each group's hyperparam
 counters, which all live in one array.
 """
 import contextlib
+import functools
+import numbers
+import sys
 from collections import defaultdict
 
+import numba
 import numpy as np
 import torch
 
 from .. import dtypes, interrupts, schedules
+from ..backends import processes
 from ..optimizer import Optimizer
 from ..serialization import decode, encode
+from . import dtensor
 
 # Keywords of torch's signatures that choose an implementation rather than the math. fastopt always runs one
 # fused multi-tensor kernel, so foreach and fused are accepted whatever their value; capturable and
@@ -40,8 +46,47 @@ def _plain(value):
 
 
 def _memory(tensor):
-    """What a view of ``tensor`` depends on: its address, shape and strides."""
+    """What a view of ``tensor`` depends on: its address, shape and strides (a DTensor's: its local tensor's)."""
+    tensor = dtensor.local(tensor)
     return tensor.data_ptr(), tensor.shape, tensor.stride()
+
+
+@contextlib.contextmanager
+def _torch_threads():
+    """Numba's kernels on as many threads as torch uses (at most ``NUMBA_NUM_THREADS``), and torch's thread count as
+    it was afterwards: Numba's OpenMP layer sets the process's OpenMP thread count, which torch reads, on its first
+    parallel launch (``torch.set_num_threads(1)`` came back as 2). Each setter runs only where the count differs.
+    Numba's threads are not started for this (a step of small params runs its one-thread kernel): until a parallel
+    launch has started them they run at Numba's default, which only a lower torch count changes."""
+    threads = torch.get_num_threads()
+    wanted = min(threads, numba.config.NUMBA_NUM_THREADS)
+    if wanted != numba.config.NUMBA_NUM_THREADS or processes._threading_layer() is not None:
+        if numba.get_num_threads() != wanted:
+            numba.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _outside_compile(step):
+    """``step`` run eagerly under ``torch.compile``: compiled code graph-breaks around it (dynamo traced into
+    Numba's dispatcher and NumPy code otherwise, and failed on a process's first step). ``torch.compiler.disable``
+    imports dynamo (2 s), so the wrapper is made on the first step after something else imported it: without
+    dynamo loaded nothing is compiling."""
+    disabled = None
+
+    @functools.wraps(step)
+    def run(self, *args, **kwargs):
+        nonlocal disabled
+        if "torch._dynamo" not in sys.modules:
+            return step(self, *args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(step)
+        return disabled(self, *args, **kwargs)
+
+    return run
 
 
 class _HostViews:
@@ -74,7 +119,8 @@ class _HostViews:
 
     @staticmethod
     def on_device():
-        return contextlib.nullcontext()
+        """Where the core's kernels run: on Numba's threads, as many as torch's (see _torch_threads)."""
+        return _torch_threads()
 
     stream = on_device
 
@@ -145,7 +191,12 @@ class TorchOptimizer(torch.optim.Optimizer):
       :class:`fastopt.Optimizer`); ``state[p]`` then shows ``master_param`` and the states in their storage dtype.
     - ``torch.amp.GradScaler`` hands its scale to the step (``_step_supports_amp_scaling``): the kernel unscales
       the grads, checks them for NaN/inf in the same read as the ``max_grad_norm`` clip, and skips the step if any
-      (the scaler's own check decides its scale update, as with torch's fused optimizers).
+      (the scaler's own check decides its scale update, as with torch's fused optimizers). The scaler's
+      ``found_inf`` (all ranks' finding under FSDP's ShardedGradScaler) skips the step whatever the local grads,
+      as in torch's fused optimizers: params, state and ``step`` unchanged.
+    - A number-valued ``lr_scale`` (timm's layer-wise lr decay, which its schedulers fold into ``lr``) is left
+      alone, as torch does. ``step`` runs eagerly under ``torch.compile`` (a graph break), and on CPU tensors its
+      Numba threads follow ``torch.get_num_threads()``, which the step leaves as it found it.
     - ``state[p]`` holds views of fastopt's buffers: change them in place (``.copy_()``, ``.zero_()``), not by
       assigning other tensors (use :meth:`load_state_dict` for that).
     """
@@ -158,19 +209,43 @@ class TorchOptimizer(torch.optim.Optimizer):
     _layout_changed = False
     _saved_step_count = 0
     _core_options = {}  # replaced per instance in __init__ (and restored by __setstate__)
+    # torch's constructor checks, in its order (see _check_arguments), and the group keys its __setstate__ fills in
+    # with their historical defaults where a checkpoint of an older version lacks them.
+    ARGUMENT_CHECKS = ()
+    OLDER_CHECKPOINT_DEFAULTS = {}
 
     def __init__(self, params, defaults, options=None):
-        self._check_flags(defaults, f"{type(self).__name__}")
         unknown = set(options or ()) - set(CORE_OPTIONS)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unknown)}")
+        self._check_arguments(defaults)  # before params, as torch: params=None with a bad lr is the lr's error
+        self._check_flags(defaults, f"{type(self).__name__}")
         self._core_options = dict(options or {})
+        super().__init__(params, defaults)  # calls add_param_group per group
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's check and message
-        super().__init__(params, defaults)  # calls add_param_group per group
         self._rebuild(step_count=0)
 
     # ---------------------------------------------------------------- checks of torch-side input
+    @classmethod
+    def _check_arguments(cls, defaults):
+        """torch's constructor checks, in its order, with its exception types and messages: ``ARGUMENT_CHECKS``
+        lists the class's ``(keyword, message)`` pairs of values that must be >= 0 (``"betas"``: each in [0, 1)).
+        The core checks everything (finiteness, types) again when it is built."""
+        lr = defaults["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        for key, message in cls.ARGUMENT_CHECKS:
+            value = defaults[key]
+            if key == "betas":
+                if not isinstance(value, (tuple, list)) or len(value) != 2:  # torch: IndexError, or ignores a third
+                    raise TypeError(f"betas must be a pair (beta1, beta2), got {value!r}")
+                for index in (0, 1):
+                    if not 0.0 <= value[index] < 1.0:
+                        raise ValueError(f"Invalid beta parameter at index {index}: {value[index]}")
+            elif not isinstance(value, schedules.Schedule) and not 0.0 <= value:
+                raise ValueError(f"{message}: {value}")
+
     @staticmethod
     def _check_flags(group, where):
         if group.get("differentiable"):
@@ -202,8 +277,17 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         """torch's ``add_param_group``; after construction the new group is checked at once by building the core
-        anew (on error the group is not added)."""
+        anew (on error the group is not added). A param listed twice in the group is kept once, after torch's
+        warning (torch would update it twice per step; fastopt's kernels update each param once)."""
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        count, first = len(group["params"]), {}
+        for index, param in enumerate(group["params"]):
+            first.setdefault(id(param), index)
+        if len(first) != count:
+            for key in ("params", "param_names", "lr_scale"):  # the lists aligned with the params
+                if isinstance(group.get(key), (list, tuple)) and len(group[key]) == count:
+                    group[key] = [group[key][index] for index in first.values()]
         if self._core is None:  # in __init__: the core is built once, over all groups, at its end
             return
         try:
@@ -225,12 +309,16 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _lr_scale_views(self, group, views, where):
         scales = group.get("lr_scale")
-        if scales is None:
+        # A number is another library's key, not fastopt's per-element lr_scale: timm's layer-wise lr decay puts a
+        # float there and its schedulers set lr = value * lr_scale. Left alone, as torch leaves keys it does not use.
+        if scales is None or isinstance(scales, numbers.Number):
             return None
         if isinstance(scales, torch.Tensor):
             scales = [scales]
         result = []
         for index, scale in enumerate(scales):
+            # A DTensor param's: its shard of a full-size tensor (or a DTensor's local tensor).
+            scale = dtensor.local_part(scale, group["params"][index] if index < len(group["params"]) else None)
             self._check_tensor(scale, f"{where}['lr_scale'][{index}]", views.device)
             result.append(views.view(scale))
         return result
@@ -249,10 +337,12 @@ class TorchOptimizer(torch.optim.Optimizer):
             for number, param in enumerate(group["params"]):
                 self._check_tensor(param, f"param_groups[{index}]['params'][{number}]", device)
         views = _CudaViews(device) if device.type == "cuda" else _HostViews()
+        views = dtensor.views_for(params, views)  # DTensor params (FSDP2): views of their local shards
         core_class = self._core_class()
         with views.on_device():
             core = core_class([self._core_group(group, views, f"param_groups[{index}]")
                                for index, group in enumerate(self.param_groups)], **self._core_options)
+        core.grad_reduction = getattr(views, "grad_reduction", None)  # DTensors: clip and skip on global grads
         entries, counts = {}, np.zeros(len(params), dtype=np.int64)
         for index, param in enumerate(params):
             saved = self.state.get(param)
@@ -284,7 +374,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._step_tensors = torch.from_numpy(self._steps)
         self._counted = self._counted_mask()
         self._exposed = np.zeros(len(params), dtype=bool)
-        self.state = defaultdict(dict)
+        # What is not a param's (torch keeps entries under other keys, as its state_dict hooks may add) stays.
+        others = {key: value for key, value in self.state.items() if not isinstance(key, torch.Tensor)}
+        self.state = defaultdict(dict, others)
         if self.EAGER_STATE:
             with views.on_device():
                 core.initialize_state()
@@ -307,7 +399,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         entry = {"step": self._step_tensors[index]} if self.STEP_IN_STATE else {}
         for name, buffer in self._core.state[index].items():
             entry[name] = self._views.expose(buffer)
-        self.state[self._params[index]] = entry
+        param = self._params[index]
+        self.state[param] = dtensor.state_entry(param, entry)  # a DTensor param's buffers as DTensors like it
         self._exposed[index] = True
 
     # ---------------------------------------------------------------- the step
@@ -367,10 +460,12 @@ class TorchOptimizer(torch.optim.Optimizer):
             grads.append(grad)
         return grads
 
+    @_outside_compile
     def step(self, closure=None):
         """One fused update of every param that has a ``.grad`` (params without one are skipped, their state and
         step included). ``closure``, if given, re-evaluates the model with grad enabled and its result is
-        returned, as in torch. Invalid hyperparameters raise before anything is written."""
+        returned, as in torch. Invalid hyperparameters raise before anything is written. Under ``torch.compile``
+        the step runs eagerly (compiled code graph-breaks around it)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -378,10 +473,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         if self._params_changed():
             self._rebuild(self._step_count())
         self._sync_groups()
-        # Set by torch.amp.GradScaler.step: the loss scale still in the grads (None once unscale_ ran) and the
-        # scaler's own NaN/inf finding (with the grads already unscaled, the only check there is).
+        # Set by torch.amp.GradScaler.step (and FSDP's ShardedGradScaler): the loss scale still in the grads (None
+        # once unscale_ ran) and the scaler's NaN/inf finding, which may come from other ranks' grads. As in torch's
+        # fused optimizers, a nonzero found_inf skips the step: params, state and step counts stay as they are.
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is not None and grad_scale is None and float(found_inf.sum()) != 0:
+        if found_inf is not None and float(found_inf.sum()) != 0:
             return loss
         checked = grad_scale is not None or self._core.max_grad_norm is not None or self._core.guard is not None
         skipped = self._core.skipped_steps if checked else None
@@ -445,13 +541,19 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """torch's ``load_state_dict`` (from this class or from the ``torch.optim`` class of the same name): the
-        checkpoint's hyperparameters replace the groups', its state is copied into fastopt's buffers. Kept from
-        this optimizer: the implementation flags (foreach, fused, capturable, differentiable) and a group's
-        ``lr_scale`` where the checkpoint has none. A checkpoint that does not fit (state shapes, unknown buffers,
-        invalid hyperparameters) raises and leaves the optimizer as it was."""
+        checkpoint's hyperparameters replace the groups' (keys it lacks take torch's historical defaults, as torch's
+        ``__setstate__`` fills them in), its state is copied into fastopt's buffers. Kept from this optimizer:
+        ``capturable`` and ``differentiable`` (fastopt runs neither) and a group's ``lr_scale`` where the checkpoint
+        has none. A checkpoint that does not fit (state shapes, unknown buffers, invalid hyperparameters) raises and
+        leaves the optimizer as it was. Post-hooks run once fastopt's state is built: what they add stays."""
         previous = self.state, self.param_groups
         step_count = self._step_count()
-        super().load_state_dict(state_dict)  # torch's checks; self.state and param_groups now the checkpoint's
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_post_hooks = type(post_hooks)()  # run below, after the rebuild
+        try:
+            super().load_state_dict(state_dict)  # torch's checks; self.state and param_groups now the checkpoint's
+        finally:
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         try:
             self._restore_state_dtypes(state_dict)
             step_count = Optimizer.count(state_dict.get("fastopt_step_count", step_count),
@@ -461,7 +563,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if encoded is not None:
                     group["lr"] = decode(encoded["schedule"])
                     step_count = Optimizer.count(encoded["step_count"], "fastopt_schedule: step_count")
-                for flag in IMPLEMENTATION_FLAGS:
+                for flag in ("capturable", "differentiable"):
                     if flag in old:
                         group[flag] = old[flag]
                 if group.get("lr_scale") is None and old.get("lr_scale") is not None:
@@ -470,6 +572,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         except Exception:
             self.state, self.param_groups = previous
             raise
+        for hook in post_hooks.values():
+            hook(self)
 
     def _restore_state_dtypes(self, state_dict):
         """torch's load casts every floating state tensor to its param's dtype: the float32 states and master copy
@@ -486,8 +590,8 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:  # checkpoints of older torch versions lack newer keys
-            for key, default in self.defaults.items():
+        for group in self.param_groups:  # checkpoints of older versions lack newer keys: torch's defaults, as torch
+            for key, default in self.OLDER_CHECKPOINT_DEFAULTS.items():
                 group.setdefault(key, default)
 
     def __getstate__(self):

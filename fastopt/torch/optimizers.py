@@ -6,6 +6,8 @@ implementation operation by operation: the results agree with it to float roundi
 class takes the core's mixed-precision options (``master_weights``, ``state_dtype``, ``rounding``, ``seed``,
 ``max_grad_norm``).
 """
+import torch
+
 from .. import rules as core
 from .adapter import TorchOptimizer
 
@@ -18,6 +20,9 @@ class SGD(TorchOptimizer):
 
     CORE = core.SGD
     STEP_IN_STATE = False
+    ARGUMENT_CHECKS = (("lr", "Invalid learning rate"), ("momentum", "Invalid momentum value"),
+                       ("weight_decay", "Invalid weight_decay value"))
+    OLDER_CHECKPOINT_DEFAULTS = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=False)
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, **options):
@@ -25,12 +30,23 @@ class SGD(TorchOptimizer):
                                       nesterov=nesterov, maximize=maximize, foreach=foreach,
                                       differentiable=differentiable, fused=fused), options)
 
+    @classmethod
+    def _check_arguments(cls, defaults):
+        super()._check_arguments(defaults)
+        if defaults["nesterov"] and (defaults["momentum"] <= 0 or defaults["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
 
 class RMSprop(TorchOptimizer):
     """``torch.optim.RMSprop`` run by :class:`fastopt.RMSprop`; ``state[p]`` holds ``step``, ``square_avg`` and,
     as the group asks, ``momentum_buffer`` and ``grad_avg``."""
 
     CORE = core.RMSprop
+    ARGUMENT_CHECKS = (("lr", "Invalid learning rate"), ("eps", "Invalid epsilon value"),
+                       ("momentum", "Invalid momentum value"), ("weight_decay", "Invalid weight_decay value"),
+                       ("alpha", "Invalid alpha value"))
+    OLDER_CHECKPOINT_DEFAULTS = dict(momentum=0, centered=False, foreach=None, maximize=False, differentiable=False,
+                                     capturable=False)
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, **options):
@@ -45,6 +61,10 @@ class Adam(TorchOptimizer):
     ``exp_avg``, ``exp_avg_sq`` and, with AMSGrad, ``max_exp_avg_sq``."""
 
     CORE = core.Adam
+    ARGUMENT_CHECKS = (("lr", "Invalid learning rate"), ("eps", "Invalid epsilon value"), ("betas", None),
+                       ("weight_decay", "Invalid weight_decay value"))
+    OLDER_CHECKPOINT_DEFAULTS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                                     differentiable=False, decoupled_weight_decay=False, fused=None)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -53,6 +73,25 @@ class Adam(TorchOptimizer):
                                       maximize=maximize, foreach=foreach, capturable=capturable,
                                       differentiable=differentiable, fused=fused,
                                       decoupled_weight_decay=decoupled_weight_decay), options)
+
+    @classmethod
+    def _check_arguments(cls, defaults):
+        """torch's Adam's checks: its tensor ``lr`` and ``betas`` rules besides the ranges (a tensor where torch
+        refuses one with ``foreach=True`` is refused too, so that what runs with fastopt runs with torch)."""
+        foreach_without_capture = defaults["foreach"] and not defaults["capturable"]
+        if isinstance(defaults["lr"], torch.Tensor) and foreach_without_capture:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        super()._check_arguments(defaults)
+        betas = defaults["betas"]
+        if not (all(isinstance(beta, float) for beta in betas) or all(torch.is_tensor(beta) for beta in betas)):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for index, beta in enumerate(betas):
+            if torch.is_tensor(beta):
+                if foreach_without_capture:
+                    raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and "
+                                     "foreach=True")
+                if beta.numel() != 1:
+                    raise ValueError(f"Tensor betas[{index}] must be 1-element")
 
     def _core_class(self):
         decoupled = {bool(group["decoupled_weight_decay"]) for group in self.param_groups}
@@ -83,6 +122,11 @@ class Adagrad(TorchOptimizer):
 
     CORE = core.Adagrad
     EAGER_STATE = True
+    ARGUMENT_CHECKS = (("lr", "Invalid learning rate"), ("lr_decay", "Invalid lr_decay value"),
+                       ("weight_decay", "Invalid weight_decay value"),
+                       ("initial_accumulator_value", "Invalid initial_accumulator_value value"),
+                       ("eps", "Invalid epsilon value"))
+    OLDER_CHECKPOINT_DEFAULTS = dict(foreach=None, maximize=False, differentiable=False, fused=None)
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
                  foreach=None, *, maximize=False, differentiable=False, fused=None, **options):
@@ -97,6 +141,7 @@ class Lion(TorchOptimizer):
 
     CORE = core.Lion
     STEP_IN_STATE = False
+    OLDER_CHECKPOINT_DEFAULTS = dict(maximize=False)  # fastopt's addition to lion-pytorch's keywords
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, **options):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize), options)
