@@ -30,7 +30,7 @@ _pool_lost_in_fork = False
 _pool_loss_logged = False
 
 
-def _threading_layer():
+def threading_layer():
     """Numba's threading layer, or None before a parallel launch has picked (and started) it."""
     try:
         return numba.threading_layer()
@@ -41,7 +41,7 @@ def _threading_layer():
 def _pool_unusable_after_fork():
     """Whether a fork child of this process would be killed on its first parallel launch: Numba's layer is started
     and is GNU OpenMP (a child of a process with no started layer starts its own)."""
-    if _threading_layer() != "omp":
+    if threading_layer() != "omp":
         return False
     from numba.np.ufunc import omppool  # importable: it is the running layer
     return omppool.openmp_vendor == "GNU"
@@ -80,5 +80,5 @@ class ParallelKernel:
             return self.parallel(*args)
         with _launch_lock:
             result = self.parallel(*args)
-            _launches_need_lock = _threading_layer() in (None, "workqueue")
+            _launches_need_lock = threading_layer() in (None, "workqueue")
         return result

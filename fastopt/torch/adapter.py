@@ -27,10 +27,6 @@ from ..optimizer import Optimizer
 from ..serialization import decode, encode
 from . import dtensor
 
-# Keywords of torch's signatures that choose an implementation rather than the math. fastopt always runs one
-# fused multi-tensor kernel, so foreach and fused are accepted whatever their value; capturable and
-# differentiable promise things fastopt cannot do and are rejected when True.
-IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Keyword options of the fastopt core that the torch classes take beyond torch's signature (mixed precision).
 CORE_OPTIONS = ("master_weights", "state_dtype", "rounding", "seed", "max_grad_norm")
@@ -60,7 +56,7 @@ def _torch_threads():
     launch has started them they run at Numba's default, which only a lower torch count changes."""
     threads = torch.get_num_threads()
     wanted = min(threads, numba.config.NUMBA_NUM_THREADS)
-    if wanted != numba.config.NUMBA_NUM_THREADS or processes._threading_layer() is not None:
+    if wanted != numba.config.NUMBA_NUM_THREADS or processes.threading_layer() is not None:
         if numba.get_num_threads() != wanted:
             numba.set_num_threads(wanted)
     try:
