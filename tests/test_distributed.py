@@ -197,6 +197,24 @@ def scenario_fastopt_parity(ctx, exchange="p2p"):
     ctx.check(not sharded.state, "the outer optimizer holds state")
 
 
+def scenario_timm_layer_decay(ctx):
+    """A number-valued lr_scale (timm's layer-wise decay, folded into lr by its schedulers) is left alone, as torch
+    and fastopt.torch leave it: the same steps as the single-process optimizer over the same groups."""
+    import fastopt.torch as ft
+    from fastopt.torch.distributed import ShardedOptimizer
+
+    def groups(params):
+        return [{"params": params[0:3], "lr": 0.01 * 0.5, "lr_scale": 0.5},
+                {"params": params[3:], "lr": 0.01, "lr_scale": 1.0}]
+
+    params, reference_params = make_params(), make_params()
+    sharded = ShardedOptimizer(groups(params), ft.AdamW)
+    reference = ft.AdamW(groups(reference_params))
+    train(ctx, sharded, params, 3)
+    train(ctx, reference, reference_params, 3, averaged=True)
+    compare(ctx, "timm", sharded, params, reference, reference_params, 3, exact=True)
+
+
 def scenario_collective_exchange(ctx):
     """The same with gloo's reduce_scatter and all_gather instead of isend/irecv and broadcasts."""
     scenario_fastopt_parity(ctx, exchange="collective")
@@ -728,6 +746,10 @@ def test_fastopt_parity(ranks):
     """Schedule, changing lr, groups, lr_scale, float32 + float64, boundaries, odd/zero sizes, frozen, partial
     grads: bit for bit fastopt.torch.AdamW on the averaged grads; shards balanced."""
     check(ranks, "fastopt_parity")
+
+
+def test_timm_layer_decay(ranks):
+    check(ranks, "timm_layer_decay")
 
 
 def test_collective_exchange(ranks):

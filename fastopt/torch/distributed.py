@@ -10,6 +10,7 @@ ranks: the update is elementwise, so stepping the slices of a tensor is stepping
 """
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -239,7 +240,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _check_lr_scale(self, group, where):
         scales = group.get("lr_scale")
-        if scales is None:
+        if scales is None or isinstance(scales, numbers.Number):  # a number is timm's key, not fastopt's: left alone
             return
         if isinstance(scales, torch.Tensor):
             scales = group["lr_scale"] = [scales]
@@ -882,7 +883,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
 
 def _scale_slices(scales, pieces):
-    """Each piece's slice of its param's lr_scale (zero-size for a stand-in)."""
+    """Each piece's slice of its param's lr_scale (zero-size for a stand-in); a number-valued lr_scale (timm's
+    layer-wise decay, which the inner optimizer leaves alone, as torch does) as it is."""
+    if isinstance(scales, numbers.Number):
+        return scales
     return [torch.zeros(0, dtype=piece.tensor.dtype, device=piece.tensor.device) if piece.index is None
             else scales[piece.position].view(-1)[piece.start:piece.stop] for piece in pieces]
 
