@@ -121,13 +121,7 @@ def make_zero(shape_list, rank, bucket_view):
 
 
 def run_rank(rank, port, scale, rounds, variants, output):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    import numba
-
-    numba.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(minutes=10))
+    join_gloo(rank, port)
     shape_list = shapes(scale)
     steps, memory, extra = {}, {}, {}
     for name in variants:
@@ -159,6 +153,18 @@ def run_rank(rank, port, scale, rounds, variants, output):
         with open(output, "w") as file:
             json.dump({"times": times, "ranks": everyone, "params": int(sum(np.prod(s) for s in shape_list))}, file)
     dist.destroy_process_group()
+
+
+def join_gloo(rank, port):
+    """This process as gloo rank ``rank`` of WORLD_SIZE on this machine, on one thread (torch's and Numba's): the
+    ranks share the machine's cores."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    import numba
+
+    numba.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(minutes=10))
 
 
 def free_port():

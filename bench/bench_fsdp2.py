@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bench_distributed import free_port, machine
+from bench_distributed import free_port, join_gloo, machine
 
 WORLD_SIZE = 2
 VARIANTS = ("fastopt", "torch_fused", "torch_foreach", "fastopt_clip", "torch_fused_clip")
@@ -101,13 +101,7 @@ def make_step(name, model):
 
 
 def run_rank(rank, port, divisor, rounds, steps, variants, output):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    import numba
-
-    numba.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(minutes=10))
+    join_gloo(rank, port)
     shapes = shrunk_shapes(divisor)
     stepping = {}
     for name in variants:
