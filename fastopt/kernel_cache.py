@@ -59,10 +59,10 @@ def _describe_types(dispatcher, argument_types):
         return _storage(types["scratch"])
     param = _storage(types["param_like"])
     others = [f"{_storage(types[name])} {what}" for name, what in (("grad_like", "grads"), ("state_like", "state"))
-              if _storage(types[name]) != param]
+              if name in types and _storage(types[name]) != param]
     if types["master_like"] != numba_types.none:
         others.append("float32 master weights")
-    if types["seed"] != numba_types.none:
+    if types.get("seed", numba_types.none) != numba_types.none:
         others.append("stochastic rounding")
     return f"{param} params with {', '.join(others)}" if others else param
 

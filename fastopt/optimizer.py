@@ -5,6 +5,7 @@ the arithmetic to an engine from :mod:`fastopt.backends` (fused Numba kernels, f
 float64 reference). Every check runs before any engine work, so a step that raises leaves params and state
 untouched.
 """
+import contextlib
 import math
 import numbers
 import threading
@@ -18,6 +19,16 @@ from .kernels.cpu import layout as kernel_layout
 from .state import OptimizerState, ParamState
 STATE_DTYPES = ("float32", "bfloat16")
 ROUNDINGS = ("nearest", "stochastic")
+
+
+class _ParamValue:
+    """``initial_state``'s answer for a buffer that starts as a copy of its param (schedule-free's ``z``)."""
+
+    def __repr__(self):
+        return "PARAM_VALUE"
+
+
+PARAM_VALUE = _ParamValue()
 
 
 def _is_array(value):
@@ -35,7 +46,9 @@ class Optimizer:
     of one tensor's step, taking the group's hyperparameters as keywords), and may override
     ``validate_hyperparameters``, ``state_names(group)`` (the buffers a group uses; by default those not optional),
     ``counts_step(group)`` (whether a step advances the params' step counts) and ``initial_state(name, group)`` (the
-    value a new state buffer starts at, 0 by default).
+    value a new state buffer starts at, 0 by default, or :data:`PARAM_VALUE`: a copy of the param). A rule that keeps
+    running per-param values besides its buffers (schedule-free's weight sum) names them in ``SCALARS`` (at most
+    ``TENSOR_SCALARS``); the kernels advance them, and the state dict holds them beside ``step``.
 
     Keyword options of every optimizer:
 
@@ -65,6 +78,7 @@ class Optimizer:
     STATE_SLOTS: tuple = ()
     OPTIONAL_STATES: tuple = ()
     COLUMNS: tuple = ()
+    SCALARS: tuple = ()
     REFERENCE = None
     grad_reduction = None  # see the class docstring
 
@@ -73,6 +87,8 @@ class Optimizer:
         if len(cls.STATE_SLOTS) > kernel_layout.STATE_SLOTS or not set(cls.OPTIONAL_STATES) <= set(cls.STATE_SLOTS):
             raise TypeError(f"{cls.__name__}: a rule has at most {kernel_layout.STATE_SLOTS} STATE_SLOTS (the kernels' "
                             "address table), and its OPTIONAL_STATES are among them")
+        if len(cls.SCALARS) > kernel_layout.TENSOR_SCALARS:
+            raise TypeError(f"{cls.__name__}: a rule keeps at most {kernel_layout.TENSOR_SCALARS} SCALARS")
 
     def __init__(self, params, defaults, *, backend="auto", guard=None, master_weights=False, state_dtype="float32",
                  rounding="nearest", seed=0, max_grad_norm=None):
@@ -147,12 +163,14 @@ class Optimizer:
         if not isinstance(group, dict):
             raise TypeError(f"a param group must be a dict, got {type(group).__name__}")
         self._sync_step_count()
-        steps = self._backend.tensor_steps()
+        steps, scalars = self._backend.tensor_steps(), self._backend.tensor_scalars()
         self._add_group(dict(group))
         self._skipped_steps = self.skipped_steps  # the old engine's count of device-skipped steps
         self._frozen_layout = None
         self._backend = self._engine(self._layout())
-        self._backend.set_tensor_steps(np.concatenate([steps, np.zeros(len(self._params) - steps.size, np.int64)]))
+        added = len(self._params) - steps.size
+        self._backend.set_tensor_steps(np.concatenate([steps, np.zeros(added, np.int64)]))
+        self._backend.set_tensor_scalars(np.concatenate([scalars, np.zeros((added, scalars.shape[1]))]))
         self._group_snapshot = None
 
     def _add_group(self, group):
@@ -487,8 +505,13 @@ class Optimizer:
             master = self._engine.allocate_state(param, ordinal, "float32")
             self._engine.copy_widened(master, param)
             return master
-        return self._engine.allocate_state(param, ordinal, self.state_storage(index),
-                                           self.initial_state(name, self._group_of(index)))
+        storage = self.state_storage(index)
+        initial = self.initial_state(name, self._group_of(index))
+        if initial is PARAM_VALUE:  # the param's value rounded to the state's storage (exact unless that is narrower)
+            buffer = self._engine.allocate_state(param, ordinal, storage)
+            self._engine.copy_from_numpy(buffer, self._engine.to_numpy(param).astype(dtypes.numpy_dtype(storage)))
+            return buffer
+        return self._engine.allocate_state(param, ordinal, storage, initial)
 
     def _group_of(self, index):
         """The param group that holds param ``index``."""
@@ -530,10 +553,7 @@ class Optimizer:
         KeyboardInterrupt during the step is raised once both are done. One optimizer is stepped by one thread at a
         time: a step called while another runs raises RuntimeError.
         """
-        if not self._stepping.acquire(blocking=False):
-            raise RuntimeError(f"{type(self).__name__}.step was called while another step of the same optimizer runs "
-                               "(from another thread): step an optimizer from one thread at a time")
-        try:
+        with self._one_writer("step"):
             grads = self._check_grads(grads)
             device_scale = self._device_scale(grad_scale)
             unscale = 1.0 if device_scale is not None else self._unscale(grad_scale)
@@ -542,8 +562,27 @@ class Optimizer:
             self._backend.bind_grads(self._layout(), grads)
             with interrupts.deferred():
                 self._apply(grads, grad_scale, device_scale, unscale)
+
+    @contextlib.contextmanager
+    def _one_writer(self, what):
+        """Holds the optimizer for one writing call (``what``: its name); RuntimeError while another thread holds it."""
+        if not self._stepping.acquire(blocking=False):
+            raise RuntimeError(f"{type(self).__name__}.{what} was called while another step of the same optimizer runs "
+                               "(from another thread): step an optimizer from one thread at a time")
+        try:
+            yield
         finally:
             self._stepping.release()
+
+    def _blend_toward_state(self, name, weight_of_group):
+        """``p = lerp(p, state[name], weight_of_group(group))`` for every param that has a buffer ``name`` (through
+        its master copy, where it has one), in one fused pass: schedule-free's move between its two points. Written
+        as a step is: groups checked first, SIGINT held over the write, one thread at a time."""
+        with self._one_writer("train/eval"):
+            self._sync_groups()
+            weights = [float(weight_of_group(group)) for group in self.param_groups for _ in group["params"]]
+            with interrupts.deferred():
+                self._backend.blend(self._layout(), self.STATE_SLOTS.index(name), weights)
 
     def _apply(self, grads, grad_scale, device_scale, unscale):
         """The writing part of :meth:`step`, on checked input."""
@@ -620,12 +659,13 @@ class Optimizer:
         As in torch, a param has an entry once it has been updated (for SGD: once it took a momentum step); a
         param without one loads back as fresh (zero buffers, step 0)."""
         self._sync_step_count()
-        steps = self._backend.tensor_steps()
+        steps, scalars = self._backend.tensor_steps(), self._backend.tensor_scalars()
         state = {}
         for index, buffers in enumerate(self.state):
             if steps[index]:
                 state[index] = {name: self._engine.to_numpy(buffer) for name, buffer in buffers.items()}
                 state[index]["step"] = int(steps[index])
+                state[index].update((name, float(value)) for name, value in zip(self.SCALARS, scalars[index]))
         groups, position = [], 0
         for group in self.param_groups:
             saved = {key: group[key] for key in self.DEFAULTS}
@@ -656,6 +696,7 @@ class Optimizer:
         saved_state = state_dict["state"]
         order = [index for group in groups for index in group["params"]]
         steps = np.zeros(len(self._params), dtype=np.int64)
+        scalars = np.zeros((len(self._params), kernel_layout.TENSOR_SCALARS))
         buffers = []  # per param: {name: array in the buffer's storage dtype}
         for position, saved_index in enumerate(order):
             entry = saved_state.get(saved_index, saved_state.get(str(saved_index), {}))
@@ -665,6 +706,9 @@ class Optimizer:
                 where = f"state of param {position}"
                 if name == "step":
                     steps[position] = self.count(value, f"{where}: step")
+                    continue
+                if name in self.SCALARS:
+                    scalars[position, self.SCALARS.index(name)] = self.scalar(value, f"{where}: {name}")
                     continue
                 if name not in self.STATE_SLOTS and not (name == MASTER and self.has_master(position)):
                     raise ValueError(f"{where} has unknown buffer {name!r}")
@@ -713,6 +757,7 @@ class Optimizer:
         self._sync_groups()
         self._backend = self._engine(self._layout())
         self._backend.set_tensor_steps(steps)
+        self._backend.set_tensor_scalars(scalars)
 
     # ---------------------------------------------------------------- copies
     def __getstate__(self):
@@ -726,12 +771,13 @@ class Optimizer:
         state.pop("grad_reduction", None)  # a collective over this process's group: not the copy's
         state["_state"] = [dict(entry) for entry in self.state]
         state["_tensor_steps"] = self._backend.tensor_steps()
+        state["_tensor_scalars"] = self._backend.tensor_scalars()
         state["_skipped_steps"] = self.skipped_steps
         return state
 
     def __setstate__(self, state):
         state = dict(state)
-        buffers, steps = state.pop("_state"), state.pop("_tensor_steps")
+        buffers, steps, scalars = state.pop("_state"), state.pop("_tensor_steps"), state.pop("_tensor_scalars")
         self.__dict__.update(state)
         self._state = OptimizerState()
         for index, entry in enumerate(buffers):
@@ -741,6 +787,7 @@ class Optimizer:
         self._missing_state = {}
         self._backend = self._engine(self._layout())
         self._backend.set_tensor_steps(steps)
+        self._backend.set_tensor_scalars(scalars)
 
     @staticmethod
     def count(value, what):
@@ -749,6 +796,14 @@ class Optimizer:
         if number.shape != () or number.dtype.kind not in "fiu" or number != np.floor(number) or number < 0:
             raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
         return int(number)
+
+    @staticmethod
+    def scalar(value, what):
+        """A rule's running scalar from a state dict (``SCALARS``): a finite real number (or 0-d array holding one)."""
+        number = np.asarray(value)
+        if number.shape != () or number.dtype.kind not in "fiu" or not np.isfinite(number):
+            raise ValueError(f"{what} must be a finite real number, got {value!r}")
+        return float(number)
 
     def _check_keys(self, group, where, *, allowed=("params", "lr_scale")):
         unknown = set(group) - set(self.DEFAULTS) - set(allowed)

@@ -21,6 +21,8 @@ from ..kernels.cpu.jit import serial_twin
 
 _grad_stats = ParallelKernel(fused.grad_stats, serial_twin(fused.grad_stats))
 kernel_cache.name_kernels((_grad_stats.parallel, _grad_stats.serial), "grad-control", kind="kernel")
+_blend = ParallelKernel(fused.blend_toward_state, serial_twin(fused.blend_toward_state))
+kernel_cache.name_kernels((_blend.parallel, _blend.serial), "train/eval", kind="kernel")
 
 # The element type the kernels see for each storage (Numba has no 16-bit floats).
 _KERNEL_DTYPES = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.int16), "float32": np.dtype(np.float32),
@@ -42,6 +44,7 @@ class _DtypeBucket:
         self.tensor_format = np.zeros((count, kernel_layout.FORMAT_COLUMNS), dtype=np.int64)
         self.tensor_group = np.zeros(count, dtype=np.int64)
         self.tensor_step = np.zeros(count, dtype=np.int64)
+        self.tensor_scalars = np.zeros((count, kernel_layout.TENSOR_SCALARS), dtype=np.float64)
         self.grad_ends = np.zeros(count, dtype=np.int64)  # where each grad's memory ends (set_grads' overlap check)
         self.coefficients = np.zeros((count, kernel_layout.COEFFICIENTS), dtype=dtype)
         # Stands in for absent buffers (see kernels/cpu/fused.stream): one chunk of distinct memory per slot.
@@ -51,8 +54,10 @@ class _DtypeBucket:
         self.scratch.fill(0)
         self.chunk_tensor, self.chunk_start, self.chunk_length = chunk_table([params[i].size for i in indices],
                                                                              kernel_layout.CHUNK)
+        self.chunk_norms = np.zeros((self.chunk_tensor.size, kernel_layout.NORM_SUMS))  # workspace of LAMB's passes
         serial = int(self.chunk_length.sum()) < kernel_layout.SERIAL_BELOW
         self.kernel = kernels[1] if serial else ParallelKernel(*kernels)
+        self.blend = _blend.serial if serial else _blend
         self.scratches = {self.scratch.dtype: self.scratch}
         self.static_kinds = None  # per tensor: (param dtype, state dtype, master?, stochastic?) as the kernels see them
         self.kinds, self.kinds_key = {}, None  # CpuBackend._kinds: {kind: positions}, and what they were found for
@@ -122,11 +127,29 @@ class CpuBackend(HostArrays):
             for kind, addresses in self._kinds(bucket, grads):
                 param_dtype, state_dtype, has_master, stochastic, grad_dtype = kind
                 bucket.kernel(addresses, bucket.chunk_tensor, bucket.chunk_start, bucket.chunk_length,
-                              bucket.tensor_group, bucket.tensor_step, groups.group_hyper, groups.schedule_program,
-                              groups.schedule_base, np.int64(step_count), np.float64(lr_factor), values,
-                              bucket.coefficients, bucket.scratch, bucket.like(param_dtype), bucket.like(grad_dtype),
-                              bucket.like(state_dtype), bucket.scratch if has_master else None,
-                              seed if stochastic else None)
+                              bucket.tensor_group, bucket.tensor_step, bucket.tensor_scalars, groups.group_hyper,
+                              groups.schedule_program, groups.schedule_base, np.int64(step_count),
+                              np.float64(lr_factor), values, bucket.coefficients, bucket.chunk_norms, bucket.scratch,
+                              bucket.like(param_dtype), bucket.like(grad_dtype), bucket.like(state_dtype),
+                              bucket.scratch if has_master else None, seed if stochastic else None)
+
+    def blend(self, layout, slot, weights):
+        """``p = lerp(p, state, weights[i])`` for each param ``i`` that has a buffer in state slot ``slot`` (see
+        kernels/cpu/fused.blend_toward_state), one pass per storage kind; ``weights`` per param, in float64."""
+        self._refresh_tables(layout)
+        for bucket in self.buckets:
+            tensor_weight = np.asarray(weights, dtype=np.float64)[bucket.indices].astype(bucket.dtype)
+            kinds = {}
+            for position, kind in enumerate(bucket.static_kinds):
+                kinds.setdefault(kind[:3], []).append(position)
+            for (param_dtype, state_dtype, has_master), positions in kinds.items():
+                addresses = bucket.addresses
+                if len(kinds) > 1:
+                    addresses = np.zeros_like(bucket.addresses)
+                    addresses[positions] = bucket.addresses[positions]
+                bucket.blend(addresses, bucket.chunk_tensor, bucket.chunk_start, bucket.chunk_length,
+                             np.int64(kernel_layout.STATE0 + slot), tensor_weight, bucket.dtype.type(1),
+                             bucket.like(param_dtype), bucket.like(state_dtype), bucket.scratch if has_master else None)
 
     @staticmethod
     def _kinds(bucket, grads):
@@ -166,3 +189,13 @@ class CpuBackend(HostArrays):
     def set_tensor_steps(self, steps):
         for bucket in self.buckets:
             bucket.tensor_step[:] = steps[bucket.indices]
+
+    def tensor_scalars(self):
+        scalars = np.zeros((self.parameter_count, kernel_layout.TENSOR_SCALARS))
+        for bucket in self.buckets:
+            scalars[bucket.indices] = bucket.tensor_scalars
+        return scalars
+
+    def set_tensor_scalars(self, scalars):
+        for bucket in self.buckets:
+            bucket.tensor_scalars[:] = scalars[bucket.indices]

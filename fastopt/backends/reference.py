@@ -9,12 +9,14 @@ Stochastic rounding uses the kernels' (seed, step, element) keys, computed by :f
 import numpy as np
 
 from .. import dtypes, reference, schedules
+from ..kernels.cpu import layout as kernel_layout
 from . import GradControl, HostArrays
 
 
 class ReferenceBackend(HostArrays):
     def __init__(self, layout):
         self.steps = np.zeros(len(layout.params), dtype=np.int64)
+        self.scalars = np.zeros((len(layout.params), kernel_layout.TENSOR_SCALARS))
         # Each param's position in its kernel bucket: the tensor part of the stochastic-rounding key.
         self.positions = np.zeros(len(layout.params), dtype=np.int64)
         for indices in layout.indices_by_math_dtype().values():
@@ -57,6 +59,7 @@ class ReferenceBackend(HostArrays):
         state = {name: buffer.astype(np.float64) for name, buffer in buffers.items()
                  if steps or rule.initial_state(name, group) != 0}
         state["step"] = steps
+        state.update(zip(rule.SCALARS, self.scalars[index]))
         work = (param if master is None else master).astype(np.float64)
         # The kernels round the grad factors to the math dtype (torch's are float32 tensors for float32 grads).
         math = dtypes.math_dtype(layout.param_storage[index])
@@ -75,11 +78,33 @@ class ReferenceBackend(HostArrays):
         for name, buffer in buffers.items():
             if name in state:
                 buffer[...] = reference.round_to_storage(state[name], buffer.dtype)
+        self.scalars[index, :len(rule.SCALARS)] = [state[name] for name in rule.SCALARS]
         if rule.counts_step(group):
             self.steps[index] += 1
+
+    def blend(self, layout, slot, weights):
+        """``p = p + w (s - p)`` in float64 for each param with a buffer ``s`` in state slot ``slot`` (the kernels'
+        blend_toward_state), rounded to the param's storage (through its master, where it has one)."""
+        for index, (param, master) in enumerate(zip(layout.params, layout.master)):
+            target = layout.states[index][slot]
+            if target is None:
+                continue
+            work = (param if master is None else master).astype(np.float64)
+            work += weights[index] * (target.astype(np.float64) - work)
+            if master is not None:
+                master[...] = reference.round_to_storage(work, master.dtype)
+                param[...] = master.astype(param.dtype)
+            else:
+                param[...] = reference.round_to_storage(work, param.dtype)
 
     def tensor_steps(self):
         return self.steps.copy()
 
     def set_tensor_steps(self, steps):
         self.steps[:] = steps
+
+    def tensor_scalars(self):
+        return self.scalars.copy()
+
+    def set_tensor_scalars(self, scalars):
+        self.scalars[:] = scalars

@@ -9,11 +9,13 @@ Everything else (chunks, streams, storage formats, grad control, schedules) is t
 """
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .lamb import LAMB
 from .lion import Lion
 from .rmsprop import RMSprop
+from .schedule_free import AdamWScheduleFree, SGDScheduleFree
 from .sgd import SGD
 
-OPTIMIZERS = (SGD, RMSprop, Adam, AdamW, Adagrad, Lion)
+OPTIMIZERS = (SGD, RMSprop, Adam, AdamW, Adagrad, Lion, AdamWScheduleFree, SGDScheduleFree, LAMB)
 # One class per kernel rule (AdamW shares Adam's): what the CUDA sources are compiled with.
 RULES = {cls.KERNEL: cls for cls in reversed(OPTIMIZERS)}
 # The float64 reference functions by name (``fastopt.reference.adam`` etc.).

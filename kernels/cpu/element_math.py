@@ -8,8 +8,9 @@ from .jit import jit
 
 @jit
 def lerp(start, end, weight, one):
-    """torch.lerp's formula: the form used depends on whether the weight is below one half."""
-    if weight < one - weight:
+    """torch.lerp's formula: the form used depends on whether |weight| is below one half (negative weights:
+    schedule-free's eval())."""
+    if abs(weight) < one - abs(weight):
         return start + weight * (end - start)
     return end - (end - start) * (one - weight)
 

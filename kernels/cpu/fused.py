@@ -35,9 +35,10 @@ from numba.extending import intrinsic, overload
 from .conversions import float32_to_bfloat16_stochastic, load, store, widen_bits
 from .jit import jit, parallel_jit, reduction_jit, serial_twin
 from .schedule_math import schedule_value
+from .element_math import lerp
 from .layout import (CHUNK, COEFFICIENT_GRAD_CLIP, COEFFICIENT_GRAD_UNSCALE, COUNTS_STEP, FLOAT32, GRAD, GRAD_CLIP,
-                     GRAD_FORMAT, GRAD_UNSCALE, LIVE_STATES, LR_SCALE, MASTER, MAXIMIZE, NATIVE, PARAM, SKIP, STATE0,
-                     STATE1, STATE2)
+                     GRAD_FORMAT, GRAD_UNSCALE, LIVE_STATES, LR_SCALE, MASTER, MAXIMIZE, NATIVE, NORM_PARAM, NORM_SUMS,
+                     NORM_UPDATE, PARAM, SKIP, STATE0, STATE1, STATE2)
 
 # Elements per strip of 16-bit grads widened to float32 for the norm (a strip stays in L1).
 STRIP = 1024
@@ -203,6 +204,25 @@ def grad_stats(addresses, tensor_format, chunk_tensor, chunk_start, chunk_length
     return total, nonfinite
 
 
+@parallel_jit
+def blend_toward_state(addresses, chunk_tensor, chunk_start, chunk_length, slot, tensor_weight, one, param_like,
+                       state_like, master_like):
+    """``p = lerp(p, s, w)`` for each tensor whose state slot ``slot`` holds a buffer ``s``, with its weight ``w``
+    (``tensor_weight``, in the math dtype, as is ``one``): one pass reading the param (its master, where it has one)
+    and the state and writing the param (and the master's rounding), rounded to nearest. Schedule-free's move of the
+    params between where grads are taken and the average evaluated (``train()``/``eval()``)."""
+    for chunk in prange(chunk_tensor.shape[0]):
+        tensor = chunk_tensor[chunk]
+        if addresses[tensor, slot] == 0:
+            continue
+        start, length = chunk_start[chunk], chunk_length[chunk]
+        param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
+        target = storage_stream(addresses, tensor, slot, start, length, state_like)
+        weight = tensor_weight[tensor]
+        for i in range(length):
+            write_param(param, param_out, i, lerp(load(param, i), load(target, i), weight, one), None, 0, 0)
+
+
 @jit
 def unscaled_grad(grad, grad_unscale, grad_clip, maximize):
     """The gradient the update uses: unscaled (GradScaler's multiply by 1 / scale), clipped (clip_grad_norm_'s
@@ -224,16 +244,25 @@ def coefficient_values(row):
 # The functions below are templates, never compiled themselves: ``step_kernels`` compiles a copy of each per rule, with
 # these globals bound to the rule's functions and constants and each level of the dispatch bound to the rule's copy of
 # the next.
-rule_element = rule_coefficients = None
+rule_element = rule_coefficients = rule_advance_scalars = None
+rule_moments = rule_direction = rule_norm_coefficients = rule_apply = None  # a rule with per-tensor norms (LAMB)
+RULE_NORMS = False
 LIVE_MASK0 = LIVE_MASK1 = LIVE_MASK2 = LIVE_MASK3 = LIVE_MASK4 = LIVE_MASK5 = LIVE_MASK6 = LIVE_MASK7 = False
+# The passes of a step: one fused UPDATE, or for a rule with per-tensor norms a NORMS pass (moments updated, partial
+# norms summed) and an APPLY pass (the param moved by the norms' ratio). ``run_chunk`` and ``one_chunk`` are bound
+# once per pass, with PHASE and the pass's loop (``chunk_loop``) and ``run_chunk``.
+UPDATE, NORMS, APPLY = range(3)
+PHASE = UPDATE
+chunk_loop = run_chunk_of_phase = None
 
-def chunk_loop(has_lr_scale, live0, live1, live2, streams):
-    """One chunk: each element of every live stream read once, the rule's element function applied, each updated
-    stream written once. The flags that decide which streams are read and written are literals (one loop per
-    combination, each without a per-element branch, so each vectorises); an absent stream's placeholder is the grad.
-    ``streams``: (param, param_out, grad, lr_scale, state0, state1, state2, coefficient row, maximize, and the
-    stochastic rounding's seed, step and first element), a tuple rather than star-args, which Numba types without
-    the literals."""
+
+def update_loop(has_lr_scale, live0, live1, live2, streams):
+    """One chunk of a one-pass rule: each element of every live stream read once, the rule's element function
+    applied, each updated stream written once. The flags that decide which streams are read and written are
+    literals (one loop per combination, each without a per-element branch, so each vectorises); an absent stream's
+    placeholder is the grad. ``streams``: (param, param_out, grad, lr_scale, state0, state1, state2, coefficient row,
+    maximize, and the stochastic rounding's seed, step and first element), a tuple rather than star-args, which
+    Numba types without the literals. Returns no sums (those of the NORMS pass)."""
     param, param_out, grad, lr_scale, state0, state1, state2, row, maximize, seed, step, first_element = streams
     c = coefficient_values(row)
     grad_unscale = row[COEFFICIENT_GRAD_UNSCALE]
@@ -252,37 +281,126 @@ def chunk_loop(has_lr_scale, live0, live1, live2, streams):
             store(state1, i, s1)
         if live2:
             store(state2, i, s2)
+    return 0.0, 0.0
+
+
+def norm_loop(has_lr_scale, live0, live1, live2, streams):
+    """The first pass of a rule with per-tensor norms over one chunk: the states updated from the grad (read and
+    written once, the param read once), and the chunk's sums of squares of the param and of the rule's update
+    direction returned. The direction is computed from the states as stored (16-bit states rounded), exactly as the
+    APPLY pass recomputes it from them; param and direction go through a strip in L1 that ``sum_of_squares`` reads,
+    as a running float64 sum in this loop would be a chain of dependent additions."""
+    param, param_out, grad, lr_scale, state0, state1, state2, row, maximize, seed, step, first_element = streams
+    c = coefficient_values(row)
+    grad_unscale = row[COEFFICIENT_GRAD_UNSCALE]
+    grad_clip = row[COEFFICIENT_GRAD_CLIP]
+    strips = np.empty((2, STRIP), dtype=row.dtype)
+    param_sum = 0.0
+    update_sum = 0.0
+    for offset in range(0, param.shape[0], STRIP):
+        length = min(STRIP, param.shape[0] - offset)
+        params = strip_row(strips, 0, length)
+        updates = strip_row(strips, 1, length)
+        for k in range(length):
+            i = offset + k
+            g = unscaled_grad(load(grad, i), grad_unscale, grad_clip, maximize)
+            p = load(param, i)
+            s0 = load(state0, i) if live0 else g
+            s1 = load(state1, i) if live1 else g
+            s2 = load(state2, i) if live2 else g
+            s0, s1, s2 = rule_moments(p, g, s0, s1, s2, live0, live1, live2, c)
+            if live0:
+                store(state0, i, s0)
+                s0 = load(state0, i)
+            if live1:
+                store(state1, i, s1)
+                s1 = load(state1, i)
+            if live2:
+                store(state2, i, s2)
+                s2 = load(state2, i)
+            params[k] = p
+            updates[k] = rule_direction(p, s0, s1, s2, live0, live1, live2, c)
+        param_sum += sum_of_squares(params)
+        update_sum += sum_of_squares(updates)
+    return param_sum, update_sum
+
+
+def apply_loop(has_lr_scale, live0, live1, live2, streams):
+    """The second pass of a rule with per-tensor norms over one chunk: the update direction recomputed from the
+    param and the states the NORMS pass wrote (no grad read; cheaper than storing the direction, which would be one
+    more buffer written and read), and the param moved by the rule's ``apply`` with the tensor's ratio in ``c``."""
+    param, param_out, grad, lr_scale, state0, state1, state2, row, maximize, seed, step, first_element = streams
+    c = coefficient_values(row)
+    for i in range(param.shape[0]):
+        p = load(param, i)
+        s0 = load(state0, i) if live0 else p
+        s1 = load(state1, i) if live1 else p
+        s2 = load(state2, i) if live2 else p
+        scale = lr_scale[i] if has_lr_scale else p
+        update = rule_direction(p, s0, s1, s2, live0, live1, live2, c)
+        write_param(param, param_out, i, rule_apply(p, update, scale, has_lr_scale, c), seed, step, first_element)
+    return 0.0, 0.0
 
 
 def run_chunk(has_lr_scale, live, streams):
-    """chunk_loop for one chunk, with the group's live state slots (``live``, bit k for slot k) as literals; the
-    caller makes ``has_lr_scale`` one. A live mask the rule cannot have (its LIVE_MASK<m> constant False) is pruned
-    at compile time, so only the loops a rule can run are compiled. All in one function: every level of calls between
-    the step and its loops is optimised again by LLVM with everything below it, which multiplied compile times."""
+    """The pass's chunk_loop for one chunk, with the group's live state slots (``live``, bit k for slot k) as
+    literals; the caller makes ``has_lr_scale`` one. A live mask the rule cannot have (its LIVE_MASK<m> constant
+    False) is pruned at compile time, so only the loops a rule can run are compiled. All in one function: every level
+    of calls between the step and its loops is optimised again by LLVM with everything below it, which multiplied
+    compile times."""
     if LIVE_MASK0 and live == 0:
-        chunk_loop(has_lr_scale, False, False, False, streams)
+        return chunk_loop(has_lr_scale, False, False, False, streams)
     elif LIVE_MASK1 and live == 1:
-        chunk_loop(has_lr_scale, True, False, False, streams)
+        return chunk_loop(has_lr_scale, True, False, False, streams)
     elif LIVE_MASK2 and live == 2:
-        chunk_loop(has_lr_scale, False, True, False, streams)
+        return chunk_loop(has_lr_scale, False, True, False, streams)
     elif LIVE_MASK3 and live == 3:
-        chunk_loop(has_lr_scale, True, True, False, streams)
+        return chunk_loop(has_lr_scale, True, True, False, streams)
     elif LIVE_MASK4 and live == 4:
-        chunk_loop(has_lr_scale, False, False, True, streams)
+        return chunk_loop(has_lr_scale, False, False, True, streams)
     elif LIVE_MASK5 and live == 5:
-        chunk_loop(has_lr_scale, True, False, True, streams)
+        return chunk_loop(has_lr_scale, True, False, True, streams)
     elif LIVE_MASK6 and live == 6:
-        chunk_loop(has_lr_scale, False, True, True, streams)
+        return chunk_loop(has_lr_scale, False, True, True, streams)
     elif LIVE_MASK7 and live == 7:
-        chunk_loop(has_lr_scale, True, True, True, streams)
+        return chunk_loop(has_lr_scale, True, True, True, streams)
+    return 0.0, 0.0
 
 
-def rule_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, group_hyper,
-              schedule_program, schedule_base, optimizer_step, lr_factor, grad_control, coefficients, scratch,
-              param_like, grad_like, state_like, master_like, seed):
+def one_chunk(chunk, addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, group_hyper, optimizer_step,
+              coefficients, chunk_norms, scratch, param_like, grad_like, state_like, master_like, seed):
+    """Chunk ``chunk`` of the pass, if its tensor has a grad; the NORMS pass writes the chunk's sums into
+    ``chunk_norms``."""
+    tensor = chunk_tensor[chunk]
+    if addresses[tensor, GRAD] == 0:
+        return
+    start = chunk_start[chunk]
+    length = chunk_length[chunk]
+    hyper = group_hyper[tensor_group[tensor]]
+    param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
+    live = np.int64(hyper[LIVE_STATES])
+    streams = (param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
+               stream(addresses, tensor, LR_SCALE, start, length, scratch),
+               stream(addresses, tensor, STATE0, start, length, state_like),
+               stream(addresses, tensor, STATE1, start, length, state_like),
+               stream(addresses, tensor, STATE2, start, length, state_like), coefficients[tensor],
+               hyper[MAXIMIZE] != 0, seed, optimizer_step, (np.int64(tensor) << np.int64(40)) + start)
+    if addresses[tensor, LR_SCALE] != 0:
+        sums = run_chunk_of_phase(True, live, streams)
+    else:
+        sums = run_chunk_of_phase(False, live, streams)
+    if PHASE == NORMS:
+        chunk_norms[chunk, NORM_PARAM] = sums[0]
+        chunk_norms[chunk, NORM_UPDATE] = sums[1]
+
+
+def rule_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, tensor_scalars,
+              group_hyper, schedule_program, schedule_base, optimizer_step, lr_factor, grad_control, coefficients,
+              chunk_norms, scratch, param_like, grad_like, state_like, master_like, seed):
     """One step of the rule over every tensor of one math dtype (state slots STATE0..STATE2: the rule's
-    ``STATE_SLOTS``). A tensor's step count advances where its group's COUNTS_STEP is set; the rule's coefficients
-    see the count including this step."""
+    ``STATE_SLOTS``): one parallel pass, or for a rule with per-tensor norms two, with the norms added up between
+    them chunk by chunk in order (the same totals for any thread count). A tensor's step count advances where its
+    group's COUNTS_STEP is set; the rule's running scalars and coefficients see the count including this step."""
     if grad_control[SKIP] != 0:
         return
     learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor)
@@ -290,33 +408,38 @@ def rule_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, 
         if addresses[tensor, GRAD] == 0:
             continue
         group = tensor_group[tensor]
-        counts = group_hyper[group, COUNTS_STEP] != 0
-        rule_coefficients(group_hyper[group], learning_rates[group], tensor_step[tensor] + np.int64(counts),
+        step = tensor_step[tensor] + np.int64(group_hyper[group, COUNTS_STEP] != 0)
+        rule_advance_scalars(group_hyper[group], learning_rates[group], step, tensor_scalars[tensor])
+        rule_coefficients(group_hyper[group], learning_rates[group], step, tensor_scalars[tensor],
                           coefficients[tensor])
         coefficients[tensor, COEFFICIENT_GRAD_UNSCALE] = grad_control[GRAD_UNSCALE]
         coefficients[tensor, COEFFICIENT_GRAD_CLIP] = grad_control[GRAD_CLIP]
-    for chunk in prange(chunk_tensor.shape[0]):
-        tensor = chunk_tensor[chunk]
-        if addresses[tensor, GRAD] == 0:
-            continue
-        start = chunk_start[chunk]
-        length = chunk_length[chunk]
-        hyper = group_hyper[tensor_group[tensor]]
-        param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
-        live = np.int64(hyper[LIVE_STATES])
-        streams = (param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
-                   stream(addresses, tensor, LR_SCALE, start, length, scratch),
-                   stream(addresses, tensor, STATE0, start, length, state_like),
-                   stream(addresses, tensor, STATE1, start, length, state_like),
-                   stream(addresses, tensor, STATE2, start, length, state_like), coefficients[tensor],
-                   hyper[MAXIMIZE] != 0, seed, optimizer_step, (np.int64(tensor) << np.int64(40)) + start)
-        if addresses[tensor, LR_SCALE] != 0:
-            run_chunk(True, live, streams)
-        else:
-            run_chunk(False, live, streams)
+    tables = (addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, group_hyper, optimizer_step,
+              coefficients, chunk_norms, scratch, param_like, grad_like, state_like, master_like, seed)
+    if RULE_NORMS:
+        for chunk in prange(chunk_tensor.shape[0]):
+            norm_chunk(chunk, *tables)
+        tensor_norms = np.zeros((tensor_group.shape[0], NORM_SUMS))
+        for chunk in range(chunk_tensor.shape[0]):
+            tensor_norms[chunk_tensor[chunk]] += chunk_norms[chunk]
+        for tensor in range(tensor_group.shape[0]):
+            if addresses[tensor, GRAD] != 0:
+                group = tensor_group[tensor]
+                rule_norm_coefficients(group_hyper[group], learning_rates[group], tensor_norms[tensor, NORM_PARAM],
+                                       tensor_norms[tensor, NORM_UPDATE], coefficients[tensor])
+        for chunk in prange(chunk_tensor.shape[0]):
+            apply_chunk(chunk, *tables)
+    else:
+        for chunk in prange(chunk_tensor.shape[0]):
+            update_chunk(chunk, *tables)
     for tensor in range(tensor_group.shape[0]):
         if addresses[tensor, GRAD] != 0 and group_hyper[tensor_group[tensor], COUNTS_STEP] != 0:
             tensor_step[tensor] += 1
+
+
+@jit
+def no_scalars(hyper, lr, step, scalars):
+    """``advance_scalars`` of a rule that keeps no running scalars."""
 
 
 def _bound(template, suffix, names):
@@ -339,10 +462,22 @@ def step_kernels(kernel, always_live, optional_live):
     rule = importlib.import_module(f"{__package__}.rules.{kernel}")
     digest = hashlib.sha256(Path(rule.__file__).read_bytes()).hexdigest()[:12]
     suffix = f"{kernel}_{always_live}_{optional_live}_{digest}"
-    names = dict(rule_element=rule.element, rule_coefficients=rule.coefficients)
+    norms = getattr(rule, "NORMS", False)
+    names = dict(rule_coefficients=rule.coefficients, RULE_NORMS=norms,
+                 rule_advance_scalars=getattr(rule, "advance_scalars", no_scalars))
+    if norms:
+        names.update(rule_moments=rule.moments, rule_direction=rule.direction,
+                     rule_norm_coefficients=rule.norm_coefficients, rule_apply=rule.apply)
+        passes = dict(norm_chunk=(NORMS, norm_loop), apply_chunk=(APPLY, apply_loop))
+    else:
+        names.update(rule_element=rule.element)
+        passes = dict(update_chunk=(UPDATE, update_loop))
     for mask in range(8):  # the live masks a group of the rule can have: every slot it always uses, and no others
         names[f"LIVE_MASK{mask}"] = mask & always_live == always_live and mask & ~(always_live | optional_live) == 0
-    for template in (chunk_loop, run_chunk):
-        names[template.__name__] = jit(_bound(template, suffix, names))
+    for name, (phase, loop) in passes.items():
+        bound = dict(names, PHASE=phase)
+        bound["chunk_loop"] = jit(_bound(loop, suffix, bound))
+        bound["run_chunk_of_phase"] = jit(_bound(run_chunk, f"{loop.__name__}_{suffix}", bound))
+        names[name] = jit(_bound(one_chunk, f"{loop.__name__}_{suffix}", bound))
     step = parallel_jit(_bound(rule_step, suffix, names))
     return step, serial_twin(step)

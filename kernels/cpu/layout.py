@@ -6,6 +6,8 @@ Per optimizer step the host passes:
   buffers; 0 marks an absent buffer (no lr_scale, no grad this step, a state the group does not use).
 - ``chunk_tensor``, ``chunk_start``, ``chunk_length`` int64 [chunks]: the work split, at most CHUNK elements each.
 - ``tensor_group`` int64 [tensors] and ``tensor_step`` int64 [tensors] (steps taken, advanced by the kernel).
+- ``tensor_scalars`` float64 [tensors, TENSOR_SCALARS]: running per-tensor values a rule keeps across steps
+  (schedule-free's weight sum and largest rate), advanced by the kernel as the step counts are.
 - ``group_hyper`` float64 [groups, columns]: the columns below, then the rule's, plus the packed schedules (see
   schedule_codes).
 - ``tensor_format`` int64 [tensors, FORMAT_COLUMNS]: how each tensor's param, grad and state buffers are stored
@@ -52,3 +54,11 @@ STATE_SLOTS = 3  # at most three state buffers per param
 RULE_COEFFICIENTS = 14
 COEFFICIENTS = RULE_COEFFICIENTS + 2
 COEFFICIENT_GRAD_UNSCALE, COEFFICIENT_GRAD_CLIP = RULE_COEFFICIENTS, RULE_COEFFICIENTS + 1
+
+# Width of the per-tensor running values (``tensor_scalars``; a rule names its own in ``Rule.SCALARS``).
+TENSOR_SCALARS = 2
+
+# Per-chunk partial sums of a rule with per-tensor norms (LAMB): the sum of squares of the param, and of the update
+# direction, in float64. The per-tensor totals add the chunks in order, so they do not depend on the thread count.
+NORM_PARAM, NORM_UPDATE = range(2)
+NORM_SUMS = 2

@@ -9,7 +9,7 @@ RATE, WEIGHT_DECAY, EPS, USE_WEIGHT_DECAY = range(4)
 
 
 @jit
-def coefficients(hyper, lr, step, row):
+def coefficients(hyper, lr, step, scalars, row):
     """``step`` is t, the tensor's step count including this step: the rate decays as lr / (1 + (t - 1) lr_decay)."""
     row[RATE] = -(lr / (1.0 + (step - 1) * hyper[H_LR_DECAY]))
     row[WEIGHT_DECAY] = hyper[H_WEIGHT_DECAY]

@@ -11,7 +11,7 @@ H_BETA1, H_BETA2, H_EPS, H_WEIGHT_DECAY, H_DECOUPLED_WEIGHT_DECAY = Adam.column_
 
 
 @jit
-def coefficients(hyper, lr, step, row):
+def coefficients(hyper, lr, step, scalars, row):
     """``step`` is t, the tensor's step count including this step (1 on its first step)."""
     t = float(step)
     bias_correction1 = 1.0 - hyper[H_BETA1] ** t

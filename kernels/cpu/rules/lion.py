@@ -8,7 +8,7 @@ RATE, DECAY_FACTOR, RATE_WEIGHT_DECAY, BETA1, BETA1_COMPLEMENT, BETA2, BETA2_COM
 
 
 @jit
-def coefficients(hyper, lr, step, row):
+def coefficients(hyper, lr, step, scalars, row):
     row[RATE] = -lr
     row[DECAY_FACTOR] = 1.0 - lr * hyper[H_WEIGHT_DECAY]
     row[RATE_WEIGHT_DECAY] = lr * hyper[H_WEIGHT_DECAY]

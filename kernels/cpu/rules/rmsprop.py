@@ -10,7 +10,7 @@ RATE, ALPHA, ALPHA_COMPLEMENT, EPS, WEIGHT_DECAY, MOMENTUM, ONE, USE_WEIGHT_DECA
 
 
 @jit
-def coefficients(hyper, lr, step, row):
+def coefficients(hyper, lr, step, scalars, row):
     row[RATE] = -lr
     row[ALPHA] = hyper[H_ALPHA]
     row[ALPHA_COMPLEMENT] = 1.0 - hyper[H_ALPHA]

@@ -7,7 +7,7 @@ RATE, WEIGHT_DECAY, MOMENTUM, DAMPENING_COMPLEMENT, USE_WEIGHT_DECAY, FIRST_MOME
 
 
 @jit
-def coefficients(hyper, lr, step, row):
+def coefficients(hyper, lr, step, scalars, row):
     """``step`` counts momentum steps including this one: at 1 the buffer starts as the gradient."""
     row[RATE] = -lr
     row[WEIGHT_DECAY] = hyper[H_WEIGHT_DECAY]
