@@ -359,8 +359,9 @@ class Optimizer:
         return 0.0
 
     @classmethod
-    def reference_step(cls, param, grad, state, group, lr, lr_scale):
-        """The float64 reference update of one tensor (``REFERENCE`` with the group's hyperparameters)."""
+    def reference_step(cls, param, grad, state, group, lr, lr_scale, state_dtype=None):
+        """The float64 reference update of one tensor (``REFERENCE`` with the group's hyperparameters).
+        ``state_dtype``: the state's storage dtype, for a rule whose update reads its states back as stored (LAMB)."""
         cls.REFERENCE(param, grad, state, lr=lr, lr_scale=lr_scale,
                       **{key: group[key] for key in cls.DEFAULTS if key != "lr"})
 

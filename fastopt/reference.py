@@ -54,7 +54,11 @@ def clip_factor(norm, max_norm):
 
 
 def __getattr__(name):
-    """The float64 reference function of a rule, by name (``adam``, ``adamw``, ...): it lives with its rule."""
+    """The float64 reference function of a rule, by name (``adam``, ``adamw``, ...): it lives with its rule. Dunder
+    names are not looked up there: ``from fastopt.reference import ...`` asks for ``__path__`` while the rules
+    themselves import this module."""
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from .rules import REFERENCES
 
     if name in REFERENCES:

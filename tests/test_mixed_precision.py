@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from configs import anchor_optimizer
+from configs import anchor_optimizer, lr_schedule
 from conftest import assert_close, sign_flips
 from fastopt import dtypes
 from fastopt.kernels.cpu import fused, layout as tables
@@ -43,6 +43,9 @@ OPTIMIZERS = [
     (fo.AdamW, {}),
     (fo.Adagrad, dict(lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
     (fo.Lion, dict(weight_decay=0.1)),
+    (fo.AdamWScheduleFree, dict(warmup_steps=2, weight_decay=0.01)),
+    (fo.SGDScheduleFree, dict(momentum=0.8, weight_decay=0.01)),
+    (fo.LAMB, dict(weight_decay=0.01)),
 ]
 
 
@@ -72,7 +75,8 @@ LARGEST_STEP = 0.06  # the largest lr * lr_scale of ``run``: its second group's 
 def run(cls, kwargs, options, problem, backend, *, grad_scale=None, steps=STEPS):
     params0, params1, scales1, grads = problem
     params0, params1 = [p.copy() for p in params0], [p.copy() for p in params1]
-    schedule = fo.schedules.warmup(fo.schedules.cosine(0.05, t_max=STEPS, eta_min=0.005), warmup_steps=2)
+    schedule = lr_schedule(cls, fo.schedules.warmup(fo.schedules.cosine(0.05, t_max=STEPS, eta_min=0.005),
+                                                   warmup_steps=2))
     optimizer = cls([{"params": params0, "lr": schedule},
                      {"params": params1, "lr": 0.03, "lr_scale": [s.copy() for s in scales1]}],
                     backend=backend, **kwargs, **options)

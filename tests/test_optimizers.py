@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from configs import CONFIG_IDS, CONFIGS, STEPS, assert_matches_reference, make_problem, run_reference  # noqa: F401
+from configs import (CONFIG_IDS, CONFIGS, STEPS, assert_matches_reference, lr_schedule, make_problem,  # noqa: F401
+                     run_reference)
 from conftest import assert_close, tolerance
 from fastopt.kernels.cpu import layout
 
@@ -17,7 +18,7 @@ def test_matches_reference(cls, kwargs, dtype, backend, rng, monkeypatch):
         monkeypatch.setattr(layout, "SERIAL_BELOW", 1 << 62 if backend == "cpu-serial" else 0)
         backend = "cpu"
     params0, params1, scales1, grads = make_problem(dtype, rng)
-    schedule = fo.schedules.cosine(0.05, t_max=4, eta_min=0.001)  # periodic past t_max: rises again
+    schedule = lr_schedule(cls, fo.schedules.cosine(0.05, t_max=4, eta_min=0.001))  # periodic past t_max: rises
     lrs1 = [0.02, 0.02, 0.005, 0.04, 0.0, 0.01]
     expected_params, expected_states = run_reference(cls, kwargs, params0, params1, scales1, grads, schedule, lrs1)
 

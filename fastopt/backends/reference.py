@@ -65,7 +65,8 @@ class ReferenceBackend(HostArrays):
         math = dtypes.math_dtype(layout.param_storage[index])
         unscale, clip = self.control.values[:2].astype(math)
         rule.reference_step(work, grad.astype(np.float64) * float(unscale) * float(clip), state, group, lr,
-                            1.0 if scale is None else scale.astype(np.float64))
+                            1.0 if scale is None else scale.astype(np.float64),
+                            state_dtype=dtypes.numpy_dtype(layout.state_storage[index]))
         if master is not None:
             master[...] = reference.round_to_storage(work, master.dtype)
             param[...] = master.astype(param.dtype)

@@ -2,6 +2,7 @@
 import numpy as np
 
 from ..optimizer import Optimizer
+from ..reference import round_to_storage
 
 
 def trust_ratio(param_norm, update_norm, max_trust_ratio):
@@ -12,19 +13,25 @@ def trust_ratio(param_norm, update_norm, max_trust_ratio):
 
 
 def lamb(param, grad, state, *, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
-         max_trust_ratio=10.0, maximize=False, lr_scale=1.0):
+         max_trust_ratio=10.0, maximize=False, lr_scale=1.0, state_dtype=None):
     r"""The float64 reference of one tensor's step.
 
     .. math::
         m = \beta_1 m + (1 - \beta_1) g, \quad v = \beta_2 v + (1 - \beta_2) g^2, \quad
         u = \frac{m / (1 - \beta_1^t)}{\sqrt{v / (1 - \beta_2^t)} + \epsilon} + \lambda p, \quad
         p = p - \eta s \,\mathrm{trust}\, u, \quad \mathrm{trust} = \min(\|p\| / \|u\|, \tau)
+
+    ``state_dtype``: the dtype the moments are stored in, if u is to be computed from them as stored (the kernels'
+    second pass reads them back; the reference backend passes it).
     """
     beta1, beta2 = betas
     step = state["step"] = state.get("step", 0) + 1
     g = -grad if maximize else grad
-    m = state["exp_avg"] = beta1 * state.get("exp_avg", 0.0) + (1 - beta1) * g
-    v = state["exp_avg_sq"] = beta2 * state.get("exp_avg_sq", 0.0) + (1 - beta2) * g * g
+    m = beta1 * state.get("exp_avg", 0.0) + (1 - beta1) * g
+    v = beta2 * state.get("exp_avg_sq", 0.0) + (1 - beta2) * g * g
+    if state_dtype is not None:
+        m, v = (round_to_storage(moment, state_dtype).astype(np.float64) for moment in (m, v))
+    state["exp_avg"], state["exp_avg_sq"] = m, v
     if bias_correction:
         m, v = m / (1 - beta1 ** step), v / (1 - beta2 ** step)
     update = m / (np.sqrt(v) + eps) + weight_decay * param
@@ -72,6 +79,11 @@ class LAMB(Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       bias_correction=bias_correction, max_trust_ratio=max_trust_ratio,
                                       maximize=maximize), backend=backend, guard=guard, **options)
+
+    @classmethod
+    def reference_step(cls, param, grad, state, group, lr, lr_scale, state_dtype=None):
+        cls.REFERENCE(param, grad, state, lr=lr, lr_scale=lr_scale, state_dtype=state_dtype,
+                      **{key: group[key] for key in cls.DEFAULTS if key != "lr"})
 
     @classmethod
     def validate_hyperparameters(cls, group, where):

@@ -340,7 +340,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                                for index, group in enumerate(self.param_groups)], **self._core_options)
         core.grad_reduction = getattr(views, "grad_reduction", None)  # DTensors: clip and skip on global grads
         entries, counts = {}, np.zeros(len(params), dtype=np.int64)
-        for index, param in enumerate(params):
+        groups_of_params = [group for group in self.param_groups for _ in group["params"]]
+        for index, (param, group) in enumerate(zip(params, groups_of_params)):
             saved = self.state.get(param)
             if not saved:
                 continue
@@ -348,8 +349,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                      if name != "step" and value is not None}
             # An optimizer that keeps no step (torch's SGD) has buffers from the first step that counts on (for
             # SGD, the first momentum step): the core's per-param count must say so.
-            counts[index] = int(float(saved["step"])) if "step" in saved else int(bool(entry))
-            entry["step"] = counts[index]
+            entry["step"] = int(float(saved["step"])) if "step" in saved else int(bool(entry))
+            entry = self._core_entry(entry, group)
+            counts[index] = entry["step"]
             entries[index] = entry
         if entries or step_count:
             position, groups = 0, []
@@ -379,6 +381,12 @@ class TorchOptimizer(torch.optim.Optimizer):
             entries = range(len(params))
         for index in entries:
             self._expose(index)
+
+    def _core_entry(self, entry, group):
+        """The core's state-dict entry of a param (its buffers as host arrays, and ``step``) from what torch holds
+        in ``state[p]``, and in its ``group``: where the package a class follows keeps per-group values that the core
+        keeps per param (schedule-free's ``k``), a subclass takes them from the group here."""
+        return entry
 
     def _counted_mask(self):
         """The params whose step count a step with a grad advances (the rule's ``counts_step``: all, except in SGD

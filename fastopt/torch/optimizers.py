@@ -8,10 +8,10 @@ class takes the core's mixed-precision options (``master_weights``, ``state_dtyp
 """
 import torch
 
-from .. import rules as core
-from .adapter import TorchOptimizer
+from .. import rules as core, schedules
+from .adapter import TorchOptimizer, _plain
 
-__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Lion"]
+__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Lion", "AdamWScheduleFree", "SGDScheduleFree", "LAMB"]
 
 
 class SGD(TorchOptimizer):
@@ -145,3 +145,133 @@ class Lion(TorchOptimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, **options):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize), options)
+
+
+class _ScheduleFree(TorchOptimizer):
+    """What the ``schedulefree`` package's ``AdamWScheduleFree`` and ``SGDScheduleFree`` share, run by fastopt's
+    (:class:`fastopt.AdamWScheduleFree`): ``train()`` and ``eval()`` (one fused pass each), the package's group keys
+    and ``state[p]`` (``z``, and ``exp_avg_sq`` for AdamW; no ``step``), so checkpoints load both ways.
+
+    The package keeps ``k``, ``weight_sum`` and ``lr_max`` per group, on the host; fastopt keeps them per param and
+    advances them in the kernel (a CUDA step reads nothing from the host). :meth:`state_dict` writes each group's
+    values (those of its param with the most steps: every param's, when each gets a grad at every step, which is the
+    package's assumption) into the saved groups with ``train_mode`` and ``scheduled_lr``, and a checkpoint's group
+    values become its params'. A new optimizer starts in train mode (the package's starts in eval mode and needs
+    ``train()`` first; calling it is harmless)."""
+
+    STEP_IN_STATE = False
+    OLDER_CHECKPOINT_DEFAULTS = dict(maximize=False)  # fastopt's addition to the package's keywords
+
+    def _core_entry(self, entry, group):
+        """A param with ``z`` has taken the group's ``k`` steps (the package's count), at its weight sum and lr_max."""
+        if "z" in entry and "k" in group:
+            entry = dict(entry, step=int(group["k"]), weight_sum=float(group["weight_sum"]),
+                         lr_max=max(float(group["lr_max"]), 0.0))  # the package starts lr_max at -1
+        return entry
+
+    _loading = False  # load_state_dict in progress: the groups hold the checkpoint's values, not stale ones
+
+    def _rebuild(self, step_count):
+        if self._core is not None and not self._loading:
+            self._refresh_group_values()  # the new core takes its params' counts from the groups
+        super()._rebuild(step_count)
+        self._core.train_mode = bool(self.param_groups[0].get("train_mode", True))
+
+    def _refresh_group_values(self):
+        """Write the package's per-group values into ``param_groups`` from the core's per-param ones: ``k``,
+        ``weight_sum``, ``lr_max`` (of the group's param with the most steps), ``scheduled_lr`` and ``train_mode``."""
+        saved = self._core.state_dict()["state"]
+        position = 0
+        for group in self.param_groups:
+            entries = [saved[index] for index in range(position, position + len(group["params"])) if index in saved]
+            position += len(group["params"])
+            group["train_mode"] = self._core.train_mode
+            latest = max(entries, key=lambda entry: entry["step"], default=None)
+            if latest is not None:
+                group.update(k=latest["step"], weight_sum=latest["weight_sum"], lr_max=latest["lr_max"])
+                lr, warmup = float(schedules.as_schedule(_plain(group["lr"]))(0)), group["warmup_steps"]
+                group["scheduled_lr"] = lr * min(1.0, latest["step"] / warmup) if warmup else lr
+
+    def load_state_dict(self, state_dict):
+        self._loading = True
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._loading = False
+
+    def __getstate__(self):
+        if self._core is not None:
+            self._refresh_group_values()
+        return super().__getstate__()
+
+    def train(self):
+        """Move the params back to where gradients are taken (a no-op in train mode), as the package's ``train()``."""
+        self._switch(train=True)
+
+    def eval(self):
+        """Move the params to the average to evaluate (a no-op in eval mode), as the package's ``eval()``."""
+        self._switch(train=False)
+
+    @torch.no_grad()
+    def _switch(self, train):
+        if self._params_changed():
+            self._rebuild(self._step_count())
+        self._sync_groups()
+        with self._views.stream():
+            self._core.train() if train else self._core.eval()
+        for group in self.param_groups:
+            group["train_mode"] = train
+
+    def state_dict(self):
+        """torch's ``state_dict``, with the package's group values brought up to date first."""
+        self._refresh_group_values()
+        return super().state_dict()
+
+
+class AdamWScheduleFree(_ScheduleFree):
+    """The ``schedulefree`` package's ``AdamWScheduleFree`` run by :class:`fastopt.AdamWScheduleFree`;
+    ``state[p]`` holds ``z`` and ``exp_avg_sq``. See :class:`_ScheduleFree` for train/eval and checkpoints."""
+
+    CORE = core.AdamWScheduleFree
+    ARGUMENT_CHECKS = (("lr", "Invalid learning rate"), ("eps", "Invalid epsilon value"), ("betas", None),
+                       ("weight_decay", "Invalid weight_decay value"))
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, warmup_steps=0, r=0.0,
+                 weight_lr_power=2.0, foreach=None, *, maximize=False, **options):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, r=r, k=0, warmup_steps=warmup_steps,
+                                      train_mode=True, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0,
+                                      weight_lr_power=weight_lr_power, weight_decay=weight_decay, foreach=foreach,
+                                      maximize=maximize), options)
+
+
+class SGDScheduleFree(_ScheduleFree):
+    """The ``schedulefree`` package's ``SGDScheduleFree`` run by :class:`fastopt.SGDScheduleFree`; ``state[p]``
+    holds ``z``. See :class:`_ScheduleFree` for train/eval and checkpoints."""
+
+    CORE = core.SGDScheduleFree
+    ARGUMENT_CHECKS = (("lr", "Invalid learning rate"), ("weight_decay", "Invalid weight_decay value"))
+
+    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0, warmup_steps=0, r=0.0, weight_lr_power=2,
+                 foreach=None, *, maximize=False, **options):
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"Momentum must be between 0 and 1 exclusive: {momentum}")  # the package's check
+        super().__init__(params, dict(lr=lr, momentum=momentum, r=r, k=0, warmup_steps=warmup_steps,
+                                      train_mode=True, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0,
+                                      weight_lr_power=weight_lr_power, weight_decay=weight_decay, foreach=foreach,
+                                      maximize=maximize), options)
+
+
+class LAMB(TorchOptimizer):
+    """LAMB run by :class:`fastopt.LAMB` (no torch.optim class exists; this is the rule as documented there: the
+    paper's, with the trust ratio clamped to ``max_trust_ratio``); ``state[p]`` holds ``step``, ``exp_avg`` and
+    ``exp_avg_sq``, named as torch's Adam names them."""
+
+    CORE = core.LAMB
+    ARGUMENT_CHECKS = (("lr", "Invalid learning rate"), ("eps", "Invalid epsilon value"), ("betas", None),
+                       ("weight_decay", "Invalid weight_decay value"))
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, *, bias_correction=True,
+                 max_trust_ratio=10.0, maximize=False, **options):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      bias_correction=bias_correction, max_trust_ratio=max_trust_ratio,
+                                      maximize=maximize), options)
