@@ -36,11 +36,14 @@ class OptimizerCase:
     kwargs: dict
     states: int  # state buffers per param
     torch_fused: bool  # torch.optim has a fused CPU implementation
-    anchor: str = "torch.optim"  # the module of the implementation fastopt is measured against
+    anchor: str = "torch.optim"  # the module of the implementation fastopt is measured against; None: none exists
+    two_passes: bool = False  # a rule with per-tensor norms (LAMB): a pass over the moments, then one over the param
 
     @property
-    def bytes_per_param(self):  # reads: param, grad, states; writes: param, states
-        return FLOAT32_BYTES * (3 + 2 * self.states)
+    def bytes_per_param(self):
+        if self.two_passes:  # reads: param, grad, states; writes: states; then reads: param, states; writes: param
+            return FLOAT32_BYTES * ((2 + 2 * self.states) + (2 + self.states))
+        return FLOAT32_BYTES * (3 + 2 * self.states)  # reads: param, grad, states; writes: param, states
 
 
 CASES = {
@@ -51,6 +54,9 @@ CASES = {
     "AdamW": OptimizerCase("AdamW", dict(lr=1e-3), 2, True),
     "Adagrad": OptimizerCase("Adagrad", dict(lr=1e-3), 1, True),
     "Lion": OptimizerCase("Lion", dict(lr=1e-4), 1, False, anchor="lion_pytorch"),  # torch.optim has no Lion
+    "AdamWScheduleFree": OptimizerCase("AdamWScheduleFree", dict(lr=1e-3), 2, False, anchor="schedulefree"),
+    "SGDScheduleFree": OptimizerCase("SGDScheduleFree", dict(lr=1e-3), 1, False, anchor="schedulefree"),
+    "LAMB": OptimizerCase("LAMB", dict(lr=1e-3), 2, False, anchor=None, two_passes=True),  # apex's: CUDA only
 }
 QUICK = dict(sizes=(4 << 20,), repeats=5, sample_seconds=0.02)
 FULL = dict(sizes=(1 << 20, 16 << 20), repeats=9, sample_seconds=0.05)
@@ -94,6 +100,18 @@ def ceiling_read4_write3(param, grad, state1, state2, decay, rate):
         param[i] = param[i] + rate * m * v
 
 
+@parallel_jit
+def ceiling_two_passes(param, grad, state1, state2, decay, rate):
+    """LAMB's traffic, 40 B/param: read param, grad, two states, write the states; then read param and the states,
+    write param."""
+    for i in numba.prange(param.size):
+        g = grad[i]
+        state1[i] = state1[i] * decay + g + param[i]
+        state2[i] = state2[i] * decay + g * g
+    for i in numba.prange(param.size):
+        param[i] = param[i] + rate * state1[i] * state2[i]
+
+
 # ---------------------------------------------------------------- buffers and steps
 def staggered(size, ordinal):
     """An uninitialised float32 array that starts 128 + 256 * ordinal bytes (mod 4 KiB) into a page: 64-byte
@@ -109,7 +127,8 @@ def ceiling_step(case, param, grad):
     states = [staggered(param.size, 2 + index) for index in range(case.states)]
     for state in states:
         state.fill(0)
-    kernel = (ceiling_read2_write1, ceiling_read3_write2, ceiling_read4_write3)[case.states]
+    kernel = ceiling_two_passes if case.two_passes else \
+        (ceiling_read2_write1, ceiling_read3_write2, ceiling_read4_write3)[case.states]
     # float32 scalars: a Python float would turn the whole kernel into float64 arithmetic.
     arguments = (param, grad, *states, *((np.float32(0.5),) if case.states else ()), np.float32(-1e-6))
     return lambda: kernel(*arguments)
@@ -123,6 +142,8 @@ def fastopt_step(case, param, grad):
 def torch_step(case, param, grad, torch, **flags):
     """The step of the case's anchor implementation (torch.optim's, or another package's), None if that package is
     not installed."""
+    if case.anchor is None:
+        return None
     try:
         anchor = importlib.import_module(case.anchor)
     except ImportError:
@@ -130,6 +151,8 @@ def torch_step(case, param, grad, torch, **flags):
     tensor = torch.from_numpy(param).requires_grad_()  # shares memory with param: no copy
     tensor.grad = torch.from_numpy(grad)
     optimizer = getattr(anchor, case.class_name)([tensor], **case.kwargs, **flags)
+    if hasattr(optimizer, "train"):
+        optimizer.train()  # the schedulefree package's optimizers start in eval mode and refuse to step there
     return optimizer.step
 
 

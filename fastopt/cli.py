@@ -201,7 +201,7 @@ def demo(arguments):
     except (ImportError, ValueError) as error:
         return _error(error)
     print(f"test accuracy {result['test_accuracy']:.3f} after {result['steps']} steps of {arguments.optimizer} "
-          f"with a {arguments.schedule} schedule")
+          f"with a {result['schedule']} schedule")
     total, steps, first = result["total_seconds"], result["step_seconds"], result["first_step_seconds"]
     print(f"time: {total:.2f} s in all")
     per_step = steps / max(result["steps"] - 1, 1)
@@ -427,8 +427,9 @@ def parser():
                                       "scikit-learn's bundled digits with a fastopt optimizer and schedule.")
     optimizer_names = [cls.__name__ for cls in OPTIMIZERS.values()]  # spelled as fastopt's classes: AdamW
     add_training_options(demo_parser, optimizer_names, hidden=True)
-    demo_parser.add_argument("--schedule", type=one_of(SCHEDULES, "schedule"), default="onecycle", metavar="NAME",
-                             help=f"one of {', '.join(SCHEDULES)} (default: %(default)s)")
+    demo_parser.add_argument("--schedule", type=one_of(SCHEDULES, "schedule"), metavar="NAME",
+                             help=f"one of {', '.join(SCHEDULES)} (default: onecycle; for the schedule-free optimizers, "
+                             "which refuse decay schedules, constant after a warmup over 5%% of the steps)")
     demo_parser.add_argument("--lr", type=positive_float, help="peak learning rate (default: " + ", ".join(
         f"{OPTIMIZERS[name].__name__} {lr:g}" for name, lr in DEFAULT_LR.items()) + ")")
     demo_parser.add_argument("--epochs", type=positive_int, default=20,

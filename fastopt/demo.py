@@ -18,7 +18,10 @@ from . import rules, schedules
 OPTIMIZERS = {cls.__name__.lower(): cls for cls in rules.OPTIMIZERS}
 SCHEDULES = ("onecycle", "cosine", "warmup_cosine", "step", "constant")
 # Peak rates that train this model well; SGD uses Nesterov momentum 0.9.
-DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.1, "rmsprop": 1e-3, "adagrad": 3e-2, "lion": 1e-3}
+DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.1, "rmsprop": 1e-3, "adagrad": 3e-2, "lion": 1e-3,
+              "adamwschedulefree": 3e-3, "sgdschedulefree": 0.3, "lamb": 1e-2}
+# The schedule-free optimizers take no decay schedule: a constant rate, warmed up over this share of the steps.
+SCHEDULE_FREE_WARMUP = 0.05
 
 
 @dataclass
@@ -113,6 +116,24 @@ def make_optimizer(name, params, lr, **extra):
     return OPTIMIZERS[name](params, lr=lr, **extra)
 
 
+def is_schedule_free(name):
+    return issubclass(OPTIMIZERS[name], rules.schedule_free.ScheduleFree)
+
+
+@contextlib.contextmanager
+def evaluating(optimizer):
+    """The params at the point to evaluate while the block runs: a schedule-free optimizer's average (``eval()``, then
+    ``train()``); other optimizers' params as they are."""
+    if not hasattr(optimizer, "eval"):
+        yield
+        return
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
+
+
 @contextlib.contextmanager
 def thread_limits(optimizer_threads=None):
     """Run the model's matmuls on one BLAS thread, and the optimizer on ``optimizer_threads`` Numba threads
@@ -141,18 +162,25 @@ def batches(count, batch_size, rng):
     return [order[start:start + batch_size] for start in range(0, count, batch_size)]
 
 
-def train(optimizer_name="adamw", schedule_name="onecycle", lr=None, epochs=20, batch_size=64, hidden=128,
+def train(optimizer_name="adamw", schedule_name=None, lr=None, epochs=20, batch_size=64, hidden=128,
           seed=0, log=print, guard=None, threads=None):
     """Train the MLP and return a dict with the per-epoch history, the final test accuracy, the seconds spent in
     ``optimizer.step`` (``first_step_seconds``, which loads or compiles the kernel, and ``step_seconds``, all the
-    others) and ``total_seconds`` for the whole run. ``log`` gets one line per epoch (None: silent); ``threads``
-    is the optimizer's Numba thread count (None: all cores)."""
+    others) and ``total_seconds`` for the whole run. ``schedule_name`` None: onecycle, or for a schedule-free
+    optimizer a constant rate warmed up over the first ``SCHEDULE_FREE_WARMUP`` of the steps (it refuses decay
+    schedules). ``log`` gets one line per epoch (None: silent); ``threads`` is the optimizer's Numba thread count
+    (None: all cores)."""
     data = load_digits_split(seed=seed)
     model = MLP(hidden=hidden, seed=seed)
     lr = DEFAULT_LR[optimizer_name] if lr is None else lr
     steps_per_epoch = -(-len(data.y_train) // batch_size)
+    extra = {}
+    if is_schedule_free(optimizer_name):
+        extra["warmup_steps"] = int(SCHEDULE_FREE_WARMUP * epochs * steps_per_epoch)
+    if schedule_name is None:
+        schedule_name = "constant" if is_schedule_free(optimizer_name) else "onecycle"
     schedule = make_schedule(schedule_name, lr, epochs * steps_per_epoch)
-    optimizer = make_optimizer(optimizer_name, model.params, schedule, guard=guard)
+    optimizer = make_optimizer(optimizer_name, model.params, schedule, guard=guard, **extra)
     rng = np.random.default_rng(seed + 1)
     history, step_times = [], []
     start = time.perf_counter()
@@ -165,8 +193,9 @@ def train(optimizer_name="adamw", schedule_name="onecycle", lr=None, epochs=20, 
                 before = time.perf_counter()
                 optimizer.step(grads)
                 step_times.append(time.perf_counter() - before)
-            test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test)
-            _, train_accuracy = model.evaluate(data.x_train, data.y_train)
+            with evaluating(optimizer):
+                test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test)
+                _, train_accuracy = model.evaluate(data.x_train, data.y_train)
             entry = dict(epoch=epoch, train_loss=float(np.mean(losses)), train_accuracy=train_accuracy,
                          test_loss=test_loss, test_accuracy=test_accuracy, lr=optimizer.current_lr()[0])
             history.append(entry)
@@ -176,7 +205,7 @@ def train(optimizer_name="adamw", schedule_name="onecycle", lr=None, epochs=20, 
     total_seconds = time.perf_counter() - start
     return dict(history=history, test_accuracy=history[-1]["test_accuracy"], first_step_seconds=step_times[0],
                 step_seconds=sum(step_times[1:]), total_seconds=total_seconds, steps=optimizer.step_count,
-                optimizer=optimizer)
+                optimizer=optimizer, schedule=schedule_name)
 
 
 def range_test(optimizer_name="adamw", start_lr=1e-6, end_lr=10.0, num_steps=100, mode="exp", batch_size=64,

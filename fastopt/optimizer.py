@@ -80,6 +80,7 @@ class Optimizer:
     COLUMNS: tuple = ()
     SCALARS: tuple = ()
     REFERENCE = None
+    ELEMENTWISE = True  # each element's update reads only that element (a slice of a tensor steps as the tensor)
     grad_reduction = None  # see the class docstring
 
     def __init_subclass__(cls, **kwargs):

@@ -59,6 +59,11 @@ def checkpoint_path(path):
     return path if path.endswith(".npz") else path + ".npz"
 
 
+# The entries of Optimizer.state_dict() that save() stores in their own way; others (a rule's plain values, such as
+# schedule-free's train_mode) go into the file's metadata as they are.
+_STATE_DICT_KEYS = ("state", "param_groups", "step_count", "skipped_steps", "guard")
+
+
 def save(path, optimizer):
     """Write ``optimizer.state_dict()`` to :func:`checkpoint_path` of ``path`` (``ckpt`` and ``ckpt.npz`` both
     write ``ckpt.npz``) and return that path.
@@ -70,12 +75,14 @@ def save(path, optimizer):
     it points to is replaced."""
     target = checkpoint_path(path)
     state_dict = optimizer.state_dict()
-    arrays, steps, bfloat16 = {}, {}, []
+    arrays, steps, scalars, bfloat16 = {}, {}, {}, []
     for index, entry in state_dict["state"].items():
         for name, value in entry.items():
             key = f"state/{index}/{name}"
             if name == "step":
                 steps[str(index)] = value
+            elif isinstance(value, float):  # a rule's running scalar (schedule-free's weight_sum): exact in JSON
+                scalars.setdefault(str(index), {})[name] = value
             elif dtypes.storage_name(value.dtype) == "bfloat16":
                 arrays[key] = value.view(np.uint16)
                 bfloat16.append(key)
@@ -83,7 +90,8 @@ def save(path, optimizer):
                 arrays[key] = value
     meta = {"format": _FORMAT, "optimizer": type(optimizer).__name__, "step_count": state_dict["step_count"],
             "skipped_steps": state_dict.get("skipped_steps", 0), "bfloat16": bfloat16,
-            "steps": steps, "guard": state_dict.get("guard"),
+            "steps": steps, "scalars": scalars, "guard": state_dict.get("guard"),
+            "extra": {key: value for key, value in state_dict.items() if key not in _STATE_DICT_KEYS},
             "param_groups": [{key: encode(value) for key, value in group.items()}
                              for group in state_dict["param_groups"]]}
     entries = {"meta": np.array(json.dumps(meta)), **arrays}
@@ -136,6 +144,8 @@ def load(path, optimizer):
         if meta["optimizer"] != type(optimizer).__name__:
             raise ValueError(f"{path} holds the state of a {meta['optimizer']}, not of a {type(optimizer).__name__}")
         state = {int(index): {"step": step} for index, step in meta["steps"].items()}
+        for index, values in meta.get("scalars", {}).items():
+            state.setdefault(int(index), {}).update(values)
         bfloat16 = set(meta.get("bfloat16", ()))
         for key in archive.files:
             if key.startswith("state/"):
@@ -148,4 +158,5 @@ def load(path, optimizer):
               "skipped_steps": meta.get("skipped_steps", 0)}
     if meta.get("guard") is not None:
         loaded["guard"] = meta["guard"]
+    loaded.update(meta.get("extra", {}))
     optimizer.load_state_dict(loaded)

@@ -78,12 +78,23 @@ def test_demo_trains_to_a_good_accuracy(capsys):
     assert accuracy > 0.9, out
 
 
-@pytest.mark.parametrize("optimizer, schedule", [("sgd", "cosine"), ("rmsprop", "warmup_cosine"), ("adam", "step")])
+@pytest.mark.parametrize("optimizer, schedule", [("sgd", "cosine"), ("rmsprop", "warmup_cosine"), ("adam", "step"),
+                                                ("lamb", "onecycle"), ("adamwschedulefree", None),
+                                                ("sgdschedulefree", None)])
 def test_demo_other_optimizers(optimizer, schedule, capsys):
     pytest.importorskip("sklearn")
-    assert cli.main(["demo", "--optimizer", optimizer, "--schedule", schedule, "--epochs", "10", "--threads", "1"]) == 0
-    accuracy = float(capsys.readouterr().out.split("test accuracy ")[-1].split()[0])
+    schedule_options = [] if schedule is None else ["--schedule", schedule]
+    assert cli.main(["demo", "--optimizer", optimizer, *schedule_options, "--epochs", "10", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.split("test accuracy ")[-1].split()[0])
     assert accuracy > 0.9
+    if schedule is None:  # schedule-free: a constant rate after the warmup, evaluated at the average (eval())
+        assert "with a constant schedule" in out
+
+
+def test_demo_refuses_a_decay_schedule_for_schedule_free(capsys):
+    assert cli.main(["demo", "--optimizer", "AdamWScheduleFree", "--schedule", "cosine", "--epochs", "1"]) == 2
+    assert "takes no lr schedule" in capsys.readouterr().err
 
 
 def test_lr_find_command(tmp_path, capsys):

@@ -245,6 +245,37 @@ def scenario_torch_optim_parity(ctx):
         compare(ctx, name, runs[0][0], runs[0][1], runs[1][0], runs[1][1], 5)
 
 
+def scenario_schedule_free(ctx):
+    """fastopt.torch's schedule-free AdamW and SGD sharded, with warmup and two groups, through eval()/train() switches,
+    against the schedulefree package on the averaged grads (the params, at the evaluation point); LAMB, whose trust
+    ratio needs the norms of whole tensors, is refused."""
+    import fastopt.torch as ft
+    from fastopt.torch.distributed import ShardedOptimizer
+
+    configs = [(ft.AdamWScheduleFree, dict(lr=3e-3, warmup_steps=2, weight_decay=1e-3)),
+               (ft.SGDScheduleFree, dict(lr=0.05, momentum=0.8, weight_decay=1e-3))]
+    for inner, kwargs in configs:
+        runs = []
+        for sharded in (True, False):
+            params = make_params()
+            groups = [{"params": params[:6]}, {"params": params[6:], "lr": kwargs["lr"] / 2}]
+            optimizer = (ShardedOptimizer(groups, inner, **kwargs) if sharded
+                         else anchor_optimizer(getattr(fo, inner.__name__), groups, kwargs)[0])
+            train(ctx, optimizer, params, 3, averaged=not sharded)
+            optimizer.eval()
+            optimizer.train()
+            train(ctx, optimizer, params, 3, first=3, averaged=not sharded)
+            optimizer.eval()
+            runs.append(params)
+        for index, (ours, theirs) in enumerate(zip(*runs)):
+            ctx.close(ours, theirs, tolerance(np.float32, 6), f"{inner.__name__}: param {index}")
+    try:
+        ShardedOptimizer(make_params(), ft.LAMB)
+        ctx.check(False, "ShardedOptimizer took LAMB")
+    except TypeError as error:
+        ctx.check("norms of whole tensors" in str(error), f"LAMB refused with: {error}")
+
+
 def scenario_grads_averaged_and_clipping(ctx):
     """grads_averaged=True (the grads as DDP leaves them: the same on every rank) and max_grad_norm, against
     torch.nn.utils.clip_grad_norm_ and fastopt.torch.AdamW in one process; then clipping with the reduction."""
@@ -758,6 +789,10 @@ def test_collective_exchange(ranks):
 
 def test_torch_optim_parity(ranks):
     check(ranks, "torch_optim_parity")
+
+
+def test_schedule_free(ranks):
+    check(ranks, "schedule_free")
 
 
 def test_grads_averaged_and_clipping(ranks):

@@ -13,6 +13,9 @@ OPTIMIZERS = [
     (fo.AdamW, dict()),
     (fo.Adagrad, dict(lr_decay=0.01, initial_accumulator_value=0.1)),
     (fo.Lion, dict(weight_decay=0.1)),
+    (fo.AdamWScheduleFree, dict(warmup_steps=3, weight_decay=0.01)),
+    (fo.SGDScheduleFree, dict(momentum=0.8)),
+    (fo.LAMB, dict()),
 ]
 
 

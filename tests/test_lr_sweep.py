@@ -19,6 +19,7 @@ OPTIMIZERS = [  # (class, options): every rule, awkward options on
     (fo.AdamW, dict()),
     (fo.Adagrad, dict(lr_decay=0.01)),
     (fo.Lion, dict(weight_decay=0.1)),
+    (fo.LAMB, dict(max_trust_ratio=5.0)),  # per-tensor norms: each copy's tensors are its own
 ]
 # Plain rates and a schedule: a schedule runs on the optimizer's step count, as in a run alone.
 RATES = [1e-3, fo.schedules.warmup(fo.schedules.cosine(3e-2, t_max=STEPS), warmup_steps=5), 1e-1]

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
+from configs import lr_schedule
 from test_optimizers import CONFIG_IDS, CONFIGS
 
 
@@ -11,7 +12,7 @@ def training_run(cls, kwargs, steps, rng_seed=7):
     params = [rng.standard_normal(shape).astype(np.float32) for shape in [(0,), (1,), (13,), (70_001,)]]
     scale = [rng.uniform(0, 2, p.shape).astype(np.float32) for p in params[2:]]
     grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in params] for _ in range(steps)]
-    groups = [{"params": params[:2], "lr": fo.schedules.onecycle(0.05, total_steps=steps)},
+    groups = [{"params": params[:2], "lr": lr_schedule(cls, fo.schedules.onecycle(0.05, total_steps=steps))},
               {"params": params[2:], "lr": 0.01, "lr_scale": scale}]
     return params, groups, grads
 

@@ -4,7 +4,8 @@ The kernels are compiled at run time with NVRTC (through CuPy) and loaded as CuP
 in the process and on disk per hash of every CUDA source, headers included (a ``-D`` option carries the headers'
 hash), of the options and of the architecture (see :func:`load_module` for why not ``RawModule(code=...)``:
 denormals). ``kernels/cuda/fused.cu`` (the step) is compiled once per rule (:func:`rule_options`: the rule's struct
-and header, ``kernels/cuda/rules/<KERNEL>.cuh``), ``kernels/cuda/grad_control.cu`` once. The constants the kernels
+and header, ``kernels/cuda/rules/<KERNEL>.cuh``), ``kernels/cuda/grad_control.cu`` and ``kernels/cuda/blend.cu`` (the
+blend of schedule-free's ``train()``/``eval()``) once each. The constants the kernels
 share with the CPU (schedule kind codes, table slots, group-table columns, every rule's columns, storage formats and
 grad-control entries) are passed as ``-D`` options generated from ``fastopt.kernels.cpu.schedule_codes``, ``layout``
 and ``fastopt.rules.RULES``: one source of truth for both backends.
@@ -22,9 +23,9 @@ Design (see ``kernels/cuda/fused.cu`` for the device side):
   (stochastic rounding included: the same counter-based hash, keyed alike). A bucket stored entirely in its math
   dtype launches kernels built without the mixed loop (``step_<type>``; else ``step_<type>_mixed``), so that
   float32 training keeps the registers and occupancy it had.
-- **Step counts on the device.** Each bucket holds ``counters`` (the optimizer step, a ticket, the skipped steps)
-  and the tensors' step counts in device memory; the kernel evaluates the schedule and bias corrections from them
-  and its last block advances them. The host counts steps too (``Optimizer.step_count``) and re-uploads the device
+- **Step counts on the device.** Each bucket holds ``counters`` (the optimizer step, a ticket, the skipped steps),
+  the tensors' step counts and their running scalars (a rule's ``SCALARS``: schedule-free's weight sum) in device
+  memory; the kernel evaluates the schedule and bias corrections from them and its last block advances them. The host counts steps too (``Optimizer.step_count``) and re-uploads the device
   counter only when the two disagree (a loaded state dict, a step count set by hand), so a steady-state step makes
   no host-device synchronisation and no host-to-device copy.
 - **Grad control on the device.** With a loss scale, clipping or a guard, :meth:`CudaBackend.grad_control` reads
@@ -33,6 +34,10 @@ Design (see ``kernels/cuda/fused.cu`` for the device side):
   a step with non-finite grads is skipped on the device, without a host synchronisation (it is counted in the
   device's skipped-steps counter, and the device's step count does not advance). Only a guard reads the non-finite
   count on the host (a synchronisation, so a step with a guard cannot be captured in a graph).
+- **Two passes for per-tensor norms.** A rule with per-tensor norms (LAMB: :func:`rule_passes`) steps in two
+  launches per math dtype, ``norms_*`` (moments, and per-chunk sums of squares in ``chunk_norms``) then ``apply_*``
+  (each tensor's chunk sums added in order, the trust ratio, the params): no host work between them, so both are
+  captured in a graph like one launch.
 - **Uploads only on change.** The engine is handed the optimizer's frozen ``Layout`` (its buffers) and ``GroupTable``
   (the groups' rows and packed schedules) with every call; only a new one (by identity) is compared, table by table,
   with what was last uploaded, and the grads' addresses and formats every step. A change is copied from pinned memory
@@ -52,6 +57,7 @@ Importing this module does not import CuPy; :func:`gpu_available` never raises.
 """
 import functools
 import hashlib
+import importlib
 import json
 import os
 import tempfile
@@ -69,6 +75,7 @@ from .layout import chunk_table, fill_tensor_tables, set_grads
 SOURCE_DIR = (Path(kernels.__file__).parent / "cuda").resolve()
 SOURCE = "fused.cu"  # the step kernels, compiled once per rule
 GRAD_CONTROL_SOURCE = "grad_control.cu"  # the grad statistics and grad control, compiled once
+BLEND_SOURCE = "blend.cu"  # the blend toward a state buffer (schedule-free's train()/eval()), compiled once
 
 BLOCK = 256  # threads per block, every kernel
 ILP = 4  # elements each thread loads before it computes and stores
@@ -118,7 +125,8 @@ def compile_defines():
         defines[f"FASTOPT_FORMAT_{name}"] = getattr(kernel_layout, name)
     for name in ("PARAM_FORMAT", "GRAD_FORMAT", "STATE_FORMAT", "FORMAT_COLUMNS", "GRAD_UNSCALE", "GRAD_CLIP", "SKIP",
                  "GRAD_CONTROLS", "COUNTS_STEP", "LIVE_STATES", "MAXIMIZE", "GROUP_COLUMNS", "STATE_SLOTS",
-                 "RULE_COEFFICIENTS", "COEFFICIENTS", "COEFFICIENT_GRAD_UNSCALE", "COEFFICIENT_GRAD_CLIP"):
+                 "RULE_COEFFICIENTS", "COEFFICIENTS", "COEFFICIENT_GRAD_UNSCALE", "COEFFICIENT_GRAD_CLIP",
+                 "TENSOR_SCALARS", "NORM_PARAM", "NORM_UPDATE", "NORM_SUMS"):
         defines[f"FASTOPT_{name}"] = getattr(kernel_layout, name)
     for kernel, rule in RULES.items():
         prefix = f"FASTOPT_{kernel.upper()}"
@@ -137,10 +145,27 @@ def compile_defines():
     return defines
 
 
+@functools.lru_cache(maxsize=None)
+def rule_has_norms(kernel):
+    """Whether the step of the rule ``kernel`` is two passes with per-tensor norms between them (LAMB): the ``NORMS``
+    constant of its Numba module, ``kernels/cpu/rules/<kernel>.py`` (absent: False), as the CPU backend reads it;
+    fused.cu refuses to compile where its CUDA twin says otherwise."""
+    module = importlib.import_module(f"{kernels.__name__}.cpu.rules.{kernel}")
+    return bool(getattr(module, "NORMS", False))
+
+
+def rule_passes(kernel):
+    """The kernels of one step of the rule ``kernel``, launched in this order (``<pass>_<type>[_mixed]`` of fused.cu):
+    ``("step",)``, or for a rule with per-tensor norms ``("norms", "apply")``."""
+    return ("norms", "apply") if rule_has_norms(kernel) else ("step",)
+
+
 def rule_options(kernel):
     """The options that make fused.cu the step of the rule ``kernel`` (a ``KERNEL`` name, e.g. "adam"): its struct
-    ``fastopt::rules::<kernel>`` and its header ``rules/<kernel>.cuh``, which fused.cu includes by name."""
-    return (f"-DFASTOPT_RULE=fastopt::rules::{kernel}", f'-DFASTOPT_RULE_HEADER="rules/{kernel}.cuh"')
+    ``fastopt::rules::<kernel>``, its header ``rules/<kernel>.cuh``, which fused.cu includes by name, and whether its
+    step takes the two passes of per-tensor norms."""
+    return (f"-DFASTOPT_RULE=fastopt::rules::{kernel}", f'-DFASTOPT_RULE_HEADER="rules/{kernel}.cuh"',
+            f"-DFASTOPT_RULE_NORMS={int(rule_has_norms(kernel))}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,7 +201,7 @@ def cache_directory():
 
 
 _MODULES = {}  # (device id, cache key) -> cupy.RawModule
-_FUNCTIONS = {}  # (device id, rule or None, kernel name) -> the kernel of fused.cu for the rule, or of grad_control.cu
+_FUNCTIONS = {}  # (device id, rule or source, kernel name) -> the kernel of fused.cu for the rule, or of a source
 
 
 def load_module(cupy, source, name, options=()):
@@ -221,18 +246,19 @@ def load_module(cupy, source, name, options=()):
     return module
 
 
-def kernel(cupy, name, rule=None):
+def kernel(cupy, name, rule=None, source=GRAD_CONTROL_SOURCE):
     """The kernel ``name`` for the current device: of fused.cu compiled for the rule ``rule`` (a ``KERNEL`` name), or
-    with ``rule`` None of grad_control.cu."""
+    with ``rule`` None of ``source``, a unit compiled once for every rule (grad_control.cu, blend.cu)."""
     device = cupy.cuda.runtime.getDevice()
-    function = _FUNCTIONS.get((device, rule, name))
+    key = (device, rule or source, name)
+    function = _FUNCTIONS.get(key)
     if function is None:
         if rule is None:
-            module = load_module(cupy, (SOURCE_DIR / GRAD_CONTROL_SOURCE).read_text(), Path(GRAD_CONTROL_SOURCE).stem)
+            module = load_module(cupy, (SOURCE_DIR / source).read_text(), Path(source).stem)
         else:
             module = load_module(cupy, (SOURCE_DIR / SOURCE).read_text(), f"{Path(SOURCE).stem}-{rule}",
                                  rule_options(rule))
-        function = _FUNCTIONS[device, rule, name] = module.get_function(name)
+        function = _FUNCTIONS[key] = module.get_function(name)
     return function
 
 
@@ -414,16 +440,21 @@ class _DtypeBucket:
             "chunk_length": cupy.asarray(chunk_length),
             "tensor_group": cupy.zeros(count, dtype=np.int64),
             "tensor_step": cupy.zeros(count, dtype=np.int64),
+            "tensor_scalars": cupy.zeros((count, kernel_layout.TENSOR_SCALARS), dtype=np.float64),
+            # The per-chunk sums of squares of a rule with per-tensor norms (written by its NORMS pass); any other
+            # rule's kernels take the pointer and never touch it.
+            "chunk_norms": cupy.zeros((self.grid, kernel_layout.NORM_SUMS), dtype=np.float64),
+            "tensor_weight": cupy.zeros(count, dtype=dtype),  # the blend's weights, in the math dtype
             "counters": cupy.zeros(COUNTERS, dtype=np.int64),
             # "chunk_sum_of_squares", "chunk_nonfinite": this bucket's part of the engine's per-chunk grad
             # statistics (set by CudaBackend; finish_grad_control reads them all).
         }
 
-    def kernel_name(self):
-        """The step kernel for this bucket's formats as uploaded: the plain one unless a tensor is stored in another
-        format than the math dtype (fused.cu)."""
+    def kernel_name(self, kernel_pass="step"):
+        """The kernel of the pass ``kernel_pass`` (:func:`rule_passes`) for this bucket's formats as uploaded: the
+        plain one unless a tensor is stored in another format than the math dtype (fused.cu)."""
         mixed = self.uploaded_tensor_format is not None and bool(self.uploaded_tensor_format.any())
-        return f"step_{self.ctype}" + ("_mixed" if mixed else "")
+        return f"{kernel_pass}_{self.ctype}" + ("_mixed" if mixed else "")
 
 
 class CudaBackend(CupyArrays):
@@ -437,6 +468,7 @@ class CudaBackend(CupyArrays):
         cupy = _cupy()
         self.cupy = cupy
         self.rule = layout.rule.KERNEL  # the rule fused.cu is compiled for
+        self.passes = rule_passes(self.rule)  # the launches of one step, per math dtype
         self.tensor_count = len(layout.params)
         self.device_id = cupy.cuda.runtime.getDevice()
         multiprocessors = cupy.cuda.Device(self.device_id).attributes["MultiProcessorCount"]
@@ -606,24 +638,45 @@ class CudaBackend(CupyArrays):
         return DeviceGradControl(self.control_values, statistics)
 
     def step(self, layout, groups, grads, step_count, lr_factor=1.0, control=None):
-        """One launch per math dtype on the current stream; no synchronisation, and no copy unless a table changed.
-        ``control``: this step's :class:`DeviceGradControl` (None: the grads as they are); a step it skips on the
-        device writes nothing and leaves the device's step counts where they were. A skip decided on the host
-        launches nothing."""
+        """One launch per math dtype on the current stream (two for a rule with per-tensor norms: :func:`rule_passes`);
+        no synchronisation, and no copy unless a table changed. ``control``: this step's :class:`DeviceGradControl`
+        (None: the grads as they are); a step it skips on the device writes nothing and leaves the device's step
+        counts and running scalars where they were. A skip decided on the host launches nothing."""
         if control is not None and control.skipped:
             return
         self._prepare(layout, groups, step_count)
         values = self.plain_control if control is None else control.values
         for bucket in self.buckets:
             device = bucket.device
-            kernel(self.cupy, bucket.kernel_name(), self.rule)(
-                (bucket.grid,), (BLOCK,),
-                (device["addresses"], device["tensor_format"], device["chunk_tensor"], device["chunk_start"],
-                 device["chunk_length"], np.int64(bucket.chunk_count), device["tensor_group"], device["tensor_step"],
-                 np.int64(bucket.indices.size), self.device["group_hyper"], self.device["schedule_program"],
-                 np.int64(groups.schedule_program.size), self.device["schedule_base"], device["counters"],
-                 np.float64(lr_factor), values, np.int64(layout.seed)))
+            arguments = (device["addresses"], device["tensor_format"], device["chunk_tensor"], device["chunk_start"],
+                         device["chunk_length"], np.int64(bucket.chunk_count), device["tensor_group"],
+                         device["tensor_step"], device["tensor_scalars"], np.int64(bucket.indices.size),
+                         self.device["group_hyper"], self.device["schedule_program"],
+                         np.int64(groups.schedule_program.size), self.device["schedule_base"], device["counters"],
+                         np.float64(lr_factor), values, device["chunk_norms"], np.int64(layout.seed))
+            for kernel_pass in self.passes:
+                kernel(self.cupy, bucket.kernel_name(kernel_pass), self.rule)((bucket.grid,), (BLOCK,), arguments)
         self.expected_step_count = step_count + 1
+
+    def blend(self, layout, slot, weights):
+        """``p = lerp(p, state, weights[i])`` for each param ``i`` that has a buffer in state slot ``slot``
+        (kernels/cuda/blend.cu; Numba: blend_toward_state), through its master copy where it has one, rounded to
+        nearest: one launch per math dtype on the current stream. ``weights``: per param, in float64, rounded to the
+        math dtype; uploaded with each call (a blend is schedule-free's train()/eval(), not a step: it is not
+        captured in graphs)."""
+        self._prepare(layout, None)
+        weights = np.asarray(weights, dtype=np.float64)
+        self._flush([(bucket.device["tensor_weight"], weights[bucket.indices].astype(bucket.dtype))
+                     for bucket in self.buckets])
+        for bucket in self.buckets:
+            if bucket.chunk_count == 0:
+                continue
+            device = bucket.device
+            kernel(self.cupy, f"blend_{bucket.ctype}", source=BLEND_SOURCE)(
+                (bucket.chunk_count,), (BLOCK,),
+                (device["addresses"], device["tensor_format"], device["chunk_tensor"], device["chunk_start"],
+                 device["chunk_length"], np.int64(bucket.chunk_count), np.int64(kernel_layout.STATE0 + slot),
+                 device["tensor_weight"]))
 
     def tensor_steps(self):
         """Each param's step count, read from the device (synchronises)."""
@@ -636,6 +689,19 @@ class CudaBackend(CupyArrays):
         """Upload each param's step count (after a load or an added group: a one-off, so it waits for the copy, which
         the next step may read from another stream)."""
         self._flush([(bucket.device["tensor_step"], np.ascontiguousarray(steps[bucket.indices], dtype=np.int64))
+                     for bucket in self.buckets])
+        self.cupy.cuda.get_current_stream().synchronize()
+
+    def tensor_scalars(self):
+        """Each param's running scalars (a rule's ``SCALARS``, then zeros), read from the device (synchronises)."""
+        scalars = np.zeros((self.tensor_count, kernel_layout.TENSOR_SCALARS))
+        for bucket in self.buckets:
+            scalars[bucket.indices] = self.cupy.asnumpy(bucket.device["tensor_scalars"])
+        return scalars
+
+    def set_tensor_scalars(self, scalars):
+        """Upload each param's running scalars (after a load or an added group, as set_tensor_steps)."""
+        self._flush([(bucket.device["tensor_scalars"], np.ascontiguousarray(scalars[bucket.indices], dtype=np.float64))
                      for bucket in self.buckets])
         self.cupy.cuda.get_current_stream().synchronize()
 

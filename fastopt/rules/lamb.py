@@ -73,6 +73,7 @@ class LAMB(Optimizer):
     STATE_SLOTS = ("exp_avg", "exp_avg_sq")
     COLUMNS = ("beta1", "beta2", "eps", "weight_decay", "bias_correction", "max_trust_ratio")
     REFERENCE = staticmethod(lamb)
+    ELEMENTWISE = False  # the trust ratio needs each whole tensor's norms
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, *, bias_correction=True,
                  max_trust_ratio=10.0, maximize=False, backend="auto", guard=None, **options):

@@ -339,6 +339,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             core = core_class([self._core_group(group, views, f"param_groups[{index}]")
                                for index, group in enumerate(self.param_groups)], **self._core_options)
         core.grad_reduction = getattr(views, "grad_reduction", None)  # DTensors: clip and skip on global grads
+        if core.grad_reduction is not None and not core.ELEMENTWISE:
+            raise NotImplementedError(f"{type(self).__name__} over sharded DTensor params: its update needs the norms of "
+                                      "whole tensors, and each rank holds shards of them")
         entries, counts = {}, np.zeros(len(params), dtype=np.int64)
         groups_of_params = [group for group in self.param_groups for _ in group["params"]]
         for index, (param, group) in enumerate(zip(params, groups_of_params)):

@@ -138,6 +138,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                "first (torchrun sets the environment it reads)")
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+        core = getattr(optimizer_class, "CORE", None)
+        if core is not None and not core.ELEMENTWISE:
+            raise TypeError(f"ShardedOptimizer cannot shard {optimizer_class.__name__}: its update needs the norms of "
+                            "whole tensors, and the shards cut tensors between ranks")
         if guard is not None and not isinstance(guard, Guard):
             raise TypeError(f"guard must be a fastopt.Guard or None, got {type(guard).__name__}")
         if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
@@ -378,6 +382,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def current_lr(self):
         """Each group's learning rate for the next step, as floats (a guard's ``lr_factor`` multiplies them)."""
         return [float(schedules.as_schedule(_plain(group["lr"]))(self.step_count)) for group in self.param_groups]
+
+    def train(self):
+        """A schedule-free inner optimizer's ``train()`` on every rank's shard, then the params gathered (call it on
+        every rank together)."""
+        self._switch_mode("train")
+
+    def eval(self):
+        """A schedule-free inner optimizer's ``eval()`` on every rank's shard, then the params gathered (call it on
+        every rank together)."""
+        self._switch_mode("eval")
+
+    def _switch_mode(self, name):
+        if not hasattr(self.optim, name):
+            raise AttributeError(f"{type(self.optim).__name__} has no {name}() (the schedule-free optimizers have)")
+        getattr(self.optim, name)()
+        self._gather()
 
     def step(self, closure=None):
         """One step of every param that has a grad on some rank; ``closure`` (optional) re-evaluates the model with
