@@ -22,7 +22,8 @@ SCHEDULE_NAMES = ("constant", "step_decay", "multistep", "exponential", "linear"
                   "cosine_restarts", "onecycle", "cyclic")
 COMPOSITE_SCHEDULES = ("warmup", "sequential")
 # fastopt.benchmark.CASES, spelled out because importing the benchmark imports Numba (a test checks they agree).
-BENCH_OPTIMIZERS = ("SGD", "SGD_momentum", "RMSprop", "Adam", "AdamW", "Adagrad", "Lion")
+BENCH_OPTIMIZERS = ("SGD", "SGD_momentum", "RMSprop", "Adam", "AdamW", "Adagrad", "Lion", "AdamWScheduleFree",
+                    "SGDScheduleFree", "LAMB")
 # fastopt.kernel_cache.PARAM_DTYPES, spelled out for the same reason (a test checks they agree).
 PARAM_DTYPES = ("float32", "float64", "bfloat16", "float16")
 

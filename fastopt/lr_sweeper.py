@@ -190,6 +190,12 @@ def _one_dtype(params, where):
     return params[0].dtype
 
 
+def _elementwise(optimizer_class):
+    """Whether the rule of ``optimizer_class`` (a fastopt or fastopt.torch class) updates each element from that
+    element alone, so that one flat row of a copy's params steps as its separate params would."""
+    return getattr(optimizer_class, "CORE", optimizer_class).ELEMENTWISE
+
+
 class _ArrayCopies:
     """K array models as K param groups of one fastopt optimizer. Its :class:`fastopt.Guard` finds NaN/inf in any
     copy's grads in the step's own fused read; only a step it skips is looked at copy by copy.
@@ -197,7 +203,7 @@ class _ArrayCopies:
     With ``vectorized``, copy k's params are views of row k of one (K, row) array, and its grads of one more: each
     copy is then a single tensor for the optimizer (whose host work is per tensor), and ``step_fn`` sees param j of
     every copy as one strided (K, *shape) view. The update is elementwise, so the flat row steps as the separate
-    arrays would."""
+    arrays would; a rule that is not (LAMB: per-tensor norms) gets each param's view of the row as its own tensor."""
 
     def __init__(self, models, step_fn, lrs, optimizer_class, options, vectorized):
         self.models, self.step_fn, self.vectorized = models, step_fn, vectorized
@@ -221,7 +227,11 @@ class _ArrayCopies:
                 for stack, param in zip(self.stacked, params):
                     stack[number] = param
                 params[:] = [stack[number] for stack in self.stacked]  # the model's own list: it trains the views
-            groups = [{"params": [self.flat[number]], "lr": lr} for number, lr in enumerate(lrs)]
+            if _elementwise(optimizer_class):
+                self.copy_grads = [[row] for row in self.flat_grads]
+                groups = [{"params": [self.flat[number]], "lr": lr} for number, lr in enumerate(lrs)]
+            else:
+                self.copy_grads = [[stack[number] for stack in self.stacked_grads] for number in range(len(models))]
         # backoff=1: a skipped step is always followed by the step without the diverging copies, never repeated.
         self.optimizer = optimizer_class(groups, guard=Guard(backoff=1.0), **options)
         self.grads = None
@@ -240,7 +250,8 @@ class _ArrayCopies:
                 raise ValueError(f"lr_sweep: step_fn returned losses of shape {batch_losses.shape}; with "
                                  f"vectorized=True it returns one loss per copy, shape ({count},)")
             losses[live] = batch_losses[live]
-            self.grads = [[self.flat_grads[number]] if live[number] else [None] for number in range(count)]
+            self.grads = [grads if live[number] else [None] * len(grads)
+                          for number, grads in enumerate(self.copy_grads)]
             return losses
         self.grads = [[None] * len(params) for params in self.params]
         for number in np.flatnonzero(live):
@@ -315,16 +326,25 @@ class _TorchCopies:
                     params[name].data = self.stacked[f"model.{name}"][number]  # the model shows its row's weights
         self.buffers = {f"model.{name}": torch.stack([dict(model.named_buffers())[name] for model in models])
                         for name, _ in models[0].named_buffers()}
-        self.rows = list(self.flat)  # the optimizer's params: one row per copy, with its grad row
-        for row_params, row_grads in zip(self.rows, self.flat_grads):
-            row_params.grad = row_grads
+        # The optimizer's params: one row per copy, with its grad row; for a rule that is not elementwise (LAMB:
+        # per-tensor norms), each param's part of the row, as in a run alone.
+        if _elementwise(optimizer_class):
+            self.copy_params = [[row] for row in self.flat]
+            copy_grads = [[row] for row in self.flat_grads]
+        else:
+            self.copy_params = [[stack[number] for stack in self.stacked.values()] for number in range(len(models))]
+            copy_grads = [[stack[number] for stack in self.stacked_grads.values()] for number in range(len(models))]
+        for params, grads in zip(self.copy_params, copy_grads):
+            for param, grad in zip(params, grads):
+                param.grad = grad
+        self.copy_grads = copy_grads
 
         def loss_of(params, buffers, step):
             return functional_call(caller, (params, buffers), (step,))
 
         self.losses_and_grads = vmap(grad_and_value(loss_of), in_dims=(0, 0, None))
-        self.optimizer = optimizer_class([{"params": [row_params], "lr": lr}
-                                          for row_params, lr in zip(self.rows, lrs)], **options)
+        self.optimizer = optimizer_class([{"params": params, "lr": lr}
+                                          for params, lr in zip(self.copy_params, lrs)], **options)
         self.finite = None
 
     def compute(self, step, live):
@@ -339,8 +359,10 @@ class _TorchCopies:
 
     def update(self, live):
         diverging = list(np.flatnonzero(live & ~self.finite))
-        for number in np.flatnonzero(~live | ~self.finite):
-            self.rows[number].grad = None  # torch's optimizers skip params without a grad: this copy stays as it is
+        for number, (params, grads) in enumerate(zip(self.copy_params, self.copy_grads)):
+            stays = not live[number] or not self.finite[number]  # torch's optimizers skip params without a grad
+            for param, grad in zip(params, grads):
+                param.grad = None if stays else grad
         self.optimizer.step()
         return diverging
 

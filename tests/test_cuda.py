@@ -26,7 +26,7 @@ from fastopt.backends import cuda
 from fastopt.kernels.cpu import layout as kernel_layout
 from fastopt.rules import RULES
 import test_cuda_host_math
-from configs import CONFIG_IDS, CONFIGS, STEPS, assert_matches_reference, make_problem, run_reference
+from configs import CONFIG_IDS, CONFIGS, STEPS, assert_matches_reference, lr_schedule, make_problem, run_reference
 from test_schedules import CASES, EPS
 
 shim = test_cuda_host_math.shim  # the host build of the kernels' math (a fixture), for the stand-in
@@ -136,7 +136,7 @@ def test_matches_reference(cp, cls, kwargs, dtype, rng):
     """tests/test_optimizers.py's problem on the GPU: two groups (a schedule; a float lr changed every step, with
     lr_scale), awkward sizes, grads in new buffers every step (the address table is re-uploaded)."""
     params0, params1, scales1, grads = make_problem(dtype, rng)
-    schedule = fo.schedules.cosine(0.05, t_max=4, eta_min=0.001)
+    schedule = lr_schedule(cls, fo.schedules.cosine(0.05, t_max=4, eta_min=0.001))
     lrs1 = [0.02, 0.02, 0.005, 0.04, 0.0, 0.01]
     expected_params, expected_states = run_reference(cls, kwargs, params0, params1, scales1, grads, schedule, lrs1)
 
@@ -153,36 +153,70 @@ def test_matches_reference(cp, cls, kwargs, dtype, rng):
     assert_matches_reference(optimizer, host(cp, device0 + device1), expected_params, expected_states, dtype, STEPS)
 
 
-# Every rule but Adam's (pow in its bias corrections).
-TRANSCENDENTAL_FREE = [(cls, kwargs) for cls, kwargs in CONFIGS if cls.KERNEL != "adam"]
+# Rules whose step scalars raise to a power (Adam's and LAMB's bias corrections, schedule-free's weights and bias
+# correction): the device's pow is within 2 ulp, glibc's (Numba's) within 0.52, so on a GPU their coefficients may
+# differ from the CPU's in the last bit (the host build, with glibc's pow, is the CPU's bit for bit).
+DEVICE_POW = ("adam", "schedule_free", "lamb")
+ONE_PASS = [(cls, kwargs) for cls, kwargs in CONFIGS if cuda.rule_passes(cls.KERNEL) == ("step",)]
+NORMS = [(cls, kwargs) for cls, kwargs in CONFIGS if cuda.rule_passes(cls.KERNEL) != ("step",)]
+
+
+def config_ids(configs):
+    return [CONFIG_IDS[CONFIGS.index(config)] for config in configs]
+
+
+def run_with_float_lrs(cp, cls, kwargs, params0, params1, scales1, grads, backend):
+    """tests/test_optimizers.py's problem with float learning rates (no cos), changed every step, on the CPU or the
+    GPU: (the optimizer, its params)."""
+    lrs = [0.02, 0.01, 0.005, 0.04, 0.0, 0.01]
+    on_cpu = backend == "cpu"
+    params = [p.copy() for p in params0 + params1] if on_cpu else to_device(cp, params0 + params1)
+    groups = [{"params": params[:len(params0)]},
+              {"params": params[len(params0):], "lr_scale": scales1 if on_cpu else to_device(cp, scales1)}]
+    optimizer = cls(groups, lr=lrs[0], backend=backend, **kwargs)
+    for t in range(STEPS):
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[t]
+        optimizer.step(grads[t] if on_cpu else to_device(cp, grads[t]))
+    return optimizer, params
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("cls,kwargs", TRANSCENDENTAL_FREE,
-                         ids=[CONFIG_IDS[CONFIGS.index(config)] for config in TRANSCENDENTAL_FREE])
+@pytest.mark.parametrize("cls,kwargs", ONE_PASS, ids=config_ids(ONE_PASS))
 def test_bitwise_equal_to_cpu_kernels(cp, cls, kwargs, dtype, rng):
-    """With float learning rates, SGD and RMSprop use no cos or pow: the GPU (--fmad=false, IEEE division and
-    square root) gives the CPU kernels' bits."""
+    """With float learning rates no rule uses cos; the GPU (--fmad=false, IEEE division and square root) gives the CPU
+    kernels' bits, step counts and running scalars, except for the rules whose step scalars call pow (DEVICE_POW),
+    which are checked through the host build only."""
+    if cls.KERNEL in DEVICE_POW and not isinstance(cp, CupyStandIn):
+        pytest.skip("the device's pow may differ from glibc's in the last bit")
     params0, params1, scales1, grads = make_problem(dtype, rng)
-    lrs = [0.02, 0.01, 0.005, 0.04, 0.0, 0.01]
-
-    def run(params, scales, step_grads, backend):
-        groups = [{"params": params[:len(params0)]}, {"params": params[len(params0):], "lr_scale": scales}]
-        optimizer = cls(groups, lr=lrs[0], backend=backend, **kwargs)
-        for t in range(STEPS):
-            for group in optimizer.param_groups:
-                group["lr"] = lrs[t]
-            optimizer.step(step_grads(t))
-        return optimizer
-
-    cpu_params = [p.copy() for p in params0 + params1]
-    cpu = run(cpu_params, scales1, lambda t: grads[t], "cpu")
-    gpu_params = to_device(cp, params0 + params1)
-    gpu = run(gpu_params, to_device(cp, scales1), lambda t: to_device(cp, grads[t]), "cuda")
+    cpu, cpu_params = run_with_float_lrs(cp, cls, kwargs, params0, params1, scales1, grads, "cpu")
+    gpu, gpu_params = run_with_float_lrs(cp, cls, kwargs, params0, params1, scales1, grads, "cuda")
     for index, (theirs, ours) in enumerate(zip(cpu_params, host(cp, gpu_params))):
         np.testing.assert_array_equal(ours, theirs, err_msg=f"param {index}")
         for name, buffer in cpu.state[index].items():
             np.testing.assert_array_equal(cp.asnumpy(gpu.state[index][name]), buffer, err_msg=f"{index} {name}")
+    np.testing.assert_array_equal(gpu._backend.tensor_steps(), cpu._backend.tensor_steps())
+    np.testing.assert_array_equal(gpu._backend.tensor_scalars(), cpu._backend.tensor_scalars())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,kwargs", NORMS, ids=config_ids(NORMS))
+def test_norms_rule_matches_cpu_kernels(cp, cls, kwargs, dtype, rng):
+    """A rule with per-tensor norms (LAMB): the moments depend on the grads alone (no pow, no norm) and are the CPU
+    kernels' bits, on a GPU too; the params move by a trust ratio formed from sums of squares added in another order
+    than on the CPU (per thread, then a fixed tree, against Numba's vector lanes) and, on a GPU, from bias corrections
+    by the device's pow, so they agree to rounding (bit for bit wherever the trust coefficient rounds alike in the math
+    dtype: nearly always)."""
+    params0, params1, scales1, grads = make_problem(dtype, rng)
+    cpu, cpu_params = run_with_float_lrs(cp, cls, kwargs, params0, params1, scales1, grads, "cpu")
+    gpu, gpu_params = run_with_float_lrs(cp, cls, kwargs, params0, params1, scales1, grads, "cuda")
+    rtol = tolerance(dtype, STEPS)
+    for index, (theirs, ours) in enumerate(zip(cpu_params, host(cp, gpu_params))):
+        assert_close(ours, theirs, rtol, f"param {index}")
+        for name, buffer in cpu.state[index].items():
+            np.testing.assert_array_equal(cp.asnumpy(gpu.state[index][name]), buffer, err_msg=f"{index} {name}")
+    np.testing.assert_array_equal(gpu._backend.tensor_steps(), cpu._backend.tensor_steps())
 
 
 @pytest.mark.gpu
@@ -203,7 +237,9 @@ def test_matches_torch_on_cuda(cp, cls, kwargs, dtype, rng):
     params = to_device(cp, initial)
     ours = cls([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], lr=lrs[0], **kwargs)
     tensors = [torch.tensor(p, device="cuda") for p in initial]
-    torch_cls = getattr(torch.optim, cls.__name__)
+    torch_cls = getattr(torch.optim, cls.__name__, None)
+    if torch_cls is None:  # Lion, schedule-free, LAMB: against their anchors on the CPU (tests/test_torch_parity.py)
+        pytest.skip(f"torch.optim has no {cls.__name__}")
     theirs = torch_cls([{"params": tensors[:2]}, {"params": tensors[2:], "lr": 0.01}], foreach=False,
                        **dict(kwargs, lr=lrs[0]))
     for t in range(steps):
@@ -330,16 +366,18 @@ def reference_run(cls, kwargs, initial, grads, schedule):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls,kwargs", [(fo.SGD, dict(momentum=0.9, nesterov=True)), (fo.RMSprop, dict(centered=True)),
-                                        (fo.AdamW, dict(amsgrad=True))], ids=["SGD", "RMSprop", "AdamW"])
+                                        (fo.AdamW, dict(amsgrad=True)), (fo.AdamWScheduleFree, dict(warmup_steps=4)),
+                                        (fo.LAMB, {})],
+                         ids=["SGD", "RMSprop", "AdamW", "AdamWScheduleFree", "LAMB"])
 def test_cuda_graph_replays_advance_the_schedule(gpu, cls, kwargs, rng):
     """One eager step, one captured step, replays with new grad values in the same buffers: every replay is one
-    optimizer step with the schedule at its own step count. Eager steps after the replays continue from the
-    device's count."""
+    optimizer step with the schedule at its own step count (schedule-free: its warmup and running scalars; LAMB: both
+    of its launches). Eager steps after the replays continue from the device's count."""
     cp = gpu
     shapes = [0, 1, 13, 5000]
     replays, after = 6, 2
     total = 2 + replays + after
-    schedule = fo.schedules.warmup(fo.schedules.cosine(0.1, t_max=7, eta_min=0.01), warmup_steps=3)
+    schedule = lr_schedule(cls, fo.schedules.warmup(fo.schedules.cosine(0.1, t_max=7, eta_min=0.01), warmup_steps=3))
     initial = [rng.standard_normal(n).astype(np.float32) for n in shapes]
     grads = [[rng.standard_normal(n).astype(np.float32) for n in shapes] for _ in range(total)]
     expected = reference_run(cls, kwargs, initial, grads, schedule)
@@ -458,38 +496,46 @@ def test_step_runs_on_the_current_stream(cp):
     assert float(param[-1]) == -2.0
 
 
-def test_skipped_and_empty_tensors(cp):
-    """A None grad skips its tensor, step count included; an empty tensor's step still counts; a bucket of empty
-    tensors only still launches (its last block advances the counts)."""
+@pytest.mark.parametrize("cls", [fo.Adam, fo.AdamWScheduleFree, fo.LAMB])
+def test_skipped_and_empty_tensors(cp, cls):
+    """A None grad skips its tensor, step count and running scalars included; an empty tensor's step still counts
+    (its scalars advance); a bucket of empty tensors only still launches (its last block advances the counts)."""
     params = [cp.ones(7, dtype=np.float32), cp.ones(7, dtype=np.float32), cp.zeros(0, dtype=np.float32)]
-    optimizer = fo.Adam(params, lr=0.1, backend="cuda")
+    optimizer = cls(params, lr=0.1, backend="cuda")
     optimizer.step([None, cp.ones(7, dtype=np.float32), cp.zeros(0, dtype=np.float32)])
     np.testing.assert_array_equal(cp.asnumpy(params[0]), 1.0)
     assert (cp.asnumpy(params[1]) < 1.0).all()
     assert list(optimizer._backend.tensor_steps()) == [0, 1, 1]
+    if cls.SCALARS:  # schedule-free's weight sum and largest rate: advanced for the two tensors that stepped
+        scalars = optimizer._backend.tensor_scalars()
+        assert not scalars[0].any() and (scalars[1:, :len(cls.SCALARS)] > 0).all()
     empty = [cp.zeros(0), cp.zeros((3, 0))]
-    only_empty = fo.AdamW(empty, lr=0.1, backend="cuda")
+    only_empty = cls(empty, lr=0.1, backend="cuda")
     only_empty.step([cp.zeros(0), cp.zeros((3, 0))])
     assert list(only_empty._backend.tensor_steps()) == [1, 1]
     assert only_empty._backend.device_step_count() == 1
 
 
-def test_state_dict_round_trip_continues_the_run(cp, rng):
+@pytest.mark.parametrize("cls,kwargs", [(fo.Adam, dict(amsgrad=True)), (fo.AdamWScheduleFree, dict(warmup_steps=2)),
+                                        (fo.LAMB, {})], ids=["Adam", "AdamWScheduleFree", "LAMB"])
+def test_state_dict_round_trip_continues_the_run(cp, cls, kwargs, rng):
+    """A run saved halfway and loaded into a new optimizer continues bit for bit: states, step counts and running
+    scalars (set_tensor_scalars)."""
     shapes = [3, 4097]
-    schedule = fo.schedules.step_decay(0.1, step_size=2, gamma=0.5)
+    schedule = lr_schedule(cls, fo.schedules.step_decay(0.1, step_size=2, gamma=0.5))
     initial = [rng.standard_normal(n).astype(np.float32) for n in shapes]
     grads = [[rng.standard_normal(n).astype(np.float32) for n in shapes] for _ in range(6)]
     straight = to_device(cp, initial)
-    optimizer = fo.Adam(straight, lr=schedule, amsgrad=True, backend="cuda")
+    optimizer = cls(straight, lr=schedule, backend="cuda", **kwargs)
     for step_grads in grads:
         optimizer.step(to_device(cp, step_grads))
 
     resumed = to_device(cp, initial)
-    first = fo.Adam(resumed, lr=schedule, amsgrad=True, backend="cuda")
+    first = cls(resumed, lr=schedule, backend="cuda", **kwargs)
     for step_grads in grads[:3]:
         first.step(to_device(cp, step_grads))
     saved = first.state_dict()
-    second = fo.Adam(resumed, lr=schedule, amsgrad=True, backend="cuda")
+    second = cls(resumed, lr=schedule, backend="cuda", **kwargs)
     second.load_state_dict(saved)
     for step_grads in grads[3:]:
         second.step(to_device(cp, step_grads))
@@ -553,6 +599,10 @@ MIXED_OPTIMIZERS = [
     (fo.Adam, dict(betas=(0.5, 0.25), weight_decay=0.01)),
     (fo.Adagrad, dict(lr_decay=0.1, weight_decay=0.01, initial_accumulator_value=0.5)),
     (fo.Lion, dict(weight_decay=0.1)),
+    # Schedule-free with every pow exact (the betas powers of two, t^0 and lr_max^0): its running scalars and step
+    # scalars are the CPU's on a GPU too; its eval() and train() (the blend) are checked after the steps.
+    (fo.AdamWScheduleFree, dict(betas=(0.5, 0.25), weight_lr_power=0.0, warmup_steps=2, weight_decay=0.01)),
+    (fo.SGDScheduleFree, dict(momentum=0.5, weight_lr_power=0.0, weight_decay=0.01)),
 ]
 MIXED_SIZES = (0, 1, 13, 5000)  # 5000: several chunks, on the GPU and in the stand-in
 MIXED_STEPS = 4
@@ -640,6 +690,46 @@ def test_mixed_precision_bitwise_equal_to_cpu_kernels(cp, config, storage, rng):
         gpu.step([to_device_storage(cp, grad) for grad in grads[t]])
     assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
     assert gpu._backend.device_step_count() == MIXED_STEPS
+    if isinstance(cpu, fo.rules.schedule_free.ScheduleFree):
+        # The blend toward z, by a negative weight (eval: 1 - 1/beta) and back (train: 1 - beta), then a step.
+        for move in ("eval", "train"):
+            getattr(cpu, move)()
+            getattr(gpu, move)()
+            assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
+        cpu.step(grads[0])
+        gpu.step([to_device_storage(cp, grad) for grad in grads[0]])
+        assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
+
+
+@pytest.mark.parametrize("storage", MIXED_STORAGE, ids=storage_id)
+def test_norms_rule_mixed_precision_matches_cpu_kernels(cp, storage, rng):
+    """LAMB over every storage: the moments (they depend on the grads alone) are the CPU kernels' bits, the params and
+    master copies agree to the rounding of the trust ratio's sums (test_norms_rule_matches_cpu_kernels) and of their
+    storage."""
+    _, param_name, grad_name, options = storage
+    params, scales, grads = mixed_problem(param_name, grad_name, rng)
+    cpu_params = [p.copy() for p in params]
+    cpu = mixed_optimizer(fo.LAMB, {}, options, cpu_params, [s.copy() for s in scales], "cpu")
+    gpu_params = [to_device_storage(cp, p) for p in params]
+    gpu = mixed_optimizer(fo.LAMB, {}, options, gpu_params, to_device(cp, scales), "cuda")
+    for t in range(MIXED_STEPS):
+        for optimizer in (cpu, gpu):
+            for group in optimizer.param_groups:
+                group["lr"] = MIXED_LRS[t]
+        cpu.step(grads[t])
+        gpu.step([to_device_storage(cp, grad) for grad in grads[t]])
+    rtol = 4 * dtypes.epsilon(param_name) * MIXED_STEPS
+    for index, (ours, theirs) in enumerate(zip(gpu_params, cpu_params)):
+        ours = cp.asnumpy(ours).view(theirs.dtype)
+        assert_close(ours.astype(np.float64), theirs.astype(np.float64), rtol, f"param {index}")
+        assert set(gpu.state[index]) == set(cpu.state[index])
+        for name, buffer in cpu.state[index].items():
+            mine = cp.asnumpy(gpu.state[index][name])
+            if name == "master_param":
+                assert_close(mine, buffer, tolerance(np.float32, MIXED_STEPS), f"param {index} {name}")
+            else:
+                assert_same_bits(mine, buffer, f"param {index} {name}")
+    np.testing.assert_array_equal(gpu._backend.tensor_steps(), cpu._backend.tensor_steps())
 
 
 @pytest.mark.parametrize("storage", [MIXED_STORAGE[i] for i in (0, 1, 3, 4, 6, 7, 9, 10)], ids=storage_id)
@@ -678,26 +768,28 @@ def test_grad_scale_and_clipping_bitwise_equal_to_cpu_kernels(cp, config, storag
     assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
 
 
+@pytest.mark.parametrize("cls", [fo.AdamW, fo.AdamWScheduleFree, fo.LAMB])
 @pytest.mark.parametrize("storage", MIXED_STORAGE, ids=storage_id)
-def test_nonfinite_grads_skip_the_step_on_the_device(cp, storage, rng):
+def test_nonfinite_grads_skip_the_step_on_the_device(cp, storage, cls, rng):
     """With grad_scale and max_grad_norm (no guard) a NaN/inf grad is found and the step skipped on the device, with
-    no host synchronisation: params, states, master copies and every step count stay as they were, the skip is
-    counted, the host's counts follow the device's once it asks, and the next step continues as if the bad one had
-    never come."""
+    no host synchronisation: params, states, master copies, every step count and running scalar stay as they were
+    (both launches of LAMB's step skip), the skip is counted once, the host's counts follow the device's once it asks,
+    and the next step continues as if the bad one had never come."""
     _, param_name, grad_name, options = storage
     start = [rng.standard_normal(n).astype(storage_dtype(param_name)) for n in (5, 2000)]
     grads = [[rng.standard_normal(p.shape).astype(storage_dtype(grad_name)) for p in start] for _ in range(2)]
     bad = [g.copy() for g in grads[0]]
     bad[1][1234] = np.inf
-    schedule = fo.schedules.exponential(0.01, 0.5)
+    schedule = lr_schedule(cls, fo.schedules.exponential(0.01, 0.5))
     clean_params = [to_device_storage(cp, p) for p in start]
     skipping_params = [to_device_storage(cp, p) for p in start]
-    clean = fo.AdamW(clean_params, lr=schedule, max_grad_norm=100.0, backend="cuda", **options)
-    skipping = fo.AdamW(skipping_params, lr=schedule, max_grad_norm=100.0, backend="cuda", **options)
+    clean = cls(clean_params, lr=schedule, max_grad_norm=100.0, backend="cuda", **options)
+    skipping = cls(skipping_params, lr=schedule, max_grad_norm=100.0, backend="cuda", **options)
     for optimizer in (clean, skipping):
         optimizer.step([to_device_storage(cp, g) for g in grads[0]], grad_scale=2.0)
     before = [{name: cp.asnumpy(buffer) for name, buffer in state.items()} for state in skipping.state]
     params_before = host(cp, skipping_params)
+    scalars_before = skipping._backend.tensor_scalars()
     skipping.step([to_device_storage(cp, g) for g in bad], grad_scale=2.0)
     assert not bool(cp.isfinite(skipping.last_grad_norm))
     for param, previous in zip(host(cp, skipping_params), params_before):
@@ -707,9 +799,10 @@ def test_nonfinite_grads_skip_the_step_on_the_device(cp, storage, rng):
             np.testing.assert_array_equal(cp.asnumpy(buffer).view(np.uint8), previous[name].view(np.uint8), name)
     backend = skipping._backend
     assert list(backend.tensor_steps()) == [1, 1]
+    np.testing.assert_array_equal(backend.tensor_scalars(), scalars_before)
     assert backend.device_step_count() == 1 and backend.device_skipped_steps() == 1
     assert skipping.skipped_steps == 1
-    assert skipping.current_lr() == [0.01 * 0.5] and skipping.step_count == 1
+    assert skipping.current_lr() == [schedule(1)] and skipping.step_count == 1
     assert skipping.state_dict()["step_count"] == 1
     for optimizer in (clean, skipping):
         optimizer.step([to_device_storage(cp, g) for g in grads[1]], grad_scale=2.0)
@@ -798,6 +891,9 @@ def test_plain_buckets_launch_the_plain_kernels(cp, rng):
     plain = fo.Adam([cp.zeros(5, dtype=np.float32)], backend="cuda")
     plain.step([cp.ones(5, dtype=np.float32)])
     assert cp.stream.kernels[-1] == "step_float"
+    two_passes = fo.LAMB(params, backend="cuda")  # a rule with per-tensor norms: two launches per bucket
+    two_passes.step([cp.ones(5, dtype=np.float32), cp.ones(5, dtype=np.uint16), cp.ones(5, dtype=np.float64)])
+    assert cp.stream.kernels[-4:] == ["norms_float_mixed", "apply_float_mixed", "norms_double", "apply_double"]
 
 
 @pytest.mark.parametrize("options", [dict(state_dtype="bfloat16"), dict(state_dtype="bfloat16", master_weights=True)],
@@ -898,7 +994,8 @@ def bad_grads_cases(cp):
     ]
 
 
-@pytest.mark.parametrize("cls", [fo.SGD, fo.RMSprop, fo.Adam, fo.AdamW, fo.Adagrad, fo.Lion])
+@pytest.mark.parametrize("cls", [fo.SGD, fo.RMSprop, fo.Adam, fo.AdamW, fo.Adagrad, fo.Lion, fo.AdamWScheduleFree,
+                                 fo.SGDScheduleFree, fo.LAMB])
 def test_bad_grads_leave_params_untouched(cp, cls):
     params = [cp.ones((2, 3), dtype=np.float32), cp.ones(5, dtype=np.float32)]
     kwargs = dict(momentum=0.9) if cls is fo.SGD else {}
@@ -1045,7 +1142,7 @@ def _stored_values(address, storage_format, length, math):
 
 def _block_sum(values, zero):
     """A block's sum of ``values`` in the kernels' order: each of BLOCK threads adds its stride sequentially, then a
-    tree halves the partial sums (fused.cu: finish_grad_control)."""
+    tree halves the partial sums (grad_control.cu: finish_grad_control; block_sum.cuh)."""
     partial = [zero] * cuda.BLOCK
     for index, value in enumerate(values):
         partial[index % cuda.BLOCK] += value
@@ -1057,8 +1154,8 @@ def _block_sum(values, zero):
 
 
 class _Kernel:
-    """One launch of a kernel of fused.cu (compiled for the rule ``rule``) or of grad_control.cu (``rule`` None),
-    emulated in the kernel's order (see the ``cp`` fixture)."""
+    """One launch of a kernel of fused.cu (compiled for the rule ``rule``) or of grad_control.cu or blend.cu (``rule``
+    None), emulated in the kernel's order (see the ``cp`` fixture)."""
 
     def __init__(self, name, rule, shim, stream):
         self.name, self.rule, self.shim, self.stream = name, rule, shim, stream
@@ -1081,28 +1178,41 @@ class _Kernel:
         if kind == "grad_stats":
             assert self.rule is None
             return self._grad_stats(grid, dtype, *args)
-        assert kind == "step" and self.rule in RULES
+        if kind == "blend":
+            assert self.rule is None
+            return self._blend(grid, dtype, ctype, *args)
+        passes = cuda.rule_passes(self.rule)
+        assert self.rule in RULES and kind in passes
+        if kind == "apply":  # right after the norms pass of the same bucket
+            assert self.stream.kernels[-2] == self.name.replace("apply", "norms")
         (addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, chunk_count, tensor_group, tensor_step,
-         tensor_count, group_hyper, schedule_program, schedule_size, schedule_base, counters, lr_factor, grad_control,
-         rounding_seed) = args
+         tensor_scalars, tensor_count, group_hyper, schedule_program, schedule_size, schedule_base, counters,
+         lr_factor, grad_control, chunk_norms, rounding_seed) = args
         assert type(lr_factor) is np.float64 and type(rounding_seed) is np.int64
         for array in (addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step,
                       schedule_base, counters):
             assert array.dtype == np.int64
-        assert group_hyper.dtype == schedule_program.dtype == grad_control.dtype == np.float64
+        for array in (tensor_scalars, group_hyper, schedule_program, grad_control, chunk_norms):
+            assert array.dtype == np.float64
         assert grid == (max(int(chunk_count), 1),) and chunk_tensor.size == chunk_count
         assert addresses.shape == (tensor_count, kernel_layout.SLOTS) and schedule_program.size == schedule_size
         assert tensor_format.shape == (tensor_count, kernel_layout.FORMAT_COLUMNS)
+        assert tensor_scalars.shape == (tensor_count, kernel_layout.TENSOR_SCALARS)
+        assert chunk_norms.shape == (grid[0], kernel_layout.NORM_SUMS)
         assert grad_control.shape == (kernel_layout.GRAD_CONTROLS,) and counters.shape == (cuda.COUNTERS,)
         assert group_hyper.shape[1] == kernel_layout.GROUP_COLUMNS + len(RULES[self.rule].COLUMNS)
         assert counters[cuda.TICKET] == 0
         # The plain kernel is built without the loop for other formats: the host must pick the mixed one.
         assert mixed or not tensor_format.any(), f"{self.name} launched on a bucket with other storage formats"
-        if grad_control[kernel_layout.SKIP] != 0:  # every block returns; the first counts the skip
-            counters[cuda.SKIPPED_STEPS] += 1
+        ends_step = kind == passes[-1]  # the pass whose blocks take tickets and whose last block advances the counts
+        if grad_control[kernel_layout.SKIP] != 0:  # every block returns; the step's last pass counts the skip
+            if ends_step:
+                counters[cuda.SKIPPED_STEPS] += 1
             return
-        run_block = getattr(self.shim, f"{self.rule}_block_{ctype}")
-        # Every block: its chunk, with the counts as they were when the launch began.
+        run_block = getattr(self.shim, f"{self.rule}_{kind}_block_{ctype}")
+        thread_sums = np.zeros((cuda.BLOCK, kernel_layout.NORM_SUMS))
+        # Every block: its chunk, with the counts and scalars as they were when the launch began; the norms pass
+        # writes the chunk's sums in block_sum's tree.
         for chunk in range(chunk_count):
             tensor = int(chunk_tensor[chunk])
             if addresses[tensor, kernel_layout.GRAD] == 0:
@@ -1111,13 +1221,34 @@ class _Kernel:
             run_block(addresses[tensor].ctypes.data, tensor_format[tensor].ctypes.data, int(chunk_start[chunk]),
                       int(chunk_length[chunk]), group_hyper[group].ctypes.data, schedule_program.ctypes.data,
                       int(schedule_size), int(schedule_base[group]), int(counters[cuda.OPTIMIZER_STEP]),
-                      float(lr_factor), int(tensor_step[tensor]), grad_control.ctypes.data, int(rounding_seed), tensor)
-        # The last block: the counts (of the tensors with a grad whose group counts steps).
+                      float(lr_factor), int(tensor_step[tensor]), tensor_scalars[tensor].ctypes.data,
+                      grad_control.ctypes.data, int(rounding_seed), tensor, chunk_norms.ctypes.data,
+                      chunk_start.ctypes.data, int(chunk_count), chunk, thread_sums.ctypes.data)
+            if kind == "norms":
+                chunk_norms[chunk] = test_cuda_host_math.block_tree_sum(thread_sums)
+        if not ends_step:
+            return
+        # The last block: each tensor with a grad (its running scalars, and its count where its group counts steps).
         for tensor in range(tensor_count):
-            if (addresses[tensor, kernel_layout.GRAD] != 0
-                    and group_hyper[tensor_group[tensor], kernel_layout.COUNTS_STEP] != 0):
-                tensor_step[tensor] += 1
+            if addresses[tensor, kernel_layout.GRAD] != 0:
+                group = int(tensor_group[tensor])
+                test_cuda_host_math.advance_tensor(self.shim, self.rule, group_hyper[group],
+                                                   schedule_program[:int(schedule_size)],
+                                                   int(counters[cuda.OPTIMIZER_STEP]), tensor_step, tensor_scalars,
+                                                   tensor, float(lr_factor), int(schedule_base[group]))
         counters[cuda.OPTIMIZER_STEP] += 1
+
+    def _blend(self, grid, dtype, ctype, addresses, tensor_format, chunk_tensor, chunk_start, chunk_length,
+               chunk_count, slot, tensor_weight):
+        assert grid == (chunk_count,) and chunk_tensor.size == chunk_count and type(slot) is np.int64
+        assert tensor_weight.dtype == dtype and tensor_weight.shape == (addresses.shape[0],)
+        assert slot in (kernel_layout.STATE0, kernel_layout.STATE1, kernel_layout.STATE2)
+        for chunk in range(chunk_count):
+            tensor = int(chunk_tensor[chunk])
+            if addresses[tensor, slot] != 0:
+                getattr(self.shim, f"host_blend_block_{ctype}")(
+                    addresses[tensor].ctypes.data, tensor_format[tensor].ctypes.data, int(chunk_start[chunk]),
+                    int(chunk_length[chunk]), int(slot), tensor_weight[tensor])
 
     @staticmethod
     def _grad_stats(grid, dtype, addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, chunk_count, sums,
@@ -1165,8 +1296,8 @@ class CupyStandIn:
 
     def load_module(self, cupy, source, name, options=()):  # stands in for fastopt.backends.cuda.load_module
         assert cupy is self
-        if name == "grad_control":
-            assert '#include "grad_control.cuh"' in source and not options
+        if name in ("grad_control", "blend"):  # the units compiled once, for every rule
+            assert source == (cuda.SOURCE_DIR / f"{name}.cu").read_text() and not options
             rule = None
         else:  # fused.cu, compiled for one rule
             assert '#include "step_math.cuh"' in source

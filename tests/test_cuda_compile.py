@@ -4,7 +4,8 @@ Runs without a GPU: the compiler is NVRTC from the ``nvidia-cuda-nvrtc-cu12`` wh
 ``nvidia-cuda-nvrtc``, or a system libnvrtc), loaded with ctypes, with ``--ptxas-options=-v`` so that ptxas reports
 registers and spills per kernel; the machine's ``nvcc -Xptxas -v`` is the fallback. Without either the tests skip,
 unless ``REQUIRE_CUDA_COMPILER=1``, which makes them fail. Each unit (fused.cu once per rule of fastopt.rules.RULES,
-grad_control.cu once) is compiled once per architecture per session. ptxas differs between CUDA releases (nvcc 13.0
+with the kernels of the rule's passes; grad_control.cu and blend.cu once) is compiled once per architecture per
+session. ptxas differs between CUDA releases (nvcc 13.0
 spilled where NVRTC 12.9 did not), so where an ``nvcc`` is installed the units are built with it too, and must not
 spill either.
 
@@ -31,11 +32,21 @@ from fastopt.backends import cuda
 from fastopt.rules import RULES
 
 ARCHITECTURES = ("80", "90")
-STEP_KERNELS = [f"step_{ctype}{variant}" for ctype in ("float", "double") for variant in ("", "_mixed")]
 GRAD_CONTROL_KERNELS = [f"grad_stats_{ctype}" for ctype in ("float", "double")] + ["finish_grad_control"]
-# The compiled units: (id, source, extra options, kernels): the step once per rule, the grad control once.
-UNITS = [(f"{cuda.SOURCE}[{kernel}]", cuda.SOURCE, cuda.rule_options(kernel), STEP_KERNELS) for kernel in RULES]
+BLEND_KERNELS = [f"blend_{ctype}" for ctype in ("float", "double")]
+
+
+def step_kernels(kernel):
+    """fused.cu's kernels for the rule ``kernel``: each pass of its step (``step``, or ``norms`` and ``apply``) per
+    math dtype, plain and mixed."""
+    return [f"{kernel_pass}_{ctype}{variant}" for kernel_pass in cuda.rule_passes(kernel)
+            for ctype in ("float", "double") for variant in ("", "_mixed")]
+
+
+# The compiled units: (id, source, extra options, kernels): the step once per rule, the grad control and the blend once.
+UNITS = [(f"{cuda.SOURCE}[{kernel}]", cuda.SOURCE, cuda.rule_options(kernel), step_kernels(kernel)) for kernel in RULES]
 UNITS.append((cuda.GRAD_CONTROL_SOURCE, cuda.GRAD_CONTROL_SOURCE, (), GRAD_CONTROL_KERNELS))
+UNITS.append((cuda.BLEND_SOURCE, cuda.BLEND_SOURCE, (), BLEND_KERNELS))
 UNIT_IDS = [unit[0] for unit in UNITS]
 HEADERS = sorted(path.relative_to(cuda.SOURCE_DIR).as_posix() for path in cuda.SOURCE_DIR.rglob("*.cuh"))
 
@@ -182,7 +193,7 @@ def test_source_compiles(compiled, name, architecture):
 
 def assert_no_spills(compiled, compiler_name, architecture, capsys):
     """Every unit's kernels: no spills, at least two blocks per multiprocessor, and the float step kernels (plain and
-    mixed) four, as the plain ones had before mixed precision (fused.cu: the mixed loop has kernels of its own so that
+    mixed, every pass) four, as the plain ones had before mixed precision (fused.cu: the mixed loop has kernels of its own so that
     it cannot cost the plain ones occupancy). ``SHOW_REGISTERS=1`` prints each kernel's registers and spills."""
     show = os.environ.get("SHOW_REGISTERS") == "1"
     if show:
@@ -203,7 +214,7 @@ def assert_no_spills(compiled, compiler_name, architecture, capsys):
                 f"{unit} {name} spills on sm_{architecture} ({compiler_name})"
             # At BLOCK threads per block, each multiprocessor (65536 registers) must hold at least two blocks.
             assert resources.registers * cuda.BLOCK * 2 <= 65536, f"{unit} {name} uses {resources.registers} registers"
-            if name.startswith("step_float"):
+            if unit.startswith(cuda.SOURCE) and "_float" in name:
                 assert resources.registers * cuda.BLOCK * 4 <= 65536, \
                     f"{unit} {name} uses {resources.registers} registers on sm_{architecture} ({compiler_name})"
 
@@ -253,7 +264,7 @@ def test_every_rule_has_a_cuda_rule():
 def test_sources_refuse_to_compile_without_the_generated_defines(compiler):
     """The shared constants come only from the Python modules: without the -D options a source does not build."""
     options = [f"-I{cuda.SOURCE_DIR}", "--std=c++17"]
-    for source in (cuda.SOURCE, cuda.GRAD_CONTROL_SOURCE):
+    for source in (cuda.SOURCE, cuda.GRAD_CONTROL_SOURCE, cuda.BLEND_SOURCE):
         succeeded, log = compiler((cuda.SOURCE_DIR / source).read_text(), source, options, ARCHITECTURES[0])
         assert not succeeded and "compile with the -D options of fastopt.backends.cuda.compile_options()" in log
     # fused.cu without a rule.

@@ -9,18 +9,24 @@ loaded with ctypes; ``__host__ __device__`` is defined away outside nvcc/NVRTC. 
 ``--fmad=false``, so on the device the same functions round the same way; only the device's double ``cos`` and
 ``pow`` differ (within 2 ulp), which tests/test_cuda.py covers on a GPU.
 
-The shim runs one block of a step kernel the way fused.cu does: the chunk's streams from its tensor's address and
-format rows, then step_math.cuh's chunk loop for every thread index in turn, so the host build covers the loop,
-its loads and stores in every storage format (storage.cuh), not only the element math. Only the kernels' own
-scaffolding (barriers, the skip check, the last block's step counts, the grad statistics' reductions) is device-only;
-tests/test_cuda.py's NumPy stand-in for CuPy emulates it around this shim.
+The shim runs one block of each pass of a step kernel the way fused.cu does: the chunk's streams from its tensor's
+address and format rows, then step_math.cuh's chunk loop for every thread index in turn, so the host build covers the
+loop, its loads and stores in every storage format (storage.cuh), not only the element math; and the last block's
+update of a tensor's step count and running scalars (advance_tensor), and the blend. Only the kernels' own
+scaffolding (barriers, the skip check, the ticket, the block reductions) is device-only; tests/test_cuda.py's NumPy
+stand-in for CuPy emulates it around this shim.
 
 Two checks per case:
 - against the float64 reference, with the tolerances of tests/conftest.py (every optimizer option of CONFIGS in
   tests/test_optimizers.py, every rule, float32 and float64; every schedule of CASES in tests/test_schedules.py);
-- against the CPU (Numba) kernels, bit for bit: the same operations in the same order, and the same libm; the
-  storage conversions against the Numba kernels' widen_bits/narrow_bits, and the grad control against
-  backends.GradControl.
+- against the CPU (Numba) kernels, bit for bit: the same operations in the same order, and the same libm (pow
+  included: schedule-free's running scalars and every bias correction); the storage conversions against the Numba
+  kernels' widen_bits/narrow_bits, and the grad control against backends.GradControl.
+
+A rule with per-tensor norms (LAMB) is bit for bit in its element math (moments, direction, apply) and its states;
+its sums of squares are added in another order than Numba's (per thread, then a fixed tree, where Numba's vector
+lanes re-associate), so they agree with the CPU's to double rounding only, and the params bit for bit once the
+APPLY pass is given the CPU's sums.
 """
 import ctypes
 import shutil
@@ -37,9 +43,10 @@ from fastopt.backends import GradControl
 from fastopt.backends.layout import GroupTable
 from fastopt.kernels.cpu import conversions
 from fastopt.kernels.cpu import layout as kernel_layout
+from fastopt.optimizer import PARAM_VALUE
 from fastopt.rules import RULES
 from fastopt.kernels.cpu.schedule_math import schedule_values
-from test_optimizers import CONFIG_IDS, CONFIGS, STEPS, make_problem, run_reference
+from configs import CONFIG_IDS, CONFIGS, STEPS, lr_schedule, make_problem, run_reference
 from test_schedules import CASES, EPS
 
 SHIM = r"""
@@ -52,40 +59,89 @@ extern "C" double host_schedule_value(const double* words, int64 size, int64 bas
     return schedule_value(Program{words, size}, base, step);
 }
 
-// One block's work on one chunk, as fused.cu's step kernel does it: the block's first thread's coefficient row and
-// the flags, the chunk's streams from the tensor's address and format rows, then step_math.cuh's run_chunk for every
-// thread index in turn (each element is its own; the order does not matter). The group's lr comes from its schedule
-// at the optimizer step; ``hyper`` is the group's row of the group table; ``tensor_step`` is the tensor's step count
-// before this step, as the kernel reads it from tensor_step; ``tensor`` its position in its bucket (the stochastic
-// rounding's key).
+// One block's work on one chunk in the pass PASS, as fused.cu's kernels do it: the block's first thread's coefficient
+// row (and in the APPLY pass the tensor's trust coefficient from the chunk sums ``chunk_norms`` of the chunk table
+// ``chunk_start``, of which this is chunk ``chunk``) and the flags, the chunk's streams from the tensor's address and
+// format rows, then step_math.cuh's run_chunk for every thread index in turn (each element is its own; the order
+// does not matter). The group's lr comes from its schedule at the optimizer step; ``hyper`` is the group's row of the
+// group table; ``tensor_step`` and ``scalars`` are the tensor's step count and running scalars before this step, as
+// the kernel reads them; ``tensor`` its position in its bucket (the stochastic rounding's key). The NORMS pass writes
+// each thread's sums of squares (param, direction) into ``thread_sums`` [BLOCK][NORM_SUMS], which the kernel adds up
+// in block_sum's tree.
 #define CHUNK_PARAMETERS                                                                                        \
     const int64 *address_row, const int64 *format_row, int64 start, int64 length, const double *hyper,         \
         const double *words, int64 words_size, int64 base, int64 optimizer_step, double lr_factor,             \
-        int64 tensor_step, const double *grad_control, int64 seed, int64 tensor
+        int64 tensor_step, const double *scalars, const double *grad_control, int64 seed, int64 tensor,       \
+        const double *chunk_norms, const int64 *chunk_start, int64 chunk_count, int64 chunk, double *thread_sums
 #define CHUNK_ARGUMENTS                                                                                         \
     address_row, format_row, start, length, hyper, words, words_size, base, optimizer_step, lr_factor,         \
-        tensor_step, grad_control, seed, tensor
+        tensor_step, scalars, grad_control, seed, tensor, chunk_norms, chunk_start, chunk_count, chunk, thread_sums
 
-template <typename Rule, typename T>
+template <typename Rule, int PASS, typename T>
 void rule_block(CHUNK_PARAMETERS) {
     const double lr = group_learning_rate(Program{words, words_size}, base, optimizer_step, lr_factor);
     T c[COEFFICIENTS];
-    tensor_coefficients<Rule>(hyper, lr, tensor_step, grad_control, c);
+    tensor_coefficients<Rule>(hyper, lr, tensor_step, scalars, grad_control, c);
+    if constexpr (PASS == APPLY) {
+        double sums[NORM_SUMS];
+        tensor_norm_sums(chunk_norms, chunk_start, chunk_count, chunk, sums);
+        Rule::norm_coefficients(hyper, lr, sums[NORM_PARAM], sums[NORM_UPDATE], c);
+    }
     const ChunkFlags flags = chunk_flags(address_row, hyper);
     const Rounding rounding = chunk_rounding(seed, optimizer_step, tensor, start);
     const bool mixed = is_mixed(format_row);
     const ChunkStreams<T> s = mixed ? chunk_streams<T, true>(address_row, format_row, start, rounding)
                                     : chunk_streams<T, false>(address_row, format_row, start, rounding);
     for (int thread = 0; thread < BLOCK; ++thread) {
-        run_chunk<Rule, true>(s, mixed, int(length), c, flags, thread);
+        NormSums sums{0.0, 0.0};
+        run_chunk<Rule, PASS, true>(s, mixed, int(length), c, flags, thread, sums);
+        thread_sums[thread * NORM_SUMS + NORM_PARAM] = sums.param;
+        thread_sums[thread * NORM_SUMS + NORM_UPDATE] = sums.update;
     }
 }
 
-// <kernel>_block_float, <kernel>_block_double for every rule.
-#define INSTANTIATE(RULE)                                                                                      \
-    extern "C" void RULE##_block_float(CHUNK_PARAMETERS) { rule_block<rules::RULE, float>(CHUNK_ARGUMENTS); }  \
-    extern "C" void RULE##_block_double(CHUNK_PARAMETERS) { rule_block<rules::RULE, double>(CHUNK_ARGUMENTS); }
+// The last block's update of one tensor that had a grad (fused.cu's advance_step_counts): its running scalars with its
+// group's lr, and its step count.
+template <typename Rule>
+void advance_block(const double* hyper, const double* words, int64 words_size, int64 base, int64 optimizer_step,
+                   double lr_factor, int64* tensor_step, double* scalars) {
+    const double lr = KeepsScalars<Rule>::value
+                          ? group_learning_rate(Program{words, words_size}, base, optimizer_step, lr_factor)
+                          : 0.0;
+    advance_tensor<Rule>(hyper, lr, tensor_step, scalars);
+}
+
+// <kernel>_advance_tensor for every rule; <kernel>_<pass>_block_float and _double for each pass of its step.
+#define INSTANTIATE(RULE)                                                                                       \
+    extern "C" void RULE##_advance_tensor(const double* hyper, const double* words, int64 words_size, int64 base, \
+                                          int64 optimizer_step, double lr_factor, int64* tensor_step,          \
+                                          double* scalars) {                                                    \
+        advance_block<rules::RULE>(hyper, words, words_size, base, optimizer_step, lr_factor, tensor_step, scalars); \
+    }
+#define INSTANTIATE_PASS(RULE, NAME, PASS)                                                                      \
+    extern "C" void RULE##_##NAME##_block_float(CHUNK_PARAMETERS) {                                           \
+        rule_block<rules::RULE, PASS, float>(CHUNK_ARGUMENTS);                                                  \
+    }                                                                                                           \
+    extern "C" void RULE##_##NAME##_block_double(CHUNK_PARAMETERS) {                                          \
+        rule_block<rules::RULE, PASS, double>(CHUNK_ARGUMENTS);                                                 \
+    }
 @RULE_INSTANCES@
+// blend.cu's block on one chunk (the tensor's address and format rows): step_math.cuh's blend_chunk for every thread.
+template <typename T>
+void blend_block(const int64* address_row, const int64* format_row, int64 start, int64 length, int64 slot, T weight) {
+    for (int thread = 0; thread < BLOCK; ++thread) {
+        blend_chunk<T>(address_row, format_row, start, int(length), int(slot), weight, thread);
+    }
+}
+extern "C" void host_blend_block_float(const int64* address_row, const int64* format_row, int64 start, int64 length,
+                                       int64 slot, float weight) {
+    blend_block<float>(address_row, format_row, start, length, slot, weight);
+}
+extern "C" void host_blend_block_double(const int64* address_row, const int64* format_row, int64 start, int64 length,
+                                        int64 slot, double weight) {
+    blend_block<double>(address_row, format_row, start, length, slot, weight);
+}
+
 // finish_grad_control's arithmetic once the partial sums are added.
 extern "C" void host_set_grad_control(double sum_of_squares, int64 nonfinite, double unscale, double max_norm,
                                       int64 skip_nonfinite, double* grad_control, double* statistics) {
@@ -111,15 +167,25 @@ extern "C" void host_widen_double(const void* stream, int64 format, int64 size, 
 """
 
 
+# The step_math.cuh Pass of each pass name of fastopt.backends.cuda.rule_passes.
+PASSES = {"step": "UPDATE", "norms": "NORMS", "apply": "APPLY"}
+
+
 def shim_source():
-    """SHIM with every rule of fastopt.rules.RULES included and instantiated."""
+    """SHIM with every rule of fastopt.rules.RULES included and instantiated, each pass of its step."""
+    instances = "".join(f"INSTANTIATE({kernel})\n" + "".join(f"INSTANTIATE_PASS({kernel}, {name}, {PASSES[name]})\n"
+                                                              for name in cuda.rule_passes(kernel))
+                        for kernel in RULES)
     return (SHIM.replace("@RULE_HEADERS@", "".join(f'#include "rules/{kernel}.cuh"\n' for kernel in RULES))
-            .replace("@RULE_INSTANCES@", "".join(f"INSTANTIATE({kernel})\n" for kernel in RULES)))
+            .replace("@RULE_INSTANCES@", instances))
 
 
 BLOCK_ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_double,
-                   ctypes.c_longlong, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong]
+                   ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
+ADVANCE_ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong,
+                     ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p]
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 PLAIN_CONTROL = np.array([1.0, 1.0, 0.0])  # grad_control without loss scale, clipping or skip
 
@@ -150,9 +216,16 @@ def shim(tmp_path_factory):
     loaded.host_schedule_value.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong]
     for kernel in RULES:
         for ctype in CTYPES.values():
-            function = getattr(loaded, f"{kernel}_block_{ctype}")
-            function.restype = None
-            function.argtypes = BLOCK_ARGUMENTS
+            for name in cuda.rule_passes(kernel):
+                function = getattr(loaded, f"{kernel}_{name}_block_{ctype}")
+                function.restype = None
+                function.argtypes = BLOCK_ARGUMENTS
+        getattr(loaded, f"{kernel}_advance_tensor").restype = None
+        getattr(loaded, f"{kernel}_advance_tensor").argtypes = ADVANCE_ARGUMENTS
+    for ctype, weight in (("float", ctypes.c_float), ("double", ctypes.c_double)):
+        getattr(loaded, f"host_blend_block_{ctype}").restype = None
+        getattr(loaded, f"host_blend_block_{ctype}").argtypes = [ctypes.c_void_p, ctypes.c_void_p] + \
+            [ctypes.c_longlong] * 3 + [weight]
     loaded.host_set_grad_control.restype = None
     loaded.host_set_grad_control.argtypes = [ctypes.c_double, ctypes.c_longlong, ctypes.c_double, ctypes.c_double,
                                              ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p]
@@ -191,75 +264,152 @@ def group_row(cls, **kwargs):
     return GroupTable(cls, [dict(cls.DEFAULTS, **kwargs)]).group_hyper[0]
 
 
-def run_block(shim, kernel, dtype, row, size, hyper, program, *, formats=(0, 0, 0), start=0, base=0,
-              optimizer_step=0, lr_factor=1.0, tensor_step=0, control=PLAIN_CONTROL, seed=0, tensor=0):
-    """One block of the step kernel of the rule ``kernel`` (a ``KERNEL`` name, e.g. "adam") on elements
-    [start, start + size) of the tensor whose address row is ``row`` and whose group's row is ``hyper``, through the
-    shim."""
+def run_block(shim, kernel, dtype, row, size, hyper, program, *, kernel_pass="step", formats=(0, 0, 0), start=0,
+              base=0, optimizer_step=0, lr_factor=1.0, tensor_step=0, scalars=None, control=PLAIN_CONTROL, seed=0,
+              tensor=0, chunk_norms=None):
+    """One block of the pass ``kernel_pass`` (cuda.rule_passes) of the step of the rule ``kernel`` (a ``KERNEL``
+    name, e.g. "adam") on elements [start, start + size) of the tensor whose address row is ``row`` and whose group's
+    row is ``hyper``, through the shim; the tensor's step count and running scalars (None: zeros) are those before the
+    step. The APPLY pass reads the tensor's sums of squares ``chunk_norms`` (NORM_SUMS values: the tensor is one chunk
+    here). Returns the per-thread sums of squares of a NORMS pass ([BLOCK, NORM_SUMS])."""
     formats = np.asarray(formats, dtype=np.int64)
     control = np.ascontiguousarray(control, dtype=np.float64)
     program = np.ascontiguousarray(program, dtype=np.float64)
     hyper = np.ascontiguousarray(hyper, dtype=np.float64)
-    getattr(shim, f"{kernel}_block_{CTYPES[np.dtype(dtype)]}")(
+    scalars = np.zeros(kernel_layout.TENSOR_SCALARS) if scalars is None else np.ascontiguousarray(scalars, np.float64)
+    chunk_norms = np.zeros(kernel_layout.NORM_SUMS) if chunk_norms is None else np.ascontiguousarray(chunk_norms,
+                                                                                                    np.float64)
+    chunk_start = np.zeros(1, dtype=np.int64)  # one chunk, from element 0
+    thread_sums = np.zeros((cuda.BLOCK, kernel_layout.NORM_SUMS))
+    getattr(shim, f"{kernel}_{kernel_pass}_block_{CTYPES[np.dtype(dtype)]}")(
         pointer(row), pointer(formats), start, size, pointer(hyper), pointer(program), program.size, base,
-        optimizer_step, lr_factor, tensor_step, pointer(control), seed, tensor)
+        optimizer_step, lr_factor, tensor_step, pointer(scalars), pointer(control), seed, tensor, pointer(chunk_norms),
+        pointer(chunk_start), 1, 0, pointer(thread_sums))
+    return thread_sums
+
+
+def block_tree_sum(values):
+    """The sum over a block of per-thread values (axis 0: BLOCK rows) in block_sum.cuh's fixed tree: at each level,
+    thread t adds the value of thread t + half."""
+    values = np.asarray(values, dtype=np.float64)
+    half = values.shape[0] // 2
+    while half:
+        values = values[:half] + values[half:2 * half]
+        half //= 2
+    return values[0]
+
+
+def advance_tensor(shim, kernel, hyper, program, optimizer_step, tensor_steps, scalars, index, lr_factor=1.0, base=0):
+    """The last block's update of tensor ``index`` (fused.cu: advance_step_counts), in place: its step count in
+    ``tensor_steps`` (int64) and its running scalars, row ``index`` of ``scalars`` (float64)."""
+    program = np.ascontiguousarray(program, dtype=np.float64)
+    hyper = np.ascontiguousarray(hyper, dtype=np.float64)
+    assert tensor_steps.dtype == np.int64 and scalars.dtype == np.float64 and scalars.flags.c_contiguous
+    getattr(shim, f"{kernel}_advance_tensor")(pointer(hyper), pointer(program), program.size, base, optimizer_step,
+                                              lr_factor, tensor_steps.ctypes.data + 8 * index,
+                                              scalars[index].ctypes.data)
 
 
 # ---------------------------------------------------------------- optimizers
-def run_shim(shim, cls, kwargs, params0, params1, scales1, grads, schedule, lrs1):
+def initial_states(cls, group, param):
+    """The state buffers of ``param`` as the engines start them (None: a slot the group does not use)."""
+    used = cls.state_names(group)
+    states = []
+    for name in cls.STATE_SLOTS:
+        initial = cls.initial_state(name, group)
+        states.append(None if name not in used else param.copy() if initial is PARAM_VALUE else
+                      np.full_like(param, initial))
+    return states
+
+
+def run_shim(shim, cls, kwargs, params0, params1, scales1, grads, schedule, lrs1, norm_sums=None):
     """The steps of tests/test_optimizers.py's problem, each tensor updated by the shim as the fused kernel updates
-    it: group 0 follows ``schedule``, group 1 has the float lr ``lrs1[t]`` (a constant schedule) and lr_scale."""
+    it (each tensor one chunk): group 0 follows ``schedule``, group 1 has the float lr ``lrs1[t]`` (a constant
+    schedule) and lr_scale. A rule with per-tensor norms takes its NORMS pass, then its APPLY pass with the sums the
+    NORMS pass found, or ``norm_sums[t][index]`` where given. Returns the params, the states by name, the running
+    scalars and the NORMS pass's sums of squares [step, tensor, NORM_SUMS] (zeros for a one-pass rule)."""
     params = [p.copy() for p in params0 + params1]
     dtype = params[0].dtype
     group = dict(cls.DEFAULTS, **kwargs)
-    used = cls.state_names(group)  # the others are absent (address 0), as the engines leave them
-    states = [[np.full_like(param, cls.initial_state(name, group)) if name in used else None
-               for name in cls.STATE_SLOTS] for param in params]
+    states = [initial_states(cls, group, param) for param in params]  # absent slots: address 0, as in the engines
     scales = [None] * len(params0) + list(scales1)
     hyper = group_row(cls, **kwargs)
-    counts_step = hyper[kernel_layout.COUNTS_STEP] != 0  # the kernel's last block advances the count where set
-    tensor_steps = [0] * len(params)
+    passes = cuda.rule_passes(cls.KERNEL)
+    tensor_steps = np.zeros(len(params), dtype=np.int64)
+    scalars = np.zeros((len(params), kernel_layout.TENSOR_SCALARS))
+    sums = np.zeros((STEPS, len(params), kernel_layout.NORM_SUMS))
     for t in range(STEPS):
         for index, (param, grad) in enumerate(zip(params, grads[t])):
             program = schedule.program() if index < len(params0) else S.constant(lrs1[t]).program()
             row = address_row(param, grad, scales[index], states[index])
-            run_block(shim, cls.KERNEL, dtype, row, param.size, hyper, program, optimizer_step=t,
-                      tensor_step=tensor_steps[index])
-            tensor_steps[index] += counts_step
+            before = dict(optimizer_step=t, tensor_step=int(tensor_steps[index]), scalars=scalars[index].copy())
+            if passes == ("step",):
+                run_block(shim, cls.KERNEL, dtype, row, param.size, hyper, program, **before)
+            else:
+                sums[t, index] = block_tree_sum(run_block(shim, cls.KERNEL, dtype, row, param.size, hyper, program,
+                                                          kernel_pass="norms", **before))
+                run_block(shim, cls.KERNEL, dtype, row, param.size, hyper, program, kernel_pass="apply",
+                          chunk_norms=sums[t, index] if norm_sums is None else norm_sums[t][index], **before)
+            advance_tensor(shim, cls.KERNEL, hyper, program, t, tensor_steps, scalars, index)
     named = [{name: buffer for name, buffer in zip(cls.STATE_SLOTS, buffers) if buffer is not None}
              for buffers in states]
-    return params, named
+    return params, named, scalars, sums
+
+
+def cpu_norm_sums(optimizer):
+    """Each param's sums of squares (param, direction) in the CPU kernels' last NORMS pass: the per-chunk sums of its
+    bucket's workspace added in chunk order, as kernels/cpu/fused.rule_step adds them."""
+    sums = np.zeros((sum(len(group["params"]) for group in optimizer.param_groups), kernel_layout.NORM_SUMS))
+    for bucket in optimizer._backend.buckets:
+        for chunk, position in enumerate(bucket.chunk_tensor):
+            sums[bucket.indices[position]] += bucket.chunk_norms[chunk]
+    return sums
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cls,kwargs", CONFIGS, ids=CONFIG_IDS)
 def test_element_math_matches_reference_and_cpu_kernels(shim, cls, kwargs, dtype, rng):
     params0, params1, scales1, grads = make_problem(dtype, rng)
-    schedule = fo.schedules.cosine(0.05, t_max=4, eta_min=0.001)
+    schedule = lr_schedule(cls, fo.schedules.cosine(0.05, t_max=4, eta_min=0.001))
     lrs1 = [0.02, 0.02, 0.005, 0.04, 0.0, 0.01]
     expected_params, expected_states = run_reference(cls, kwargs, params0, params1, scales1, grads, schedule, lrs1)
-    got_params, got_states = run_shim(shim, cls, kwargs, params0, params1, scales1, grads, schedule, lrs1)
+    got_params, got_states, got_scalars, got_sums = run_shim(shim, cls, kwargs, params0, params1, scales1, grads,
+                                                             schedule, lrs1)
 
     rtol = tolerance(dtype, STEPS)
     for index, param in enumerate(got_params):
         assert_close(param, expected_params[index], rtol, f"param {index}")
         for name, value in expected_states[index].items():
-            if name != "step":
+            if name in got_states[index]:
                 assert_close(got_states[index][name], value, rtol, f"param {index} state {name}")
+            elif name in cls.SCALARS:
+                assert_close(got_scalars[index, cls.SCALARS.index(name)], value, rtol, f"param {index} {name}")
 
-    # The CPU kernels on the same problem: identical bits.
+    # The CPU kernels on the same problem: identical bits (a rule with per-tensor norms: its sums to rounding).
     cpu_params = [p.copy() for p in params0 + params1]
     groups = [{"params": cpu_params[:len(params0)], "lr": schedule},
               {"params": cpu_params[len(params0):], "lr": lrs1[0], "lr_scale": scales1}]
     optimizer = cls(groups, backend="cpu", **kwargs)
+    cpu_sums = []
     for t in range(STEPS):
         optimizer.param_groups[1]["lr"] = lrs1[t]
         optimizer.step(grads[t])
+        cpu_sums.append(cpu_norm_sums(optimizer))
+    if cuda.rule_passes(cls.KERNEL) != ("step",):
+        # The APPLY pass given the CPU's sums: the params stay the CPU's bit for bit, so the NORMS pass's sums differ
+        # from the CPU's by the order of the additions only: two sums of n nonnegative terms, each within (n - 1) eps
+        # of the exact sum.
+        got_params, got_states, got_scalars, got_sums = run_shim(shim, cls, kwargs, params0, params1, scales1, grads,
+                                                                 schedule, lrs1, norm_sums=cpu_sums)
+        sizes = np.array([param.size for param in cpu_params])
+        bound = 2 * np.maximum(sizes - 1, 0)[:, None] * np.finfo(np.float64).eps * np.array(cpu_sums)
+        assert np.all(np.abs(got_sums - np.array(cpu_sums)) <= bound), "sums of squares: shim vs CPU"
     for index, (ours, theirs) in enumerate(zip(got_params, cpu_params)):
         np.testing.assert_array_equal(ours, theirs, err_msg=f"param {index}: host build of the CUDA math vs CPU")
         assert set(got_states[index]) == set(optimizer.state[index]), f"param {index}: state buffers"
         for name, buffer in optimizer.state[index].items():
             np.testing.assert_array_equal(got_states[index][name], buffer, err_msg=f"param {index} state {name}")
+    np.testing.assert_array_equal(got_scalars, optimizer._backend.tensor_scalars(), err_msg="running scalars")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

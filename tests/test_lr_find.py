@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
+from configs import lr_schedule
 from conftest import SIZES
 from fastopt.lr_finder import smooth_losses, sweep_rates
 
@@ -51,7 +52,7 @@ def twin_optimizers(cls, extra, rng, warm_steps):
     for _ in range(2):
         params = [[value.copy() for value in group] for group in values]
         groups = [{"params": params[0], "lr": 1e-3},
-                  {"params": params[1], "lr": fo.schedules.cosine(1e-2, t_max=50),
+                  {"params": params[1], "lr": lr_schedule(cls, fo.schedules.cosine(1e-2, t_max=50)),
                    "lr_scale": [scale.copy() for scale in scales]}]
         optimizer = cls(groups, guard=fo.Guard(patience=1, backoff=0.5), **extra)
         for number, step_grads in enumerate(grads):

@@ -102,9 +102,10 @@ def test_nonfinite_grads_stop_a_copy_through_the_guard():
     assert result.models[0][0].tobytes() == alone[0].tobytes() and result.best_lr == 0.1
 
 
-def test_torch_copies_step_as_they_would_alone():
+@pytest.mark.parametrize("name", ["AdamW", "LAMB"])  # LAMB: each copy's params stepped as separate tensors
+def test_torch_copies_step_as_they_would_alone(name):
     torch = pytest.importorskip("torch")
-    from fastopt.torch import AdamW
+    ft = pytest.importorskip("fastopt.torch")
 
     inputs, targets, batches = torch.from_numpy(X), torch.from_numpy(Y), torch.from_numpy(BATCHES)
 
@@ -116,11 +117,11 @@ def test_torch_copies_step_as_they_would_alone():
         return torch.nn.functional.cross_entropy(model(inputs[batches[step]]), targets[batches[step]])
 
     lrs = [1e-3, fo.schedules.cosine(3e-2, t_max=STEPS), 1e3]
-    result = fo.lr_sweep(make_model, step_fn, lrs, STEPS, "adamw", weight_decay=0.05)
+    result = fo.lr_sweep(make_model, step_fn, lrs, STEPS, name.lower(), weight_decay=0.05)
     assert result.diverged == [1e3] and result.diverged_step[2] >= 1
     for number, steps in ((0, STEPS), (1, STEPS), (2, int(result.diverged_step[2]))):
         model = make_model()
-        optimizer = AdamW(model.parameters(), lr=lrs[number], weight_decay=0.05)
+        optimizer = getattr(ft, name)(model.parameters(), lr=lrs[number], weight_decay=0.05)
         losses = []
         for step in range(steps):
             optimizer.zero_grad()
