@@ -12,10 +12,11 @@
 
 namespace fastopt {
 
-// torch.lerp's formula: the form used depends on whether the weight is below one half.
+// torch.lerp's formula: the form used depends on whether |weight| is below one half (negative weights:
+// schedule-free's eval()).
 template <typename T>
 FASTOPT_HOST_DEVICE T lerp(T start, T end, T weight, T one) {
-    if (weight < one - weight) {
+    if (absolute(weight) < one - absolute(weight)) {
         return start + weight * (end - start);
     }
     return end - (end - start) * (one - weight);

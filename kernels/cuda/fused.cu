@@ -1,8 +1,9 @@
 // Fused multi-tensor optimizer steps: every tensor of one math dtype updated by one kernel launch per step.
 //
-// This source is compiled once per rule: -DFASTOPT_RULE names the rule's struct (fastopt::rules::<kernel>) and
-// -DFASTOPT_RULE_HEADER its header ("rules/<kernel>.cuh"); fastopt.backends.cuda.rule_options passes both. Nothing
-// here knows an optimizer: adding one is adding its rules/<kernel>.cuh.
+// This source is compiled once per rule: -DFASTOPT_RULE names the rule's struct (fastopt::rules::<kernel>),
+// -DFASTOPT_RULE_HEADER its header ("rules/<kernel>.cuh") and -DFASTOPT_RULE_NORMS whether its step is two passes
+// with per-tensor norms between them; fastopt.backends.cuda.rule_options passes them. Nothing here knows an optimizer:
+// adding one is adding its rules/<kernel>.cuh.
 //
 // Like apex's multi_tensor_apply and the CPU kernels in fastopt/kernels/cpu/fused.py, a launch reads a table of
 // buffer addresses (one row per tensor) and a table of chunks (tensor, start, length); here one thread block
@@ -12,11 +13,19 @@
 //
 // Step scalars come from device memory, not from the host, so a captured CUDA graph replays with the schedule
 // advancing: each block's first thread reads the optimizer step count (counters[OPTIMIZER_STEP]), its tensor's step
-// count and the step's grad_control, evaluates its group's schedule, and computes the tensor's coefficient row in
-// double, rounding each once into T (step_math.cuh: tensor_coefficients); the other threads wait for it at a barrier
-// and copy it into registers. The counts are advanced race-free by the last block to finish, chosen by an atomic
-// ticket: every block reads the counts before taking its ticket, so when the last ticket is drawn no block will read
-// them again in this launch.
+// count and running scalars and the step's grad_control, evaluates its group's schedule, and computes the tensor's
+// coefficient row in double, rounding each once into T (step_math.cuh: tensor_coefficients, which advances a copy of
+// the running scalars for this step); the other threads wait for it at a barrier and copy it into registers. The
+// counts and running scalars are advanced race-free by the last block to finish, chosen by an atomic ticket: every
+// block reads them before taking its ticket, so when the last ticket is drawn no block will read them again in this
+// launch.
+//
+// A rule with per-tensor norms (LAMB) takes two launches per step, as the Numba kernel takes two passes: ``norms_*``
+// updates the moments from the grads and writes each chunk's sums of squares of the param and of the update direction
+// (a fixed block tree, block_sum.cuh) into chunk_norms; ``apply_*``'s blocks each add their tensor's chunk sums in
+// chunk order (as the Numba kernel adds them; the sums themselves are added in another order than on the CPU, so
+// they agree to double rounding), form the trust ratio and move the params; its last block advances the counts.
+// Neither reads anything from the host: the pair is captured in a CUDA graph like one launch.
 //
 // Tensors whose GRAD address is 0 have no gradient this step and are skipped, step count included (torch
 // skips parameters whose .grad is None). An empty tensor has no chunks; the host gives it a dummy nonzero
@@ -31,18 +40,23 @@
 // choice is per chunk, uniform across the block. Each kernel comes twice: ``step_<T>`` for buckets stored entirely in
 // T, built with the plain loop only (its registers, and so its occupancy, are the plain loop's), and
 // ``step_<T>_mixed`` for the others.
+#include "block_sum.cuh"
 #include "host_device.cuh"
 #include "layout.cuh"
 #include "step_math.cuh"
 #include "storage.cuh"
 
-#if !defined(FASTOPT_MAX_CHUNK) || !defined(FASTOPT_RULE) || !defined(FASTOPT_RULE_HEADER)
+#if !defined(FASTOPT_MAX_CHUNK) || !defined(FASTOPT_RULE) || !defined(FASTOPT_RULE_HEADER) || \
+    !defined(FASTOPT_RULE_NORMS)
 #error "compile with the -D options of fastopt.backends.cuda.compile_options() and rule_options() (block size, ILP, chunk size, rule)"
 #endif
 
 #include FASTOPT_RULE_HEADER
 
 namespace fastopt {
+
+static_assert(HasNorms<FASTOPT_RULE>::value == (FASTOPT_RULE_NORMS != 0),
+              "rule_options' FASTOPT_RULE_NORMS (the Numba rule's NORMS) and the CUDA rule's NORMS agree");
 
 // Chunks hold at most fastopt.backends.cuda.MAX_CHUNK elements: indices within a chunk are ints.
 static_assert(FASTOPT_MAX_CHUNK <= (1 << 30), "indices within a chunk must fit an int");
@@ -58,11 +72,21 @@ __device__ bool skips_step(const double* grad_control, int64* counters) {
     return true;
 }
 
-// The end of every step kernel: the last block to finish advances the optimizer's step count and the step count of
-// each tensor that had a gradient and whose group counts steps (group column COUNTS_STEP), then resets the ticket for
-// the next launch. The stream order makes the counts visible to the next launch.
-__device__ void advance_step_counts(int64* counters, int64* tensor_step, int64 tensor_count, const int64* addresses,
-                                    const int64* tensor_group, const double* group_hyper, int group_columns) {
+// group_learning_rate as a call of its own, for the last block: inlined there, its cos's slow path (itself a call)
+// made the compiler spill registers in the chunk loop (sm_90, schedule-free's step_float).
+__device__ __noinline__ double last_block_learning_rate(Program program, int64 base, int64 optimizer_step,
+                                                        double lr_factor) {
+    return group_learning_rate(program, base, optimizer_step, lr_factor);
+}
+
+// The end of every step: the last block to finish advances, for each tensor that had a gradient, its running scalars
+// and (where its group counts steps: group column COUNTS_STEP) its step count (step_math.cuh: advance_tensor), then
+// the optimizer's step count, and resets the ticket for the next launch. The stream order makes them visible to the
+// next launch.
+template <typename Rule>
+__device__ void advance_step_counts(int64* counters, int64* tensor_step, double* tensor_scalars, int64 tensor_count,
+                                    const int64* addresses, const int64* tensor_group, const double* group_hyper,
+                                    Program program, const int64* schedule_base, double lr_factor) {
     __shared__ bool last_block;
     __syncthreads();  // every thread of this block is done with its chunk
     if (threadIdx.x == 0) {
@@ -75,11 +99,19 @@ __device__ void advance_step_counts(int64* counters, int64* tensor_step, int64 t
         return;
     }
     __threadfence();
+    const int64 optimizer_step = counters[OPTIMIZER_STEP];
     for (int64 tensor = threadIdx.x; tensor < tensor_count; tensor += BLOCK) {
-        if (addresses[tensor * SLOTS + GRAD] != 0 && group_hyper[tensor_group[tensor] * group_columns + COUNTS_STEP] != 0) {
-            tensor_step[tensor] += 1;
+        if (addresses[tensor * SLOTS + GRAD] != 0) {
+            const int64 group = tensor_group[tensor];
+            double lr = 0.0;
+            if constexpr (KeepsScalars<Rule>::value) {
+                lr = last_block_learning_rate(program, schedule_base[group], optimizer_step, lr_factor);
+            }
+            advance_tensor<Rule>(group_hyper + group * Rule::COLUMNS, lr, tensor_step + tensor,
+                                 tensor_scalars + tensor * TENSOR_SCALARS);
         }
     }
+    __syncthreads();  // every thread has read the optimizer step count
     if (threadIdx.x == 0) {
         counters[OPTIMIZER_STEP] += 1;
         counters[TICKET] = 0;
@@ -91,20 +123,22 @@ __device__ void advance_step_counts(int64* counters, int64* tensor_step, int64 t
 #define FASTOPT_STEP_PARAMETERS                                                                                     \
     const fastopt::int64 *addresses, const fastopt::int64 *tensor_format, const fastopt::int64 *chunk_tensor,       \
         const fastopt::int64 *chunk_start, const fastopt::int64 *chunk_length, fastopt::int64 chunk_count,          \
-        const fastopt::int64 *tensor_group, fastopt::int64 *tensor_step, fastopt::int64 tensor_count,               \
-        const double *group_hyper, const double *schedule_program, fastopt::int64 schedule_size,                    \
-        const fastopt::int64 *schedule_base, fastopt::int64 *counters, double lr_factor, const double *grad_control, \
-        fastopt::int64 rounding_seed
+        const fastopt::int64 *tensor_group, fastopt::int64 *tensor_step, double *tensor_scalars,                   \
+        fastopt::int64 tensor_count, const double *group_hyper, const double *schedule_program,                     \
+        fastopt::int64 schedule_size, const fastopt::int64 *schedule_base, fastopt::int64 *counters,                \
+        double lr_factor, const double *grad_control, double *chunk_norms, fastopt::int64 rounding_seed
 #define FASTOPT_STEP_ARGUMENTS                                                                                 \
     addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, chunk_count, tensor_group, tensor_step, \
-        tensor_count, group_hyper, schedule_program, schedule_size, schedule_base, counters, lr_factor,        \
-        grad_control, rounding_seed
+        tensor_scalars, tensor_count, group_hyper, schedule_program, schedule_size, schedule_base, counters,   \
+        lr_factor, grad_control, chunk_norms, rounding_seed
 
-// One step of Rule over all tensors of one math dtype. ANY_MIXED: some tensor may be stored in another format than T
-// (else every chunk runs the plain loop).
-template <typename Rule, typename T, bool ANY_MIXED>
-__device__ void step(FASTOPT_STEP_PARAMETERS) {
-    if (skips_step(grad_control, counters)) {
+// One pass (step_math.cuh's Pass) of a step of Rule over all tensors of one math dtype: UPDATE, the whole step of a
+// one-pass rule; NORMS and APPLY, the two launches of a rule with per-tensor norms. ANY_MIXED: some tensor may be
+// stored in another format than T (else every chunk runs the plain loop). The pass that ends the step (UPDATE,
+// APPLY) counts a skip and advances the counts; NORMS only honours the skip.
+template <typename Rule, int PASS, typename T, bool ANY_MIXED>
+__device__ void step_pass(FASTOPT_STEP_PARAMETERS) {
+    if (PASS == NORMS ? grad_control[SKIP] != 0 : skips_step(grad_control, counters)) {
         return;
     }
     __shared__ double lr;
@@ -124,7 +158,13 @@ __device__ void step(FASTOPT_STEP_PARAMETERS) {
         if (threadIdx.x == 0) {
             const int64 tensor = chunk_tensor[chunk];
             const double* hyper = group_hyper + tensor_group[tensor] * Rule::COLUMNS;
-            tensor_coefficients<Rule>(hyper, lr, tensor_step[tensor], grad_control, coefficients);
+            tensor_coefficients<Rule>(hyper, lr, tensor_step[tensor], tensor_scalars + tensor * TENSOR_SCALARS,
+                                      grad_control, coefficients);
+            if constexpr (PASS == APPLY) {
+                double sums[NORM_SUMS];
+                tensor_norm_sums(chunk_norms, chunk_start, chunk_count, chunk, sums);
+                Rule::norm_coefficients(hyper, lr, sums[NORM_PARAM], sums[NORM_UPDATE], coefficients);
+            }
             rounding = chunk_rounding(rounding_seed, counters[OPTIMIZER_STEP], tensor, chunk_start[chunk]);
         }
         __syncthreads();
@@ -143,27 +183,47 @@ __device__ void step(FASTOPT_STEP_PARAMETERS) {
         // Every thread reads its flags from the tables (broadcast loads): held in shared memory instead, they cost
         // step_float_mixed spills at its 64-register bound (Adam, sm_80 and sm_90).
         const ChunkFlags flags = chunk_flags(address_row, group_hyper + tensor_group[tensor] * Rule::COLUMNS);
-        run_chunk<Rule, ANY_MIXED>(streams, mixed, int(chunk_length[chunk]), c, flags, int(threadIdx.x));
+        NormSums sums{0.0, 0.0};
+        run_chunk<Rule, PASS, ANY_MIXED>(streams, mixed, int(chunk_length[chunk]), c, flags, int(threadIdx.x), sums);
+        if constexpr (PASS == NORMS) {
+            __shared__ double block_param[BLOCK], block_update[BLOCK];
+            block_sum(block_param, block_update, sums.param, sums.update);
+            if (threadIdx.x == 0) {
+                chunk_norms[chunk * NORM_SUMS + NORM_PARAM] = block_param[0];
+                chunk_norms[chunk * NORM_SUMS + NORM_UPDATE] = block_update[0];
+            }
+        }
     }
-    advance_step_counts(counters, tensor_step, tensor_count, addresses, tensor_group, group_hyper, Rule::COLUMNS);
+    if constexpr (PASS != NORMS) {
+        advance_step_counts<Rule>(counters, tensor_step, tensor_scalars, tensor_count, addresses, tensor_group,
+                                  group_hyper, Program{schedule_program, schedule_size}, schedule_base, lr_factor);
+    }
 }
 
 }  // namespace fastopt
 
-// ---------------------------------------------------------------- entry points, one per math dtype
-// step_T runs buckets whose tensors are all stored in T; step_T_mixed any bucket (a mixed chunk's loop needs more
-// registers, which would cost the plain kernel occupancy).
+// ---------------------------------------------------------------- entry points, one per pass and math dtype
+// <pass>_T runs buckets whose tensors are all stored in T; <pass>_T_mixed any bucket (a mixed chunk's loop needs more
+// registers, which would cost the plain kernel occupancy). The passes: ``step`` for a one-pass rule; ``norms`` then
+// ``apply`` for a rule with per-tensor norms (fastopt.backends.cuda.rule_passes).
 // MIXED_MIN_BLOCKS: the float mixed kernels are held to as many blocks per multiprocessor as the plain float ones
 // (65536 registers / 64 per thread / BLOCK threads): left alone, their widest loop takes 72 registers on sm_90 (three
 // blocks of 256, not four); at 64 they do not spill. The double ones would spill: 1, no constraint.
-#define FASTOPT_STEP_KERNEL(T, MIXED_MIN_BLOCKS)                                                                   \
-    extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK) step_##T(FASTOPT_STEP_PARAMETERS) {              \
-        fastopt::step<FASTOPT_RULE, T, false>(FASTOPT_STEP_ARGUMENTS);                                          \
+#define FASTOPT_PASS_KERNELS(NAME, PASS, T, MIXED_MIN_BLOCKS)                                                      \
+    extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK) NAME##_##T(FASTOPT_STEP_PARAMETERS) {            \
+        fastopt::step_pass<FASTOPT_RULE, fastopt::PASS, T, false>(FASTOPT_STEP_ARGUMENTS);                      \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK, MIXED_MIN_BLOCKS)                               \
-        step_##T##_mixed(FASTOPT_STEP_PARAMETERS) {                                                             \
-        fastopt::step<FASTOPT_RULE, T, true>(FASTOPT_STEP_ARGUMENTS);                                           \
+        NAME##_##T##_mixed(FASTOPT_STEP_PARAMETERS) {                                                           \
+        fastopt::step_pass<FASTOPT_RULE, fastopt::PASS, T, true>(FASTOPT_STEP_ARGUMENTS);                       \
     }
 
-FASTOPT_STEP_KERNEL(float, 65536 / 64 / FASTOPT_BLOCK)
-FASTOPT_STEP_KERNEL(double, 1)
+#if FASTOPT_RULE_NORMS
+#define FASTOPT_STEP_KERNELS(T, MIXED_MIN_BLOCKS) \
+    FASTOPT_PASS_KERNELS(norms, NORMS, T, MIXED_MIN_BLOCKS) FASTOPT_PASS_KERNELS(apply, APPLY, T, MIXED_MIN_BLOCKS)
+#else
+#define FASTOPT_STEP_KERNELS(T, MIXED_MIN_BLOCKS) FASTOPT_PASS_KERNELS(step, UPDATE, T, MIXED_MIN_BLOCKS)
+#endif
+
+FASTOPT_STEP_KERNELS(float, 65536 / 64 / FASTOPT_BLOCK)
+FASTOPT_STEP_KERNELS(double, 1)

@@ -4,26 +4,13 @@
 //
 // No fast math: NaN and inf grads must be counted. The sums are added in a fixed order (each thread a fixed stride,
 // then a fixed tree), so a replay or a rerun gives the same bits.
+#include "block_sum.cuh"
 #include "grad_control.cuh"
 #include "host_device.cuh"
 #include "layout.cuh"
 #include "storage.cuh"
 
 namespace fastopt {
-
-// Each thread's (total, nonfinite) added over the block in a fixed tree (the same bits on every run): the sums land
-// in element 0 of the shared arrays, for thread 0 (which makes the last addition itself) to read.
-__device__ void block_sum(double* block_total, int64* block_nonfinite, double total, int64 nonfinite) {
-    block_total[threadIdx.x] = total;
-    block_nonfinite[threadIdx.x] = nonfinite;
-    for (int half = BLOCK / 2; half > 0; half /= 2) {
-        __syncthreads();
-        if (threadIdx.x < half) {
-            block_total[threadIdx.x] += block_total[threadIdx.x + half];
-            block_nonfinite[threadIdx.x] += block_nonfinite[threadIdx.x + half];
-        }
-    }
-}
 
 // Sum of squares (in double) and count of non-finite values of this thread's elements of one chunk's grad.
 template <typename T, int FORMAT>
@@ -100,8 +87,6 @@ __device__ void finish_grad_control(const double* chunk_sum_of_squares, const in
                          statistics);
     }
 }
-
-static_assert((BLOCK & (BLOCK - 1)) == 0, "grad_stats and finish_grad_control reduce over a power-of-two block");
 
 }  // namespace fastopt
 

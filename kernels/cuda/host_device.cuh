@@ -27,6 +27,10 @@ static_assert(sizeof(int64) == 8, "fastopt's tables hold 64-bit integers");
 FASTOPT_HOST_DEVICE float square_root(float x) { return sqrtf(x); }
 FASTOPT_HOST_DEVICE double square_root(double x) { return sqrt(x); }
 
+// |x|, as Numba's abs on a float32 or float64 scalar (exact).
+FASTOPT_HOST_DEVICE float absolute(float x) { return fabsf(x); }
+FASTOPT_HOST_DEVICE double absolute(double x) { return fabs(x); }
+
 // A quiet NaN, which the kernels return for a malformed schedule program, as the CPU kernels do.
 FASTOPT_HOST_DEVICE double quiet_nan() { return nan(""); }
 

@@ -15,6 +15,10 @@
 // - tensor_group int64 [tensors], tensor_step int64 [tensors] (steps taken; advanced on the device).
 // - group_hyper double [groups][Rule::COLUMNS]: GROUP_COLUMNS generic columns (below), then the rule's own; and the
 //               packed schedules with each group's base offset.
+// - tensor_scalars double [tensors][TENSOR_SCALARS]: running values a rule keeps per tensor across steps
+//               (schedule-free's weight sum and largest rate), advanced on the device with the step counts.
+// - chunk_norms double [chunks][NORM_SUMS]: per-chunk sums of squares of a rule with per-tensor norms (LAMB), written
+//               by its NORMS pass and read by its APPLY pass.
 // - counters    int64 [COUNTERS]: the optimizer step count, the ticket of the last block, the skipped steps.
 // - grad_control double [GRAD_CONTROLS]: this step's grad factors and skip flag, in device memory (written by the
 //               finish_grad_control kernel, or a constant plain control).
@@ -86,6 +90,15 @@ constexpr int RULE_COEFFICIENTS = FASTOPT_RULE_COEFFICIENTS;
 constexpr int COEFFICIENTS = FASTOPT_COEFFICIENTS;
 constexpr int COEFFICIENT_GRAD_UNSCALE = FASTOPT_COEFFICIENT_GRAD_UNSCALE;
 constexpr int COEFFICIENT_GRAD_CLIP = FASTOPT_COEFFICIENT_GRAD_CLIP;
+
+// Width of a tensor's running values (tensor_scalars; a rule names its own in its module, at most this many).
+constexpr int TENSOR_SCALARS = FASTOPT_TENSOR_SCALARS;
+
+// A chunk's partial sums of a rule with per-tensor norms (chunk_norms): the sum of squares of the param and of the
+// update direction, in double. A tensor's totals add its chunks' in chunk order, as the Numba kernel does.
+constexpr int NORM_PARAM = FASTOPT_NORM_PARAM;
+constexpr int NORM_UPDATE = FASTOPT_NORM_UPDATE;
+constexpr int NORM_SUMS = FASTOPT_NORM_SUMS;
 
 // The device counters of one dtype's kernel (CUDA only: the CPU kernel gets the step count as an argument).
 constexpr int OPTIMIZER_STEP = FASTOPT_COUNTER_OPTIMIZER_STEP;  // steps taken by the optimizer

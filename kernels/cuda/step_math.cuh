@@ -2,12 +2,15 @@
 // fastopt/kernels/cpu/fused.py does around a rule's element function (its rule_step, run_chunk and chunk_loop).
 //
 // A rule (rules/<kernel>.cuh, a struct named as its kernel) supplies ``coefficients`` (the tensor's step scalars,
-// computed in double from its group's row, the group's learning rate and its step count, each rounded once into the
-// math dtype T, as torch passes Python floats) and ``element`` (one element's update), and the constants COLUMNS (its
-// group row's width), ALWAYS_LIVE and OPTIONAL_LIVE (the state slots it always uses and may use, bit k for slot k).
+// computed in double from its group's row, the group's learning rate, its step count and its running scalars, each
+// rounded once into the math dtype T, as torch passes Python floats) and ``element`` (one element's update), and the
+// constants COLUMNS (its group row's width), ALWAYS_LIVE and OPTIONAL_LIVE (the state slots it always uses and may use,
+// bit k for slot k). A rule that keeps running scalars per tensor (schedule-free's weight sum) adds
+// ``advance_scalars``; a rule with per-tensor norms (LAMB: NORMS true) has ``moments``, ``direction``,
+// ``norm_coefficients`` and ``apply`` instead of ``element``, and its step is two passes (NORMS, then APPLY; fused.cu).
 // Everything else is here: the coefficient row (the rule's scalars, then the grad factors), the grad each element
 // sees (unscaled, clipped, negated for maximize), lr_scale, which state slots are read and written, and the chunk loop
-// over every storage format.
+// of each pass over every storage format.
 //
 // ``chunk_loop`` is one block's loop over its chunk, for the thread ``thread`` of BLOCK: each thread handles ILP
 // elements BLOCK apart per iteration, loading all of them (every stream it needs) before computing and storing any,
@@ -18,12 +21,39 @@
 // 16-bit and float32 streams are widened exactly after the load and rounded at the store (storage.cuh).
 #pragma once
 
+#include "element_math.cuh"
 #include "host_device.cuh"
 #include "layout.cuh"
 #include "schedule_math.cuh"
 #include "storage.cuh"
 
 namespace fastopt {
+
+// What a rule has beyond ``coefficients`` and ``element`` (Numba: the getattr defaults of step_kernels).
+template <typename...>
+using Void = void;
+// Whether Rule keeps running scalars (its ``advance_scalars``; absent: none).
+template <typename Rule, typename = void>
+struct KeepsScalars {
+    static constexpr bool value = false;
+};
+template <typename Rule>
+struct KeepsScalars<Rule, Void<decltype(&Rule::advance_scalars)>> {
+    static constexpr bool value = true;
+};
+// Whether Rule's step is two passes with per-tensor norms between them (its NORMS constant; absent: false).
+template <typename Rule, typename = void>
+struct HasNorms {
+    static constexpr bool value = false;
+};
+template <typename Rule>
+struct HasNorms<Rule, Void<decltype(Rule::NORMS)>> {
+    static constexpr bool value = Rule::NORMS;
+};
+
+// The passes of a step: one fused UPDATE, or for a rule with per-tensor norms a NORMS pass (moments updated, partial
+// norms summed) and an APPLY pass (the param moved by the norms' ratio). Numba: UPDATE, NORMS, APPLY.
+enum Pass { UPDATE, NORMS, APPLY };
 
 // The group's schedule at the optimizer step, times ``lr_factor`` (the divergence guard's back-off; 1.0 leaves
 // the rate exactly as scheduled). Numba: group_learning_rates.
@@ -40,19 +70,69 @@ FASTOPT_HOST_DEVICE T unscaled_grad(T grad, T grad_unscale, T grad_clip, bool ma
     return maximize ? -g : g;
 }
 
+// The tensor's step count as the rule sees it in this step: including this step where its group counts steps.
+FASTOPT_HOST_DEVICE int64 counted_step(const double* hyper, int64 tensor_step) {
+    return tensor_step + (hyper[COUNTS_STEP] != 0 ? 1 : 0);
+}
+
 // A tensor's coefficient row ``c`` (COEFFICIENTS values): the rule's step scalars, then grad_control's factors, each
 // rounded once into T (Numba: the first loop of rule_step). ``hyper`` is its group's row; ``tensor_step`` its step
-// count before this step: the rule sees the count including this step where the group counts steps.
+// count and ``tensor_scalars`` its running scalars before this step: the rule sees a copy of the scalars advanced for
+// this step (the table itself is advanced once, by advance_tensor in the last block of the step).
 template <typename Rule, typename T>
 FASTOPT_HOST_DEVICE void tensor_coefficients(const double* hyper, double lr, int64 tensor_step,
-                                             const double* grad_control, T* c) {
+                                             const double* tensor_scalars, const double* grad_control, T* c) {
+    const int64 step = counted_step(hyper, tensor_step);
+    double scalars[TENSOR_SCALARS];
+    for (int k = 0; k < TENSOR_SCALARS; ++k) {
+        scalars[k] = tensor_scalars[k];
+    }
+    if constexpr (KeepsScalars<Rule>::value) {
+        Rule::advance_scalars(hyper, lr, step, scalars);
+    }
     for (int k = 0; k < RULE_COEFFICIENTS; ++k) {
         c[k] = T(0);  // every entry defined, whatever the rule writes
     }
-    Rule::coefficients(hyper, lr, tensor_step + (hyper[COUNTS_STEP] != 0 ? 1 : 0), c);
+    Rule::coefficients(hyper, lr, step, scalars, c);
     c[COEFFICIENT_GRAD_UNSCALE] = T(grad_control[GRAD_UNSCALE]);
     c[COEFFICIENT_GRAD_CLIP] = T(grad_control[GRAD_CLIP]);
 }
+
+// The end of a step for one tensor that had a gradient: its running scalars advanced for this step (with ``lr``, its
+// group's learning rate, which a rule that keeps scalars needs) and its step count advanced where its group counts
+// steps (Numba: rule_step's advance_scalars and its last loop). Run once per step and tensor, by the last block.
+template <typename Rule>
+FASTOPT_HOST_DEVICE void advance_tensor(const double* hyper, double lr, int64* tensor_step, double* tensor_scalars) {
+    if constexpr (KeepsScalars<Rule>::value) {
+        Rule::advance_scalars(hyper, lr, counted_step(hyper, *tensor_step), tensor_scalars);
+    }
+    if (hyper[COUNTS_STEP] != 0) {
+        *tensor_step += 1;
+    }
+}
+
+// The sums of squares of a tensor's param and update direction (``sums``: NORM_PARAM, NORM_UPDATE) from the partial
+// sums of its chunks (``chunk_norms``, written by the NORMS pass), added chunk by chunk in order as the Numba kernel
+// adds them; ``chunk`` is any chunk of the tensor. A tensor's chunks are consecutive in the chunk table, the first
+// starting at element 0.
+FASTOPT_HOST_DEVICE void tensor_norm_sums(const double* chunk_norms, const int64* chunk_start, int64 chunk_count,
+                                          int64 chunk, double* sums) {
+    int64 first = chunk;
+    while (chunk_start[first] != 0) {
+        --first;
+    }
+    sums[NORM_PARAM] = sums[NORM_UPDATE] = 0.0;
+    for (int64 k = first; k < chunk_count && (k == first || chunk_start[k] != 0); ++k) {
+        sums[NORM_PARAM] += chunk_norms[k * NORM_SUMS + NORM_PARAM];
+        sums[NORM_UPDATE] += chunk_norms[k * NORM_SUMS + NORM_UPDATE];
+    }
+}
+
+// One thread's partial sums of squares in the NORMS pass (of the param and of the update direction, in double).
+struct NormSums {
+    double param;
+    double update;
+};
 
 // What a chunk's loop needs besides its streams and coefficients: uniform across the block.
 struct ChunkFlags {
@@ -77,11 +157,16 @@ FASTOPT_HOST_DEVICE bool slot_live(int live) {
     }
 }
 
-// One thread's share of one chunk whose streams are stored as F, WIDTH adjacent elements per access (Numba:
-// chunk_loop). An absent stream's placeholder is the grad, as on the CPU.
-template <typename Rule, typename T, typename F, int WIDTH>
-FASTOPT_HOST_DEVICE void chunk_loop(const ChunkStreams<T>& s, int length, const T* c, ChunkFlags flags, int thread) {
-    const bool has_lr_scale = flags.has_lr_scale;
+// One thread's share of one chunk of the pass PASS whose streams are stored as F, WIDTH adjacent elements per access
+// (Numba: update_loop, norm_loop and apply_loop). UPDATE reads every live stream and writes the param and the live
+// states. NORMS reads the param, the grad and the live states, writes the states and adds the squares of the param
+// and of the rule's direction, computed from the states as stored, to ``sums``. APPLY reads the param, lr_scale and
+// the live states (no grad), recomputes the direction and writes the param. An absent stream's placeholder is the
+// grad (APPLY: the param), as on the CPU.
+template <typename Rule, int PASS, typename T, typename F, int WIDTH>
+FASTOPT_HOST_DEVICE void chunk_loop(const ChunkStreams<T>& s, int length, const T* c, ChunkFlags flags, int thread,
+                                    NormSums& sums) {
+    const bool has_lr_scale = PASS != NORMS && flags.has_lr_scale;
     const bool live0 = slot_live<Rule, 0>(flags.live);
     const bool live1 = slot_live<Rule, 1>(flags.live);
     const bool live2 = slot_live<Rule, 2>(flags.live);
@@ -103,7 +188,7 @@ FASTOPT_HOST_DEVICE void chunk_loop(const ChunkStreams<T>& s, int length, const 
             s0[k] = s1[k] = s2[k] = 0;
             if (j < accesses) {
                 p[k] = load_access<T, F::param, WIDTH>(s.param, s.param_format, j);
-                g[k] = load_access<T, F::grad, WIDTH>(s.grad, s.grad_format, j);
+                if (PASS != APPLY) g[k] = load_access<T, F::grad, WIDTH>(s.grad, s.grad_format, j);
                 if (has_lr_scale) scale[k] = load_access<T, NATIVE, WIDTH>(s.lr_scale, NATIVE, j);
                 if (live0) s0[k] = load_access<T, F::state, WIDTH>(s.state0, s.state_format, j);
                 if (live1) s1[k] = load_access<T, F::state, WIDTH>(s.state1, s.state_format, j);
@@ -118,19 +203,40 @@ FASTOPT_HOST_DEVICE void chunk_loop(const ChunkStreams<T>& s, int length, const 
                 FASTOPT_UNROLL
                 for (int h = 0; h < WIDTH; ++h) {
                     param[h] = access_element<T, F::param, WIDTH>(p[k], s.param_format, h);
-                    const T grad = unscaled_grad(access_element<T, F::grad, WIDTH>(g[k], s.grad_format, h),
-                                                 grad_unscale, grad_clip, flags.maximize);
+                    T grad = param[h];
+                    if constexpr (PASS != APPLY) {
+                        grad = unscaled_grad(access_element<T, F::grad, WIDTH>(g[k], s.grad_format, h), grad_unscale,
+                                             grad_clip, flags.maximize);
+                    }
                     const T lr_scale = has_lr_scale ? access_element<T, NATIVE, WIDTH>(scale[k], NATIVE, h) : grad;
                     state0[h] = live0 ? access_element<T, F::state, WIDTH>(s0[k], s.state_format, h) : grad;
                     state1[h] = live1 ? access_element<T, F::state, WIDTH>(s1[k], s.state_format, h) : grad;
                     state2[h] = live2 ? access_element<T, F::state, WIDTH>(s2[k], s.state_format, h) : grad;
-                    Rule::element(param[h], grad, state0[h], state1[h], state2[h], lr_scale, has_lr_scale, live0,
-                                  live1, live2, c);
+                    if constexpr (PASS == UPDATE) {
+                        Rule::element(param[h], grad, state0[h], state1[h], state2[h], lr_scale, has_lr_scale, live0,
+                                      live1, live2, c);
+                    } else if constexpr (PASS == NORMS) {
+                        Rule::moments(param[h], grad, state0[h], state1[h], state2[h], live0, live1, live2, c);
+                        // The states as they will be stored (16-bit states rounded): what APPLY reads back.
+                        if (live0) state0[h] = as_stored<T, F::state>(state0[h], s.state_format);
+                        if (live1) state1[h] = as_stored<T, F::state>(state1[h], s.state_format);
+                        if (live2) state2[h] = as_stored<T, F::state>(state2[h], s.state_format);
+                        const T update =
+                            Rule::direction(param[h], state0[h], state1[h], state2[h], live0, live1, live2, c);
+                        sums.param += double(param[h]) * double(param[h]);
+                        sums.update += double(update) * double(update);
+                    } else {
+                        const T update =
+                            Rule::direction(param[h], state0[h], state1[h], state2[h], live0, live1, live2, c);
+                        param[h] = Rule::apply(param[h], update, lr_scale, has_lr_scale, c);
+                    }
                 }
-                store_param_access<T, F, WIDTH>(s, j, param);
-                if (live0) store_access<T, F::state, WIDTH>(s.state0, s.state_format, j, state0, s.rounding);
-                if (live1) store_access<T, F::state, WIDTH>(s.state1, s.state_format, j, state1, s.rounding);
-                if (live2) store_access<T, F::state, WIDTH>(s.state2, s.state_format, j, state2, s.rounding);
+                if (PASS != NORMS) store_param_access<T, F, WIDTH>(s, j, param);
+                if (PASS != APPLY) {
+                    if (live0) store_access<T, F::state, WIDTH>(s.state0, s.state_format, j, state0, s.rounding);
+                    if (live1) store_access<T, F::state, WIDTH>(s.state1, s.state_format, j, state1, s.rounding);
+                    if (live2) store_access<T, F::state, WIDTH>(s.state2, s.state_format, j, state2, s.rounding);
+                }
             }
         }
     }
@@ -151,44 +257,64 @@ typedef FormatList<FASTOPT_PARAM_FORMATS(BFLOAT16, NO_STREAM, BFLOAT16),
     FixedFormats;
 #undef FASTOPT_PARAM_FORMATS
 
-template <typename Rule, typename T>
-FASTOPT_HOST_DEVICE bool run_fixed_formats(FormatList<>, const ChunkStreams<T>&, int, const T*, ChunkFlags, int) {
+template <typename Rule, int PASS, typename T>
+FASTOPT_HOST_DEVICE bool run_fixed_formats(FormatList<>, const ChunkStreams<T>&, int, const T*, ChunkFlags, int,
+                                           NormSums&) {
     return false;
 }
 
 // Runs the loop of the first formats of the list that are the chunk's, if its streams allow pairs.
-template <typename Rule, typename T, typename F, typename... Rest>
+template <typename Rule, int PASS, typename T, typename F, typename... Rest>
 FASTOPT_HOST_DEVICE bool run_fixed_formats(FormatList<F, Rest...>, const ChunkStreams<T>& s, int length, const T* c,
-                                           ChunkFlags flags, int thread) {
+                                           ChunkFlags flags, int thread, NormSums& sums) {
     if (!has_formats<F>(s)) {
-        return run_fixed_formats<Rule>(FormatList<Rest...>(), s, length, c, flags, thread);
+        return run_fixed_formats<Rule, PASS>(FormatList<Rest...>(), s, length, c, flags, thread, sums);
     }
     if (length % 2 != 0 || !streams_pair_aligned<F>(s)) {
         return false;
     }
-    chunk_loop<Rule, T, F, 2>(s, length, c, flags, thread);
+    chunk_loop<Rule, PASS, T, F, 2>(s, length, c, flags, thread, sums);
     return true;
 }
 
-// One thread's share of one chunk (Numba: run_chunk): the plain loop for a chunk stored in T throughout (``mixed``
-// false), else the loop compiled for the chunk's formats (FixedFormats), else the RUNTIME loop. The choice depends on
-// the chunk only: uniform across a block, made once per block, never per element. ANY_MIXED false compiles the plain
-// loop alone.
-template <typename Rule, bool ANY_MIXED, typename T>
+// One thread's share of one chunk in the pass PASS (Numba: run_chunk): the plain loop for a chunk stored in T
+// throughout (``mixed`` false), else the loop compiled for the chunk's formats (FixedFormats), else the RUNTIME loop.
+// The choice depends on the chunk only: uniform across a block, made once per block, never per element. ANY_MIXED
+// false compiles the plain loop alone. The NORMS pass adds this thread's sums of squares to ``sums``.
+template <typename Rule, int PASS, bool ANY_MIXED, typename T>
 FASTOPT_HOST_DEVICE void run_chunk(const ChunkStreams<T>& s, bool mixed, int length, const T* c, ChunkFlags flags,
-                                   int thread) {
+                                   int thread, NormSums& sums) {
     if constexpr (ANY_MIXED) {
         if (mixed) {
             if constexpr (sizeof(T) == 4) {
-                if (run_fixed_formats<Rule>(FixedFormats(), s, length, c, flags, thread)) {
+                if (run_fixed_formats<Rule, PASS>(FixedFormats(), s, length, c, flags, thread, sums)) {
                     return;
                 }
             }
-            chunk_loop<Rule, T, RuntimeFormats, 1>(s, length, c, flags, thread);
+            chunk_loop<Rule, PASS, T, RuntimeFormats, 1>(s, length, c, flags, thread, sums);
             return;
         }
     }
-    chunk_loop<Rule, T, PlainFormats, 1>(s, length, c, flags, thread);
+    chunk_loop<Rule, PASS, T, PlainFormats, 1>(s, length, c, flags, thread, sums);
+}
+
+// One thread's share of one chunk of the blend p = lerp(p, s, weight) toward the state in address slot ``slot``
+// (Numba: blend_toward_state): through the MASTER copy where there is one (its rounding written to the param),
+// rounded to nearest otherwise (never stochastically), in any storage format (the RUNTIME formats, element by
+// element: the blend is schedule-free's train()/eval(), not a step).
+template <typename T>
+FASTOPT_HOST_DEVICE void blend_chunk(const int64* address_row, const int64* format_row, int64 start, int length,
+                                     int slot, T weight, int thread) {
+    ChunkStreams<T> s = chunk_streams<T, true>(address_row, format_row, start, Rounding{});
+    s.param_format = s.param_format == BFLOAT16_STOCHASTIC ? BFLOAT16 : s.param_format;
+    s.rounded_format = s.rounded_format == BFLOAT16_STOCHASTIC ? BFLOAT16 : s.rounded_format;
+    const void* target = stored_pointer<T>(address_row[slot], s.state_format, start);
+    const T one = T(1);
+    for (int i = thread; i < length; i += BLOCK) {
+        const T param = widen<T, RUNTIME>(load_bits<T, RUNTIME>(s.param, s.param_format, i), s.param_format);
+        const T state = widen<T, RUNTIME>(load_bits<T, RUNTIME>(target, s.state_format, i), s.state_format);
+        store_param<T, RuntimeFormats>(s, i, lerp(param, state, weight, one));
+    }
 }
 
 }  // namespace fastopt

@@ -213,6 +213,21 @@ FASTOPT_HOST_DEVICE void store_value(void* stream, int format, int i, T value, c
     static_cast<uint16*>(stream)[i] = narrow_bits<T, FORMAT>(value, format, i, rounding);
 }
 
+// ``value`` as a state stream stored as FORMAT holds it once stored: rounded to its format (to nearest: states are
+// never rounded stochastically) and widened back (Numba: norm_loop's store and load of a state).
+template <typename T, int FORMAT>
+FASTOPT_HOST_DEVICE T as_stored(T value, int format) {
+    if constexpr (sizeof(T) == 8 || FORMAT == NATIVE) {
+        return value;
+    } else {
+        if (FORMAT == RUNTIME && format == NATIVE) {
+            return value;
+        }
+        const uint16 bits = narrow_bits<T, FORMAT>(value, format, 0, Rounding{});
+        return widen<T, FORMAT>(typename Loaded<T, FORMAT>::type(bits), format);
+    }
+}
+
 // ---------------------------------------------------------------- two adjacent elements per load and store
 // The loops compiled for fixed formats (float math only) load and store two adjacent elements at once: one 32-bit
 // access for two 16-bit values, one 64-bit access for two float32 values, so that a thread has twice the elements

@@ -24,7 +24,8 @@ struct adagrad {
 
     // ``step`` is t, the tensor's step count including this step: the rate decays as lr / (1 + (t - 1) lr_decay).
     template <typename T>
-    static FASTOPT_HOST_DEVICE void coefficients(const double* hyper, double lr, int64 step, T* c) {
+    static FASTOPT_HOST_DEVICE void coefficients(const double* hyper, double lr, int64 step,
+                                                 const double* /*scalars*/, T* c) {
         c[RATE] = T(-(lr / (1.0 + double(step - 1) * hyper[H_LR_DECAY])));
         c[WEIGHT_DECAY] = T(hyper[H_WEIGHT_DECAY]);
         c[EPS] = T(hyper[H_EPS]);

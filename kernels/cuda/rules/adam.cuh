@@ -29,7 +29,8 @@ struct adam {
 
     // ``step`` is t, the tensor's step count including this step (1 on its first step).
     template <typename T>
-    static FASTOPT_HOST_DEVICE void coefficients(const double* hyper, double lr, int64 step, T* c) {
+    static FASTOPT_HOST_DEVICE void coefficients(const double* hyper, double lr, int64 step,
+                                                 const double* /*scalars*/, T* c) {
         const double t = double(step);
         const double bias_correction1 = 1.0 - pow(hyper[H_BETA1], t);
         const double bias_correction2 = 1.0 - pow(hyper[H_BETA2], t);

@@ -24,7 +24,8 @@ struct lion {
     static_assert(ONE < RULE_COEFFICIENTS, "the coefficient row holds the rule's scalars");
 
     template <typename T>
-    static FASTOPT_HOST_DEVICE void coefficients(const double* hyper, double lr, int64 /*step*/, T* c) {
+    static FASTOPT_HOST_DEVICE void coefficients(const double* hyper, double lr, int64 /*step*/,
+                                                 const double* /*scalars*/, T* c) {
         c[RATE] = T(-lr);
         c[DECAY_FACTOR] = T(1.0 - lr * hyper[H_WEIGHT_DECAY]);
         c[RATE_WEIGHT_DECAY] = T(lr * hyper[H_WEIGHT_DECAY]);

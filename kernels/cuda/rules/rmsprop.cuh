@@ -24,7 +24,8 @@ struct rmsprop {
     static_assert(USE_WEIGHT_DECAY < RULE_COEFFICIENTS, "the coefficient row holds the rule's scalars");
 
     template <typename T>
-    static FASTOPT_HOST_DEVICE void coefficients(const double* hyper, double lr, int64 /*step*/, T* c) {
+    static FASTOPT_HOST_DEVICE void coefficients(const double* hyper, double lr, int64 /*step*/,
+                                                 const double* /*scalars*/, T* c) {
         c[RATE] = T(-lr);
         c[ALPHA] = T(hyper[H_ALPHA]);
         c[ALPHA_COMPLEMENT] = T(1.0 - hyper[H_ALPHA]);

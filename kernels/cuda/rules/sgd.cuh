@@ -24,7 +24,8 @@ struct sgd {
 
     // ``step`` counts momentum steps including this one: at 1 the buffer starts as the gradient.
     template <typename T>
-    static FASTOPT_HOST_DEVICE void coefficients(const double* hyper, double lr, int64 step, T* c) {
+    static FASTOPT_HOST_DEVICE void coefficients(const double* hyper, double lr, int64 step,
+                                                 const double* /*scalars*/, T* c) {
         c[RATE] = T(-lr);
         c[WEIGHT_DECAY] = T(hyper[H_WEIGHT_DECAY]);
         c[MOMENTUM] = T(hyper[H_MOMENTUM]);
