@@ -1,6 +1,10 @@
 """One optimizer step on a CUDA GPU: fastopt beside torch.optim (foreach and fused) and a copy ceiling, float32, and
 AdamW in three mixed-precision configurations (bfloat16 params).
 
+Lion, AdamWScheduleFree, SGDScheduleFree and LAMB have no torch.optim class: their groups have the ceiling and the
+fastopt rows only (their public anchors, lion-pytorch and the schedulefree package, are for-loop or foreach code,
+compared on the CPU by bench_cpu.py).
+
 Every row is one (optimizer, size, variant); ids are ``OPTIMIZER-SIZE-VARIANT``, e.g. ``Adam-16M-torch_fused``:
 
     python -m pytest bench/bench_gpu.py --benchmark-json=bench/gpu.json
@@ -51,8 +55,9 @@ Per param (reads + writes):
 | group | fastopt rows | torch rows |
 |---|---|---|
 | SGD (float32) | 8 + 4 = 12 | 12 |
-| SGD_momentum, RMSprop (float32) | 12 + 8 = 20 | 20 |
-| Adam, AdamW (float32) | 16 + 12 = 28 | 28 |
+| SGD_momentum, RMSprop, Adagrad, Lion, SGDScheduleFree (float32) | 12 + 8 = 20 | 20 |
+| Adam, AdamW, AdamWScheduleFree (float32) | 16 + 12 = 28 | 28 |
+| LAMB (float32): two passes, the second re-reads the param and the states | 16 + 8, then 12 + 4 = 40 | |
 | AdamW_bf16_master: bf16 param and grad, f32 master and states | 14 + 14 = 28 | 14 (torch_fused) |
 | AdamW_bf16_bf16states: bf16 param, grad and states | 8 + 6 = 14 | 14 |
 | AdamW_bf16: bf16 param and grad, f32 states | 12 + 10 = 22 | 14 (torch_fused) |
@@ -100,6 +105,7 @@ class OptimizerSpec:
     storage: str = "float32"  # the params' and grads' dtype
     state_storage: str = "float32"  # fastopt's states (torch keeps its states in the params' dtype)
     master: bool = False  # fastopt keeps a float32 master copy per param
+    two_passes: bool = False  # a rule with per-tensor norms (LAMB): a second pass re-reads the param and the states
 
     @property
     def options(self):  # fastopt's mixed-precision options
@@ -108,10 +114,12 @@ class OptimizerSpec:
 
     @property
     def bytes_per_param(self):
-        """fastopt's traffic: reads param (or its master), grad, states; writes param (and master), states."""
+        """fastopt's traffic: reads param (or its master), grad, states; writes param (and master), states; with two
+        passes the second reads the param (or its master) and the states again."""
         param, state = STORAGE_BYTES[self.storage], STORAGE_BYTES[self.state_storage]
         master = FLOAT32_BYTES if self.master else 0
-        return (master or param) + param + self.states * state + param + master + self.states * state
+        again = (master or param) + self.states * state if self.two_passes else 0
+        return (master or param) + param + self.states * state + param + master + self.states * state + again
 
     @property
     def torch_bytes_per_param(self):
@@ -136,6 +144,9 @@ OPTIMIZERS = {
     "AdamW": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True),
     "Adagrad": OptimizerSpec(fo.Adagrad, "Adagrad", dict(lr=1e-3), 1, False),  # torch's fused Adagrad: CPU only
     "Lion": OptimizerSpec(fo.Lion, None, dict(lr=1e-4), 1, False),
+    "AdamWScheduleFree": OptimizerSpec(fo.AdamWScheduleFree, None, dict(lr=1e-3), 2, False),
+    "SGDScheduleFree": OptimizerSpec(fo.SGDScheduleFree, None, dict(lr=1e-3), 1, False),
+    "LAMB": OptimizerSpec(fo.LAMB, None, dict(lr=1e-3), 2, False, two_passes=True),
     "AdamW_bf16_master": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "float32", True),
     "AdamW_bf16_bf16states": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "bfloat16"),
     "AdamW_bf16": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "float32"),

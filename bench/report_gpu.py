@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-FULL_PRECISION = ("SGD", "SGD_momentum", "RMSprop", "Adam", "AdamW")
+FULL_PRECISION = ("SGD", "SGD_momentum", "RMSprop", "Adam", "AdamW", "AdamWScheduleFree", "SGDScheduleFree", "LAMB")
 
 
 def load_groups(run):
