@@ -102,9 +102,11 @@ def gpu():
 def cp(request, monkeypatch):
     """CuPy on a GPU, or the NumPy stand-in below, which runs the backend's host code for real and each kernel
     launch as an emulation: every block's work done by the host build of the kernels' math (the shim of
-    tests/test_cuda_host_math.py) at the chunk's addresses, then the last block's step-count update. The stand-in
-    checks what the host hands the kernels (tables, argument types, grid, counters) without a GPU; what only the
-    device can show (fused.cu's loads, stores and barriers, streams, graphs, device cos/pow) needs the GPU run."""
+    tests/test_cuda_host_math.py) at the chunk's addresses (a norms pass's per-thread sums added in block_sum's tree),
+    then the last block's update of the step counts and running scalars; a blend launch's blocks likewise. The
+    stand-in checks what the host hands the kernels (tables, argument types, grid, counters, the order of a two-pass
+    step) without a GPU; what only the device can show (fused.cu's loads, stores and barriers, streams, graphs, device
+    cos/pow) needs the GPU run."""
     if request.param == "gpu":
         return request.getfixturevalue("gpu")
     stand_in = CupyStandIn(request.getfixturevalue("shim"))
@@ -185,17 +187,22 @@ def run_with_float_lrs(cp, cls, kwargs, params0, params1, scales1, grads, backen
 @pytest.mark.parametrize("cls,kwargs", ONE_PASS, ids=config_ids(ONE_PASS))
 def test_bitwise_equal_to_cpu_kernels(cp, cls, kwargs, dtype, rng):
     """With float learning rates no rule uses cos; the GPU (--fmad=false, IEEE division and square root) gives the CPU
-    kernels' bits, step counts and running scalars, except for the rules whose step scalars call pow (DEVICE_POW),
-    which are checked through the host build only."""
+    kernels' bits, step counts and running scalars (and schedule-free's eval() and train()), except for the rules
+    whose step scalars call pow (DEVICE_POW), which are checked through the host build only."""
     if cls.KERNEL in DEVICE_POW and not isinstance(cp, CupyStandIn):
         pytest.skip("the device's pow may differ from glibc's in the last bit")
     params0, params1, scales1, grads = make_problem(dtype, rng)
     cpu, cpu_params = run_with_float_lrs(cp, cls, kwargs, params0, params1, scales1, grads, "cpu")
     gpu, gpu_params = run_with_float_lrs(cp, cls, kwargs, params0, params1, scales1, grads, "cuda")
-    for index, (theirs, ours) in enumerate(zip(cpu_params, host(cp, gpu_params))):
-        np.testing.assert_array_equal(ours, theirs, err_msg=f"param {index}")
-        for name, buffer in cpu.state[index].items():
-            np.testing.assert_array_equal(cp.asnumpy(gpu.state[index][name]), buffer, err_msg=f"{index} {name}")
+    moves = ("eval", "train") if isinstance(cpu, fo.rules.schedule_free.ScheduleFree) else ()
+    for move in (None,) + moves:  # then schedule-free's blends toward z and back
+        if move:
+            getattr(cpu, move)()
+            getattr(gpu, move)()
+        for index, (theirs, ours) in enumerate(zip(cpu_params, host(cp, gpu_params))):
+            np.testing.assert_array_equal(ours, theirs, err_msg=f"param {index} ({move or 'step'})")
+            for name, buffer in cpu.state[index].items():
+                np.testing.assert_array_equal(cp.asnumpy(gpu.state[index][name]), buffer, err_msg=f"{index} {name}")
     np.testing.assert_array_equal(gpu._backend.tensor_steps(), cpu._backend.tensor_steps())
     np.testing.assert_array_equal(gpu._backend.tensor_scalars(), cpu._backend.tensor_scalars())
 
