@@ -11,6 +11,13 @@ advances where its group counts steps.
 Tensors whose GRAD address is 0 have no gradient this step and are skipped, step count included (torch
 skips parameters whose .grad is None).
 
+Two kinds of rule state live beside the buffers: per-tensor running scalars (``tensor_scalars``, float64), which a
+rule's ``advance_scalars`` moves on before its coefficients are formed (schedule-free's weight sum and largest rate),
+and, for a rule whose update needs each tensor's norms (LAMB), a second parallel pass: the first updates the states
+and sums squares per chunk, the chunks' sums are added in chunk order (the same for every thread count), the rule
+turns them into coefficients, and the second pass moves the params. ``blend_toward_state`` is the one kernel outside
+the step: ``p = lerp(p, state, w)``, schedule-free's ``train()``/``eval()``.
+
 Mixed precision: the element type of each stream's array says how it is stored (``conversions.load`` /
 ``store``): float arrays as themselves, uint16 as bfloat16 bits, int16 as float16 bits; the math runs in the
 math dtype of the bucket (the coefficients' dtype). A float32 MASTER copy of a 16-bit param, where there is one,
