@@ -1194,10 +1194,10 @@ class _Kernel:
             assert self.stream.kernels[-2] == self.name.replace("apply", "norms")
         (addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, chunk_count, tensor_group, tensor_step,
          tensor_scalars, tensor_count, group_hyper, schedule_program, schedule_size, schedule_base, counters,
-         lr_factor, grad_control, chunk_norms, rounding_seed) = args
+         lr_factor, grad_control, chunk_norms, tensor_chunks, rounding_seed) = args
         assert type(lr_factor) is np.float64 and type(rounding_seed) is np.int64
         for array in (addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step,
-                      schedule_base, counters):
+                      schedule_base, counters, tensor_chunks):
             assert array.dtype == np.int64
         for array in (tensor_scalars, group_hyper, schedule_program, grad_control, chunk_norms):
             assert array.dtype == np.float64
@@ -1206,6 +1206,7 @@ class _Kernel:
         assert tensor_format.shape == (tensor_count, kernel_layout.FORMAT_COLUMNS)
         assert tensor_scalars.shape == (tensor_count, kernel_layout.TENSOR_SCALARS)
         assert chunk_norms.shape == (grid[0], kernel_layout.NORM_SUMS)
+        np.testing.assert_array_equal(tensor_chunks, np.searchsorted(chunk_tensor, np.arange(tensor_count + 1)))
         assert grad_control.shape == (kernel_layout.GRAD_CONTROLS,) and counters.shape == (cuda.COUNTERS,)
         assert group_hyper.shape[1] == kernel_layout.GROUP_COLUMNS + len(RULES[self.rule].COLUMNS)
         assert counters[cuda.TICKET] == 0
@@ -1230,7 +1231,7 @@ class _Kernel:
                       int(schedule_size), int(schedule_base[group]), int(counters[cuda.OPTIMIZER_STEP]),
                       float(lr_factor), int(tensor_step[tensor]), tensor_scalars[tensor].ctypes.data,
                       grad_control.ctypes.data, int(rounding_seed), tensor, chunk_norms.ctypes.data,
-                      chunk_start.ctypes.data, int(chunk_count), chunk, thread_sums.ctypes.data)
+                      int(tensor_chunks[tensor]), int(tensor_chunks[tensor + 1]), thread_sums.ctypes.data)
             if kind == "norms":
                 chunk_norms[chunk] = test_cuda_host_math.block_tree_sum(thread_sums)
         if not ends_step:

@@ -29,6 +29,7 @@ lanes re-associate), so they agree with the CPU's to double rounding only, and t
 APPLY pass is given the CPU's sums.
 """
 import ctypes
+import math
 import shutil
 import subprocess
 
@@ -60,10 +61,10 @@ extern "C" double host_schedule_value(const double* words, int64 size, int64 bas
 }
 
 // One block's work on one chunk in the pass PASS, as fused.cu's kernels do it: the block's first thread's coefficient
-// row (and in the APPLY pass the tensor's trust coefficient from the chunk sums ``chunk_norms`` of the chunk table
-// ``chunk_start``, of which this is chunk ``chunk``) and the flags, the chunk's streams from the tensor's address and
-// format rows, then step_math.cuh's run_chunk for every thread index in turn (each element is its own; the order
-// does not matter). The group's lr comes from its schedule at the optimizer step; ``hyper`` is the group's row of the
+// row (and in the APPLY pass the tensor's trust coefficient from its chunks' sums, [first_chunk, end_chunk) of
+// ``chunk_norms``, added as the block adds them: each thread's share, then block_sum's tree) and the flags, the
+// chunk's streams from the tensor's address and format rows, then step_math.cuh's run_chunk for every thread index in
+// turn (each element is its own; the order does not matter). The group's lr comes from its schedule at the optimizer step; ``hyper`` is the group's row of the
 // group table; ``tensor_step`` and ``scalars`` are the tensor's step count and running scalars before this step, as
 // the kernel reads them; ``tensor`` its position in its bucket (the stochastic rounding's key). The NORMS pass writes
 // each thread's sums of squares (param, direction) into ``thread_sums`` [BLOCK][NORM_SUMS], which the kernel adds up
@@ -72,10 +73,31 @@ extern "C" double host_schedule_value(const double* words, int64 size, int64 bas
     const int64 *address_row, const int64 *format_row, int64 start, int64 length, const double *hyper,         \
         const double *words, int64 words_size, int64 base, int64 optimizer_step, double lr_factor,             \
         int64 tensor_step, const double *scalars, const double *grad_control, int64 seed, int64 tensor,       \
-        const double *chunk_norms, const int64 *chunk_start, int64 chunk_count, int64 chunk, double *thread_sums
+        const double *chunk_norms, int64 first_chunk, int64 end_chunk, double *thread_sums
 #define CHUNK_ARGUMENTS                                                                                         \
     address_row, format_row, start, length, hyper, words, words_size, base, optimizer_step, lr_factor,         \
-        tensor_step, scalars, grad_control, seed, tensor, chunk_norms, chunk_start, chunk_count, chunk, thread_sums
+        tensor_step, scalars, grad_control, seed, tensor, chunk_norms, first_chunk, end_chunk, thread_sums
+
+// A tensor's sums of squares from its chunks' sums [first_chunk, end_chunk) of ``chunk_norms``, as an APPLY block
+// adds them: each thread's share (step_math.cuh), then block_sum's tree.
+NormSums tensor_norm_sums(const double* chunk_norms, int64 first_chunk, int64 end_chunk) {
+    NormSums shares[BLOCK];
+    for (int thread = 0; thread < BLOCK; ++thread) {
+        shares[thread] = thread_norm_sums(chunk_norms, first_chunk, end_chunk, thread);
+    }
+    for (int half = BLOCK / 2; half > 0; half /= 2) {
+        for (int thread = 0; thread < half; ++thread) {
+            shares[thread].param += shares[thread + half].param;
+            shares[thread].update += shares[thread + half].update;
+        }
+    }
+    return shares[0];
+}
+extern "C" void host_tensor_norm_sums(const double* chunk_norms, int64 first_chunk, int64 end_chunk, double* sums) {
+    const NormSums total = tensor_norm_sums(chunk_norms, first_chunk, end_chunk);
+    sums[NORM_PARAM] = total.param;
+    sums[NORM_UPDATE] = total.update;
+}
 
 template <typename Rule, int PASS, typename T>
 void rule_block(CHUNK_PARAMETERS) {
@@ -83,9 +105,8 @@ void rule_block(CHUNK_PARAMETERS) {
     T c[COEFFICIENTS];
     tensor_coefficients<Rule>(hyper, lr, tensor_step, scalars, grad_control, c);
     if constexpr (PASS == APPLY) {
-        double sums[NORM_SUMS];
-        tensor_norm_sums(chunk_norms, chunk_start, chunk_count, chunk, sums);
-        Rule::norm_coefficients(hyper, lr, sums[NORM_PARAM], sums[NORM_UPDATE], c);
+        const NormSums sums = tensor_norm_sums(chunk_norms, first_chunk, end_chunk);
+        Rule::norm_coefficients(hyper, lr, sums.param, sums.update, c);
     }
     const ChunkFlags flags = chunk_flags(address_row, hyper);
     const Rounding rounding = chunk_rounding(seed, optimizer_step, tensor, start);
@@ -183,7 +204,7 @@ def shim_source():
 BLOCK_ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_double,
                    ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
+                   ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
 ADVANCE_ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong,
                      ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p]
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
@@ -226,6 +247,8 @@ def shim(tmp_path_factory):
         getattr(loaded, f"host_blend_block_{ctype}").restype = None
         getattr(loaded, f"host_blend_block_{ctype}").argtypes = [ctypes.c_void_p, ctypes.c_void_p] + \
             [ctypes.c_longlong] * 3 + [weight]
+    loaded.host_tensor_norm_sums.restype = None
+    loaded.host_tensor_norm_sums.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
     loaded.host_set_grad_control.restype = None
     loaded.host_set_grad_control.argtypes = [ctypes.c_double, ctypes.c_longlong, ctypes.c_double, ctypes.c_double,
                                              ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p]
@@ -279,12 +302,11 @@ def run_block(shim, kernel, dtype, row, size, hyper, program, *, kernel_pass="st
     scalars = np.zeros(kernel_layout.TENSOR_SCALARS) if scalars is None else np.ascontiguousarray(scalars, np.float64)
     chunk_norms = np.zeros(kernel_layout.NORM_SUMS) if chunk_norms is None else np.ascontiguousarray(chunk_norms,
                                                                                                     np.float64)
-    chunk_start = np.zeros(1, dtype=np.int64)  # one chunk, from element 0
     thread_sums = np.zeros((cuda.BLOCK, kernel_layout.NORM_SUMS))
     getattr(shim, f"{kernel}_{kernel_pass}_block_{CTYPES[np.dtype(dtype)]}")(
         pointer(row), pointer(formats), start, size, pointer(hyper), pointer(program), program.size, base,
         optimizer_step, lr_factor, tensor_step, pointer(scalars), pointer(control), seed, tensor, pointer(chunk_norms),
-        pointer(chunk_start), 1, 0, pointer(thread_sums))
+        0, 1, pointer(thread_sums))  # the tensor's one chunk
     return thread_sums
 
 
@@ -297,6 +319,15 @@ def block_tree_sum(values):
         values = values[:half] + values[half:2 * half]
         half //= 2
     return values[0]
+
+
+def block_strided_sum(values):
+    """What a block adds up over ``values`` (axis 0): thread t adds values t, t + BLOCK, ... in turn, then block_sum's
+    tree adds the threads' shares."""
+    shares = np.zeros((cuda.BLOCK,) + np.shape(values)[1:])
+    for index, value in enumerate(values):
+        shares[index % cuda.BLOCK] += value
+    return block_tree_sum(shares)
 
 
 def advance_tensor(shim, kernel, hyper, program, optimizer_step, tensor_steps, scalars, index, lr_factor=1.0, base=0):
@@ -410,6 +441,18 @@ def test_element_math_matches_reference_and_cpu_kernels(shim, cls, kwargs, dtype
         for name, buffer in optimizer.state[index].items():
             np.testing.assert_array_equal(got_states[index][name], buffer, err_msg=f"param {index} state {name}")
     np.testing.assert_array_equal(got_scalars, optimizer._backend.tensor_scalars(), err_msg="running scalars")
+
+
+@pytest.mark.parametrize("first,end", [(0, 0), (0, 1), (3, 200), (0, 1000), (7, 777)])
+def test_apply_pass_adds_a_tensors_chunk_sums_in_a_fixed_order(shim, first, end, rng):
+    """The APPLY pass's totals of a tensor's chunk sums (more chunks than threads too): each thread's stride, then the
+    tree, the same bits in every block; within double rounding of the exact sums."""
+    chunk_norms = np.ascontiguousarray(rng.uniform(0.0, 1e3, (1000, kernel_layout.NORM_SUMS)) ** 3)
+    got = np.zeros(kernel_layout.NORM_SUMS)
+    shim.host_tensor_norm_sums(pointer(chunk_norms), first, end, pointer(got))
+    np.testing.assert_array_equal(got, block_strided_sum(chunk_norms[first:end]))
+    exact = [math.fsum(column) for column in chunk_norms[first:end].T]
+    assert np.all(np.abs(got - exact) <= max(end - first - 1, 0) * np.finfo(np.float64).eps * np.array(exact))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -444,6 +444,8 @@ class _DtypeBucket:
             # The per-chunk sums of squares of a rule with per-tensor norms (written by its NORMS pass); any other
             # rule's kernels take the pointer and never touch it.
             "chunk_norms": cupy.zeros((self.grid, kernel_layout.NORM_SUMS), dtype=np.float64),
+            # Tensor t's chunks are [tensor_chunks[t], tensor_chunks[t + 1]) of the chunk table (in tensor order).
+            "tensor_chunks": cupy.asarray(np.searchsorted(chunk_tensor, np.arange(count + 1)).astype(np.int64)),
             "tensor_weight": cupy.zeros(count, dtype=dtype),  # the blend's weights, in the math dtype
             "counters": cupy.zeros(COUNTERS, dtype=np.int64),
             # "chunk_sum_of_squares", "chunk_nonfinite": this bucket's part of the engine's per-chunk grad
@@ -653,7 +655,8 @@ class CudaBackend(CupyArrays):
                          device["tensor_step"], device["tensor_scalars"], np.int64(bucket.indices.size),
                          self.device["group_hyper"], self.device["schedule_program"],
                          np.int64(groups.schedule_program.size), self.device["schedule_base"], device["counters"],
-                         np.float64(lr_factor), values, device["chunk_norms"], np.int64(layout.seed))
+                         np.float64(lr_factor), values, device["chunk_norms"], device["tensor_chunks"],
+                         np.int64(layout.seed))
             for kernel_pass in self.passes:
                 kernel(self.cupy, bucket.kernel_name(kernel_pass), self.rule)((bucket.grid,), (BLOCK,), arguments)
         self.expected_step_count = step_count + 1

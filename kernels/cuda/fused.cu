@@ -22,10 +22,13 @@
 //
 // A rule with per-tensor norms (LAMB) takes two launches per step, as the Numba kernel takes two passes: ``norms_*``
 // updates the moments from the grads and writes each chunk's sums of squares of the param and of the update direction
-// (a fixed block tree, block_sum.cuh) into chunk_norms; ``apply_*``'s blocks each add their tensor's chunk sums in
-// chunk order (as the Numba kernel adds them; the sums themselves are added in another order than on the CPU, so
-// they agree to double rounding), form the trust ratio and move the params; its last block advances the counts.
-// Neither reads anything from the host: the pair is captured in a CUDA graph like one launch.
+// (a fixed block tree, block_sum.cuh) into chunk_norms; each block of ``apply_*`` adds up its tensor's chunk sums
+// (tensor_chunks: where each tensor's chunks are), every thread a share and then the block tree, forms the trust ratio
+// and moves its chunk's params; its last block advances the counts. The totals are the same bits in every block of a
+// tensor and in every run; they differ from the Numba kernel's, whose chunks and order of additions differ, by double
+// rounding. (One thread adding all the tensor's chunk sums in order, as the Numba kernel does once, would cost each
+// block a chain of dependent loads as long as its tensor has chunks: thousands for one large tensor.) Neither launch
+// reads anything from the host: the pair is captured in a CUDA graph like one launch.
 //
 // Tensors whose GRAD address is 0 have no gradient this step and are skipped, step count included (torch
 // skips parameters whose .grad is None). An empty tensor has no chunks; the host gives it a dummy nonzero
@@ -119,18 +122,20 @@ __device__ void advance_step_counts(int64* counters, int64* tensor_step, double*
 }
 
 // The arguments of every step kernel, in the order of the Numba kernels' arguments (the optimizer step is
-// read from ``counters`` instead of being passed; the table sizes come along, as C arrays carry none).
+// read from ``counters`` instead of being passed; the table sizes come along, as C arrays carry none; tensor_chunks
+// [tensors + 1]: tensor t's chunks are [tensor_chunks[t], tensor_chunks[t + 1]) of the chunk table).
 #define FASTOPT_STEP_PARAMETERS                                                                                     \
     const fastopt::int64 *addresses, const fastopt::int64 *tensor_format, const fastopt::int64 *chunk_tensor,       \
         const fastopt::int64 *chunk_start, const fastopt::int64 *chunk_length, fastopt::int64 chunk_count,          \
         const fastopt::int64 *tensor_group, fastopt::int64 *tensor_step, double *tensor_scalars,                   \
         fastopt::int64 tensor_count, const double *group_hyper, const double *schedule_program,                     \
         fastopt::int64 schedule_size, const fastopt::int64 *schedule_base, fastopt::int64 *counters,                \
-        double lr_factor, const double *grad_control, double *chunk_norms, fastopt::int64 rounding_seed
+        double lr_factor, const double *grad_control, double *chunk_norms, const fastopt::int64 *tensor_chunks,     \
+        fastopt::int64 rounding_seed
 #define FASTOPT_STEP_ARGUMENTS                                                                                 \
     addresses, tensor_format, chunk_tensor, chunk_start, chunk_length, chunk_count, tensor_group, tensor_step, \
         tensor_scalars, tensor_count, group_hyper, schedule_program, schedule_size, schedule_base, counters,   \
-        lr_factor, grad_control, chunk_norms, rounding_seed
+        lr_factor, grad_control, chunk_norms, tensor_chunks, rounding_seed
 
 // One pass (step_math.cuh's Pass) of a step of Rule over all tensors of one math dtype: UPDATE, the whole step of a
 // one-pass rule; NORMS and APPLY, the two launches of a rule with per-tensor norms. ANY_MIXED: some tensor may be
@@ -144,6 +149,7 @@ __device__ void step_pass(FASTOPT_STEP_PARAMETERS) {
     __shared__ double lr;
     __shared__ T coefficients[COEFFICIENTS];
     __shared__ Rounding rounding;
+    __shared__ double block_param[PASS == UPDATE ? 1 : BLOCK], block_update[PASS == UPDATE ? 1 : BLOCK];
     const int64 chunk = blockIdx.x;
     if (chunk < chunk_count && addresses[chunk_tensor[chunk] * SLOTS + GRAD] != 0) {
         // The block's first thread evaluates the schedule alone, then forms the coefficients: cos's slow path is a
@@ -154,6 +160,12 @@ __device__ void step_pass(FASTOPT_STEP_PARAMETERS) {
             lr = group_learning_rate(Program{schedule_program, schedule_size}, schedule_base[group],
                                      counters[OPTIMIZER_STEP], lr_factor);
         }
+        if constexpr (PASS == APPLY) {  // the tensor's sums of squares, for its first thread (step_math.cuh)
+            const int64 tensor = chunk_tensor[chunk];
+            const NormSums share = thread_norm_sums(chunk_norms, tensor_chunks[tensor], tensor_chunks[tensor + 1],
+                                                    int(threadIdx.x));
+            block_sum(block_param, block_update, share.param, share.update);
+        }
         __syncthreads();
         if (threadIdx.x == 0) {
             const int64 tensor = chunk_tensor[chunk];
@@ -161,9 +173,7 @@ __device__ void step_pass(FASTOPT_STEP_PARAMETERS) {
             tensor_coefficients<Rule>(hyper, lr, tensor_step[tensor], tensor_scalars + tensor * TENSOR_SCALARS,
                                       grad_control, coefficients);
             if constexpr (PASS == APPLY) {
-                double sums[NORM_SUMS];
-                tensor_norm_sums(chunk_norms, chunk_start, chunk_count, chunk, sums);
-                Rule::norm_coefficients(hyper, lr, sums[NORM_PARAM], sums[NORM_UPDATE], coefficients);
+                Rule::norm_coefficients(hyper, lr, block_param[0], block_update[0], coefficients);
             }
             rounding = chunk_rounding(rounding_seed, counters[OPTIMIZER_STEP], tensor, chunk_start[chunk]);
         }
@@ -186,7 +196,6 @@ __device__ void step_pass(FASTOPT_STEP_PARAMETERS) {
         NormSums sums{0.0, 0.0};
         run_chunk<Rule, PASS, ANY_MIXED>(streams, mixed, int(chunk_length[chunk]), c, flags, int(threadIdx.x), sums);
         if constexpr (PASS == NORMS) {
-            __shared__ double block_param[BLOCK], block_update[BLOCK];
             block_sum(block_param, block_update, sums.param, sums.update);
             if (threadIdx.x == 0) {
                 chunk_norms[chunk * NORM_SUMS + NORM_PARAM] = block_param[0];

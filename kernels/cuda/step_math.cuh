@@ -111,28 +111,26 @@ FASTOPT_HOST_DEVICE void advance_tensor(const double* hyper, double lr, int64* t
     }
 }
 
-// The sums of squares of a tensor's param and update direction (``sums``: NORM_PARAM, NORM_UPDATE) from the partial
-// sums of its chunks (``chunk_norms``, written by the NORMS pass), added chunk by chunk in order as the Numba kernel
-// adds them; ``chunk`` is any chunk of the tensor. A tensor's chunks are consecutive in the chunk table, the first
-// starting at element 0.
-FASTOPT_HOST_DEVICE void tensor_norm_sums(const double* chunk_norms, const int64* chunk_start, int64 chunk_count,
-                                          int64 chunk, double* sums) {
-    int64 first = chunk;
-    while (chunk_start[first] != 0) {
-        --first;
-    }
-    sums[NORM_PARAM] = sums[NORM_UPDATE] = 0.0;
-    for (int64 k = first; k < chunk_count && (k == first || chunk_start[k] != 0); ++k) {
-        sums[NORM_PARAM] += chunk_norms[k * NORM_SUMS + NORM_PARAM];
-        sums[NORM_UPDATE] += chunk_norms[k * NORM_SUMS + NORM_UPDATE];
-    }
-}
-
-// One thread's partial sums of squares in the NORMS pass (of the param and of the update direction, in double).
+// One thread's partial sums of squares (of the param and of the update direction, in double): in the NORMS pass over
+// the thread's elements of its chunk, in the APPLY pass over its share of its tensor's chunk sums.
 struct NormSums {
     double param;
     double update;
 };
+
+// One thread's share of a tensor's sums of squares in the APPLY pass: the sums of the tensor's chunks first + thread,
+// first + thread + BLOCK, ... (its chunks are [first, end) of the chunk table; ``chunk_norms``, written by the NORMS
+// pass) added in turn. fused.cu adds the threads' shares in block_sum's tree, so that every block of the tensor forms
+// the same bits, each in a few loads per thread. (Numba adds its chunks' sums in chunk order; its chunks, and the
+// order within a chunk, differ from these anyway: the totals agree to double rounding.)
+FASTOPT_HOST_DEVICE NormSums thread_norm_sums(const double* chunk_norms, int64 first, int64 end, int thread) {
+    NormSums share{0.0, 0.0};
+    for (int64 k = first + thread; k < end; k += BLOCK) {
+        share.param += chunk_norms[k * NORM_SUMS + NORM_PARAM];
+        share.update += chunk_norms[k * NORM_SUMS + NORM_UPDATE];
+    }
+    return share;
+}
 
 // What a chunk's loop needs besides its streams and coefficients: uniform across the block.
 struct ChunkFlags {
