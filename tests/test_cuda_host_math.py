@@ -64,11 +64,11 @@ extern "C" double host_schedule_value(const double* words, int64 size, int64 bas
 // row (and in the APPLY pass the tensor's trust coefficient from its chunks' sums, [first_chunk, end_chunk) of
 // ``chunk_norms``, added as the block adds them: each thread's share, then block_sum's tree) and the flags, the
 // chunk's streams from the tensor's address and format rows, then step_math.cuh's run_chunk for every thread index in
-// turn (each element is its own; the order does not matter). The group's lr comes from its schedule at the optimizer step; ``hyper`` is the group's row of the
-// group table; ``tensor_step`` and ``scalars`` are the tensor's step count and running scalars before this step, as
-// the kernel reads them; ``tensor`` its position in its bucket (the stochastic rounding's key). The NORMS pass writes
-// each thread's sums of squares (param, direction) into ``thread_sums`` [BLOCK][NORM_SUMS], which the kernel adds up
-// in block_sum's tree.
+// turn (each element is its own; the order does not matter). The group's lr comes from its schedule at the optimizer
+// step; ``hyper`` is the group's row of the group table; ``tensor_step`` and ``scalars`` are the tensor's step count
+// and running scalars before this step, as the kernel reads them; ``tensor`` its position in its bucket (the stochastic
+// rounding's key). The NORMS pass writes each thread's sums of squares (param, direction) into ``thread_sums``
+// [BLOCK][NORM_SUMS], which the kernel adds up in block_sum's tree.
 #define CHUNK_PARAMETERS                                                                                        \
     const int64 *address_row, const int64 *format_row, int64 start, int64 length, const double *hyper,         \
         const double *words, int64 words_size, int64 base, int64 optimizer_step, double lr_factor,             \
