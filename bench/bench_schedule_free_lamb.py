@@ -113,12 +113,13 @@ def lamb_group(rounds, sample_seconds):
     ceiling_grad[...] = 0.25
     # The other way to LAMB's second pass: store u in the first (read p, g, m, v; write m, v, u) and read it in the
     # second (read p, u; write p). The same 40 B/param as recomputing, and one more buffer.
-    first_pass = benchmark.ceiling_step(benchmark.CASES["Adam"], ceiling_param, ceiling_grad)
-    second_pass = benchmark.ceiling_step(benchmark.CASES["SGD"], ceiling_param, ceiling_grad)
+    storing_buffers = [benchmark.staggered(total, ordinal) for ordinal in (2, 3, 4)]
+    for buffer in storing_buffers:
+        buffer.fill(0)
 
     def ceiling_storing_the_direction():
-        first_pass()
-        second_pass()
+        benchmark.ceiling_two_passes_storing(ceiling_param, ceiling_grad, *storing_buffers, np.float32(0.5),
+                                             np.float32(-1e-6))
 
     steps = {"fastopt_lamb": lambda: lamb.step(lamb_grads),
              "fastopt_adamw": lambda: adamw.step(adamw_grads),

@@ -112,6 +112,22 @@ def ceiling_two_passes(param, grad, state1, state2, decay, rate):
         param[i] = param[i] + rate * state1[i] * state2[i]
 
 
+@parallel_jit
+def ceiling_two_passes_storing(param, grad, state1, state2, direction, decay, rate):
+    """LAMB's other possible traffic, also 40 B/param: read param, grad, two states, write the states and the update
+    direction into a buffer of its own; then read param and the direction, write param (the direction's buffer is
+    written without being read first, so its cache lines are fetched for ownership: the 40 B move more)."""
+    for i in numba.prange(param.size):
+        g = grad[i]
+        s1 = state1[i] * decay + g
+        s2 = state2[i] * decay + g * g
+        state1[i] = s1
+        state2[i] = s2
+        direction[i] = s1 * s2 + param[i]
+    for i in numba.prange(param.size):
+        param[i] = param[i] + rate * direction[i]
+
+
 # ---------------------------------------------------------------- buffers and steps
 def staggered(size, ordinal):
     """An uninitialised float32 array that starts 128 + 256 * ordinal bytes (mod 4 KiB) into a page: 64-byte

@@ -144,12 +144,13 @@ def group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_fac
 
 @reduction_jit
 def sum_of_squares(values):
-    """The sum of ``values[i]**2`` in float64, re-associated into vector lanes (a plain running sum is a chain of
-    dependent additions, 10x slower here). NaN and inf still propagate: the sum is finite exactly when every
-    value is, for float32 and narrower values, whose squares cannot overflow float64."""
+    """The sum of ``values[i]**2`` in float64 (16-bit values as the floats their bits hold), re-associated into vector
+    lanes (a plain running sum is a chain of dependent additions, 10x slower here). NaN and inf still propagate: the
+    sum is finite exactly when every value is, for float32 and narrower values, whose squares cannot overflow
+    float64."""
     total = 0.0
     for i in range(values.shape[0]):
-        value = np.float64(values[i])
+        value = np.float64(load(values, i))
         total += value * value
     return total
 
@@ -295,20 +296,19 @@ def norm_loop(has_lr_scale, live0, live1, live2, streams):
     """The first pass of a rule with per-tensor norms over one chunk: the states updated from the grad (read and
     written once, the param read once), and the chunk's sums of squares of the param and of the rule's update
     direction returned. The direction is computed from the states as stored (16-bit states rounded), exactly as the
-    APPLY pass recomputes it from them; param and direction go through a strip in L1 that ``sum_of_squares`` reads,
-    as a running float64 sum in this loop would be a chain of dependent additions. The loop runs over windows of the
+    APPLY pass recomputes it from them; the direction goes through a strip in L1, and ``sum_of_squares`` reads it and
+    the strip's params, as a running float64 sum in this loop would be a chain of dependent additions. The loop runs over windows of the
     streams indexed from 0: indexed ``offset + k`` instead, LLVM did not vectorise it (3x slower, measured)."""
     param, param_out, grad, lr_scale, state0, state1, state2, row, maximize, seed, step, first_element = streams
     c = coefficient_values(row)
     grad_unscale = row[COEFFICIENT_GRAD_UNSCALE]
     grad_clip = row[COEFFICIENT_GRAD_CLIP]
-    strips = np.empty((2, STRIP), dtype=row.dtype)
+    strip = np.empty((1, STRIP), dtype=row.dtype)
     param_sum = 0.0
     update_sum = 0.0
     for offset in range(0, param.shape[0], STRIP):
         length = min(STRIP, param.shape[0] - offset)
-        params = strip_row(strips, 0, length)
-        updates = strip_row(strips, 1, length)
+        updates = strip_row(strip, 0, length)
         param_part, grad_part = window(param, offset, length), window(grad, offset, length)
         part0, part1, part2 = window(state0, offset, length), window(state1, offset, length), \
             window(state2, offset, length)
@@ -328,9 +328,8 @@ def norm_loop(has_lr_scale, live0, live1, live2, streams):
             if live2:
                 store(part2, i, s2)
                 s2 = load(part2, i)
-            params[i] = p
             updates[i] = rule_direction(p, s0, s1, s2, live0, live1, live2, c)
-        param_sum += sum_of_squares(params)
+        param_sum += sum_of_squares(param_part)  # read again while in L1
         update_sum += sum_of_squares(updates)
     return param_sum, update_sum
 

@@ -25,12 +25,13 @@ struct lamb {
     static constexpr bool NORMS = true;  // two passes, with each tensor's norms between them (fused.cu)
 
     enum {
-        BETA1_COMPLEMENT, BETA2, BETA2_COMPLEMENT, BIAS_CORRECTION1, BIAS_CORRECTION2_SQRT, EPS, WEIGHT_DECAY, ONE,
-        TRUST_RATE
+        BETA1_COMPLEMENT, BETA2, BETA2_COMPLEMENT, INVERSE_BIAS_CORRECTION1, INVERSE_BIAS_CORRECTION2_SQRT, EPS,
+        WEIGHT_DECAY, ONE, TRUST_RATE
     };
     static_assert(TRUST_RATE < RULE_COEFFICIENTS, "the coefficient row holds the rule's scalars");
 
-    // ``step`` is t, the tensor's step count including this step. TRUST_RATE is filled between the passes.
+    // ``step`` is t, the tensor's step count including this step. TRUST_RATE is filled between the passes. The bias
+    // corrections are inverted here, once (the direction is computed in both passes).
     template <typename T>
     static FASTOPT_HOST_DEVICE void coefficients(const double* hyper, double /*lr*/, int64 step,
                                                  const double* /*scalars*/, T* c) {
@@ -39,10 +40,8 @@ struct lamb {
         c[BETA1_COMPLEMENT] = T(1.0 - hyper[H_BETA1]);
         c[BETA2] = T(hyper[H_BETA2]);
         c[BETA2_COMPLEMENT] = T(1.0 - hyper[H_BETA2]);
-        c[BIAS_CORRECTION1] = T(corrected ? 1.0 - pow(hyper[H_BETA1], t) : 1.0);
-        // Numba raises 1 - beta2^t to the power 0.5 with glibc's pow (within 0.52 ulp); sqrt rounds correctly, where
-        // the device's pow would be within 2 ulp only (as Adam's bias correction).
-        c[BIAS_CORRECTION2_SQRT] = T(corrected ? sqrt(1.0 - pow(hyper[H_BETA2], t)) : 1.0);
+        c[INVERSE_BIAS_CORRECTION1] = T(corrected ? 1.0 / (1.0 - pow(hyper[H_BETA1], t)) : 1.0);
+        c[INVERSE_BIAS_CORRECTION2_SQRT] = T(corrected ? 1.0 / sqrt(1.0 - pow(hyper[H_BETA2], t)) : 1.0);
         c[EPS] = T(hyper[H_EPS]);
         c[WEIGHT_DECAY] = T(hyper[H_WEIGHT_DECAY]);
         c[ONE] = T(1.0);
@@ -56,11 +55,12 @@ struct lamb {
         exp_avg_sq = exp_avg_sq * c[BETA2] + c[BETA2_COMPLEMENT] * grad * grad;
     }
 
-    // u = (m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps) + wd p.
+    // u = m (1 / (1 - beta1^t)) / (sqrt(v) (1 / sqrt(1 - beta2^t)) + eps) + wd p.
     template <typename T>
     static FASTOPT_HOST_DEVICE T direction(T param, T exp_avg, T exp_avg_sq, T /*unused*/, bool /*live0*/,
                                            bool /*live1*/, bool /*live2*/, const T* c) {
-        return (exp_avg / c[BIAS_CORRECTION1]) / (square_root(exp_avg_sq) / c[BIAS_CORRECTION2_SQRT] + c[EPS]) +
+        return (exp_avg * c[INVERSE_BIAS_CORRECTION1]) /
+                   (square_root(exp_avg_sq) * c[INVERSE_BIAS_CORRECTION2_SQRT] + c[EPS]) +
                c[WEIGHT_DECAY] * param;
     }
 
