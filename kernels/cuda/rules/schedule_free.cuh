@@ -33,8 +33,8 @@ struct schedule_free {
     enum { WEIGHT_SUM, LR_MAX };  // the tensor's running scalars (AdamWScheduleFree.SCALARS)
     static_assert(LR_MAX < TENSOR_SCALARS, "the tensor_scalars row holds the rule's running scalars");
     enum {
-        AVERAGE_WEIGHT, Y_RATE, Z_RATE, BETA2, BETA2_COMPLEMENT, BIAS_CORRECTION2, EPS, WEIGHT_DECAY, USE_WEIGHT_DECAY,
-        ONE
+        AVERAGE_WEIGHT, Y_RATE, Z_RATE, BETA2, BETA2_COMPLEMENT, INVERSE_BIAS_CORRECTION2, EPS, WEIGHT_DECAY,
+        USE_WEIGHT_DECAY, ONE
     };
     static_assert(ONE < RULE_COEFFICIENTS, "the coefficient row holds the rule's scalars");
 
@@ -72,22 +72,23 @@ struct schedule_free {
         c[Z_RATE] = T(-rate);
         c[BETA2] = T(hyper[H_BETA2]);
         c[BETA2_COMPLEMENT] = T(1.0 - hyper[H_BETA2]);
-        c[BIAS_CORRECTION2] = T(1.0 - pow(hyper[H_BETA2], double(step)));
+        c[INVERSE_BIAS_CORRECTION2] = T(1.0 / (1.0 - pow(hyper[H_BETA2], double(step))));
         c[EPS] = T(hyper[H_EPS]);
         c[WEIGHT_DECAY] = T(hyper[H_WEIGHT_DECAY]);
         c[USE_WEIGHT_DECAY] = T(hyper[H_WEIGHT_DECAY] != 0);
         c[ONE] = T(1.0);
     }
 
-    // v = beta2 v + (1 - beta2) g^2 and d = g / (sqrt(v / (1 - beta2^t)) + eps) (AdamW; SGD: d = g);  d = d + wd y;
-    // y = lerp(y, z, c) + lr s (beta1 (1 - c) - 1) d;  z = z - lr s d. The package's operations, in its order.
+    // v = beta2 v + (1 - beta2) g^2 and d = g / (sqrt(v (1 / (1 - beta2^t))) + eps) (AdamW; SGD: d = g);  d = d + wd y;
+    // y = lerp(y, z, c) + lr s (beta1 (1 - c) - 1) d;  z = z - lr s d. The package's operations, in its order, except
+    // that it divides v by 1 - beta2^t.
     template <typename T>
     static FASTOPT_HOST_DEVICE void element(T& param, T grad, T& z, T& exp_avg_sq, T& /*unused*/, T lr_scale,
                                             bool has_lr_scale, bool /*live0*/, bool adaptive, bool /*live2*/,
                                             const T* c) {
         if (adaptive) {
             exp_avg_sq = exp_avg_sq * c[BETA2] + c[BETA2_COMPLEMENT] * grad * grad;
-            grad = grad / (square_root(exp_avg_sq / c[BIAS_CORRECTION2]) + c[EPS]);
+            grad = grad / (square_root(exp_avg_sq * c[INVERSE_BIAS_CORRECTION2]) + c[EPS]);
         }
         if (c[USE_WEIGHT_DECAY] != 0) {
             grad = grad + c[WEIGHT_DECAY] * param;
