@@ -791,6 +791,17 @@ class Optimizer:
         self._backend.set_tensor_steps(steps)
         self._backend.set_tensor_scalars(scalars)
 
+    def step_counts(self):
+        """Each param's step count (int64, in group order), as ``state_dict`` saves it, without copying buffers."""
+        self._sync_step_count()
+        return self._backend.tensor_steps()
+
+    def running_scalars(self):
+        """Each param's running values of the rule's ``SCALARS``, ``{name: float64 array in group order}``, as
+        ``state_dict`` saves them, without copying buffers."""
+        scalars = self._backend.tensor_scalars()
+        return {name: scalars[:, column] for column, name in enumerate(self.SCALARS)}
+
     @staticmethod
     def count(value, what):
         """A step count from a state dict: a non-negative integer (a float or 0-d array holding one is fine)."""

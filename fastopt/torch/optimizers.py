@@ -6,6 +6,7 @@ implementation operation by operation: the results agree with it to float roundi
 class takes the core's mixed-precision options (``master_weights``, ``state_dtype``, ``rounding``, ``seed``,
 ``max_grad_norm``).
 """
+import numpy as np
 import torch
 
 from .. import rules as core, schedules
@@ -180,17 +181,18 @@ class _ScheduleFree(TorchOptimizer):
     def _refresh_group_values(self):
         """Write the package's per-group values into ``param_groups`` from the core's per-param ones: ``k``,
         ``weight_sum``, ``lr_max`` (of the group's param with the most steps), ``scheduled_lr`` and ``train_mode``."""
-        saved = self._core.state_dict()["state"]
+        steps, scalars = self._core.step_counts(), self._core.running_scalars()
         position = 0
         for group in self.param_groups:
-            entries = [saved[index] for index in range(position, position + len(group["params"])) if index in saved]
-            position += len(group["params"])
+            count = len(group["params"])
             group["train_mode"] = self._core.train_mode
-            latest = max(entries, key=lambda entry: entry["step"], default=None)
-            if latest is not None:
-                group.update(k=latest["step"], weight_sum=latest["weight_sum"], lr_max=latest["lr_max"])
+            if count and steps[position:position + count].max() > 0:
+                latest = position + int(np.argmax(steps[position:position + count]))
+                group.update(k=int(steps[latest]), weight_sum=float(scalars["weight_sum"][latest]),
+                             lr_max=float(scalars["lr_max"][latest]))
                 lr, warmup = float(schedules.as_schedule(_plain(group["lr"]))(0)), group["warmup_steps"]
-                group["scheduled_lr"] = lr * min(1.0, latest["step"] / warmup) if warmup else lr
+                group["scheduled_lr"] = lr * min(1.0, group["k"] / warmup) if warmup else lr
+            position += count
 
     def load_state_dict(self, state_dict):
         self._loading = True
@@ -218,7 +220,10 @@ class _ScheduleFree(TorchOptimizer):
             self._rebuild(self._step_count())
         self._sync_groups()
         with self._views.stream():
-            self._core.train() if train else self._core.eval()
+            if train:
+                self._core.train()
+            else:
+                self._core.eval()
         for group in self.param_groups:
             group["train_mode"] = train
 
