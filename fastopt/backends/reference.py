@@ -67,15 +67,7 @@ class ReferenceBackend(HostArrays):
         rule.reference_step(work, grad.astype(np.float64) * float(unscale) * float(clip), state, group, lr,
                             1.0 if scale is None else scale.astype(np.float64),
                             state_dtype=dtypes.numpy_dtype(layout.state_storage[index]))
-        if master is not None:
-            master[...] = reference.round_to_storage(work, master.dtype)
-            param[...] = master.astype(param.dtype)
-        elif layout.stochastic and param.dtype.itemsize == 2:
-            elements = (int(self.positions[index]) << 40) + np.arange(param.size)
-            param[...] = reference.round_to_storage(work, param.dtype, seed=layout.seed, step=self.step_count,
-                                                    elements=elements).reshape(param.shape)
-        else:
-            param[...] = reference.round_to_storage(work, param.dtype)
+        self._store_param(layout, index, work, layout.stochastic)
         for name, buffer in buffers.items():
             if name in state:
                 buffer[...] = reference.round_to_storage(state[name], buffer.dtype)
@@ -83,20 +75,30 @@ class ReferenceBackend(HostArrays):
         if rule.counts_step(group):
             self.steps[index] += 1
 
+    def _store_param(self, layout, index, work, stochastic):
+        """Param ``index`` (and its master) from its float64 update ``work``: the master rounded to float32 and the
+        param as its rounding, or the param rounded to its storage, stochastically where ``stochastic`` (bfloat16
+        params without a master)."""
+        param, master = layout.params[index], layout.master[index]
+        if master is not None:
+            master[...] = reference.round_to_storage(work, master.dtype)
+            param[...] = master.astype(param.dtype)
+        elif stochastic and param.dtype.itemsize == 2:
+            elements = (int(self.positions[index]) << 40) + np.arange(param.size)
+            param[...] = reference.round_to_storage(work, param.dtype, seed=layout.seed, step=self.step_count,
+                                                    elements=elements).reshape(param.shape)
+        else:
+            param[...] = reference.round_to_storage(work, param.dtype)
+
     def blend(self, layout, slot, weights):
         """``p = p + w (s - p)`` in float64 for each param with a buffer ``s`` in state slot ``slot`` (the kernels'
-        blend_toward_state), rounded to the param's storage (through its master, where it has one)."""
+        blend_toward_state), rounded to nearest in the param's storage (through its master, where it has one)."""
         for index, (param, master) in enumerate(zip(layout.params, layout.master)):
             target = layout.states[index][slot]
-            if target is None:
-                continue
-            work = (param if master is None else master).astype(np.float64)
-            work += weights[index] * (target.astype(np.float64) - work)
-            if master is not None:
-                master[...] = reference.round_to_storage(work, master.dtype)
-                param[...] = master.astype(param.dtype)
-            else:
-                param[...] = reference.round_to_storage(work, param.dtype)
+            if target is not None:
+                work = (param if master is None else master).astype(np.float64)
+                work += weights[index] * (target.astype(np.float64) - work)
+                self._store_param(layout, index, work, stochastic=False)
 
     def tensor_steps(self):
         return self.steps.copy()
