@@ -666,6 +666,24 @@ def mixed_optimizer(cls, kwargs, options, params, scales, backend):
     return cls(groups, lr=MIXED_LRS[0], backend=backend, **kwargs, **options)
 
 
+def run_mixed_twins(cp, cls, kwargs, storage, rng):
+    """A CPU and a GPU optimizer of ``cls`` over the same mixed-precision problem, stepped MIXED_STEPS times with the
+    same grads and rates: (cpu, cpu params, gpu, gpu params, the grads)."""
+    _, param_name, grad_name, options = storage
+    params, scales, grads = mixed_problem(param_name, grad_name, rng)
+    cpu_params = [p.copy() for p in params]
+    cpu = mixed_optimizer(cls, kwargs, options, cpu_params, [s.copy() for s in scales], "cpu")
+    gpu_params = [to_device_storage(cp, p) for p in params]
+    gpu = mixed_optimizer(cls, kwargs, options, gpu_params, to_device(cp, scales), "cuda")
+    for t in range(MIXED_STEPS):
+        for optimizer in (cpu, gpu):
+            for group in optimizer.param_groups:
+                group["lr"] = MIXED_LRS[t]
+        cpu.step(grads[t])
+        gpu.step([to_device_storage(cp, grad) for grad in grads[t]])
+    return cpu, cpu_params, gpu, gpu_params, grads
+
+
 def assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params):
     """Params, every state buffer (the master copies too) and the step counts of a GPU and a CPU optimizer."""
     for index, (ours, theirs) in enumerate(zip(gpu_params, cpu_params)):
@@ -683,18 +701,7 @@ def test_mixed_precision_bitwise_equal_to_cpu_kernels(cp, config, storage, rng):
     params: the GPU's stored bits are the CPU kernels' (the same function, converted in registers instead of
     strips; stochastic rounding keyed alike)."""
     cls, kwargs = config
-    _, param_name, grad_name, options = storage
-    params, scales, grads = mixed_problem(param_name, grad_name, rng)
-    cpu_params = [p.copy() for p in params]
-    cpu = mixed_optimizer(cls, kwargs, options, cpu_params, [s.copy() for s in scales], "cpu")
-    gpu_params = [to_device_storage(cp, p) for p in params]
-    gpu = mixed_optimizer(cls, kwargs, options, gpu_params, to_device(cp, scales), "cuda")
-    for t in range(MIXED_STEPS):
-        for optimizer in (cpu, gpu):
-            for group in optimizer.param_groups:
-                group["lr"] = MIXED_LRS[t]
-        cpu.step(grads[t])
-        gpu.step([to_device_storage(cp, grad) for grad in grads[t]])
+    cpu, cpu_params, gpu, gpu_params, grads = run_mixed_twins(cp, cls, kwargs, storage, rng)
     assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
     assert gpu._backend.device_step_count() == MIXED_STEPS
     if isinstance(cpu, fo.rules.schedule_free.ScheduleFree):
@@ -713,19 +720,8 @@ def test_norms_rule_mixed_precision_matches_cpu_kernels(cp, storage, rng):
     """LAMB over every storage: the moments (they depend on the grads alone) are the CPU kernels' bits, the params and
     master copies agree to the rounding of the trust ratio's sums (test_norms_rule_matches_cpu_kernels) and of their
     storage."""
-    _, param_name, grad_name, options = storage
-    params, scales, grads = mixed_problem(param_name, grad_name, rng)
-    cpu_params = [p.copy() for p in params]
-    cpu = mixed_optimizer(fo.LAMB, {}, options, cpu_params, [s.copy() for s in scales], "cpu")
-    gpu_params = [to_device_storage(cp, p) for p in params]
-    gpu = mixed_optimizer(fo.LAMB, {}, options, gpu_params, to_device(cp, scales), "cuda")
-    for t in range(MIXED_STEPS):
-        for optimizer in (cpu, gpu):
-            for group in optimizer.param_groups:
-                group["lr"] = MIXED_LRS[t]
-        cpu.step(grads[t])
-        gpu.step([to_device_storage(cp, grad) for grad in grads[t]])
-    rtol = 4 * dtypes.epsilon(param_name) * MIXED_STEPS
+    cpu, cpu_params, gpu, gpu_params, _ = run_mixed_twins(cp, fo.LAMB, {}, storage, rng)
+    rtol = 4 * dtypes.epsilon(storage[1]) * MIXED_STEPS
     for index, (ours, theirs) in enumerate(zip(gpu_params, cpu_params)):
         ours = cp.asnumpy(ours).view(theirs.dtype)
         assert_close(ours.astype(np.float64), theirs.astype(np.float64), rtol, f"param {index}")
