@@ -779,7 +779,9 @@ class Optimizer:
 
     def __setstate__(self, state):
         state = dict(state)
-        buffers, steps, scalars = state.pop("_state"), state.pop("_tensor_steps"), state.pop("_tensor_scalars")
+        buffers, steps = state.pop("_state"), state.pop("_tensor_steps")
+        # A pickle from before running scalars existed has none: its rule keeps none.
+        scalars = state.pop("_tensor_scalars", np.zeros((len(steps), kernel_layout.TENSOR_SCALARS)))
         self.__dict__.update(state)
         self._state = OptimizerState()
         for index, entry in enumerate(buffers):
