@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import time
 
 import numba
 import numpy as np
@@ -33,23 +32,16 @@ from fastopt import benchmark
 FLOAT32_BYTES = 4
 
 
-def timed(step, count):
-    start = time.perf_counter()
-    for _ in range(count):
-        step()
-    return (time.perf_counter() - start) / count
-
-
 def interleaved(steps, rounds, sample_seconds):
     """{variant: median seconds per step}, {variant: round times}: warmed up, then ``rounds`` rounds in turn."""
     counts = {}
     for name, step in steps.items():
         step(), step()
-        counts[name] = max(1, min(50, round(sample_seconds / max(timed(step, 1), 1e-7))))
+        counts[name] = max(1, min(50, round(sample_seconds / max(benchmark._time_steps(step, 1), 1e-7))))
     samples = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            samples[name].append(timed(step, counts[name]))
+            samples[name].append(benchmark._time_steps(step, counts[name]))
     return {name: statistics.median(values) for name, values in samples.items()}, samples
 
 
