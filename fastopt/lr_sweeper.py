@@ -190,10 +190,12 @@ def _one_dtype(params, where):
     return params[0].dtype
 
 
-def _elementwise(optimizer_class):
-    """Whether the rule of ``optimizer_class`` (a fastopt or fastopt.torch class) updates each element from that
-    element alone, so that one flat row of a copy's params steps as its separate params would."""
-    return getattr(optimizer_class, "CORE", optimizer_class).ELEMENTWISE
+def _steps_as_one_row(optimizer_class, options):
+    """Whether one flat row of a copy's params steps as its separate params would under ``optimizer_class`` (a fastopt
+    or fastopt.torch class) with ``options``: its rule updates each element from that element alone, and its states
+    are not 8-bit (whose blocks and size threshold follow each tensor)."""
+    return (getattr(optimizer_class, "CORE", optimizer_class).ELEMENTWISE
+            and options.get("state_dtype") != "8bit")
 
 
 class _ArrayCopies:
@@ -203,7 +205,8 @@ class _ArrayCopies:
     With ``vectorized``, copy k's params are views of row k of one (K, row) array, and its grads of one more: each
     copy is then a single tensor for the optimizer (whose host work is per tensor), and ``step_fn`` sees param j of
     every copy as one strided (K, *shape) view. The update is elementwise, so the flat row steps as the separate
-    arrays would; a rule that is not (LAMB: per-tensor norms) gets each param's view of the row as its own tensor."""
+    arrays would; a rule that is not (LAMB: per-tensor norms), or 8-bit states, get each param's view of the row as
+    its own tensor."""
 
     def __init__(self, models, step_fn, lrs, optimizer_class, options, vectorized):
         self.models, self.step_fn, self.vectorized = models, step_fn, vectorized
@@ -227,7 +230,7 @@ class _ArrayCopies:
                 for stack, param in zip(self.stacked, params):
                     stack[number] = param
                 params[:] = [stack[number] for stack in self.stacked]  # the model's own list: it trains the views
-            if _elementwise(optimizer_class):
+            if _steps_as_one_row(optimizer_class, options):
                 self.copy_grads = [[row] for row in self.flat_grads]
                 groups = [{"params": [self.flat[number]], "lr": lr} for number, lr in enumerate(lrs)]
             else:
@@ -327,8 +330,8 @@ class _TorchCopies:
         self.buffers = {f"model.{name}": torch.stack([dict(model.named_buffers())[name] for model in models])
                         for name, _ in models[0].named_buffers()}
         # The optimizer's params: one row per copy, with its grad row; for a rule that is not elementwise (LAMB:
-        # per-tensor norms), each param's part of the row, as in a run alone.
-        if _elementwise(optimizer_class):
+        # per-tensor norms) or 8-bit states, each param's part of the row, as in a run alone.
+        if _steps_as_one_row(optimizer_class, options):
             self.copy_params = [[row] for row in self.flat]
             copy_grads = [[row] for row in self.flat_grads]
         else:

@@ -12,12 +12,13 @@ import threading
 
 import numpy as np
 
-from . import backends, dtypes, interrupts, schedules
-from .backends.layout import MASTER, GroupTable, Layout, MemorySpans
+from . import backends, dtypes, interrupts, quantization, schedules
+from .backends.layout import MASTER, SCALES_SUFFIX, GroupTable, Layout, MemorySpans
 from .guard import Guard
 from .kernels.cpu import layout as kernel_layout
 from .state import OptimizerState, ParamState
-STATE_DTYPES = ("float32", "bfloat16")
+
+STATE_DTYPES = ("float32", "bfloat16", "8bit")
 ROUNDINGS = ("nearest", "stochastic")
 
 
@@ -59,8 +60,12 @@ class Optimizer:
 
       - ``master_weights``: 16-bit params keep a float32 copy (state ``"master_param"``) that the update reads
         and writes; the stored param is its rounding to nearest, always ``round(master)`` exactly.
-      - ``state_dtype``: "float32" (the default: the states have the math dtype) or "bfloat16" (states of params
-        of at most float32 stored in bfloat16, rounded to nearest after each update).
+      - ``state_dtype``: "float32" (the default: the states have the math dtype), "bfloat16" (states of params
+        of at most float32 stored in bfloat16, rounded to nearest after each update) or "8bit" (moments of params of
+        at most float32 with at least ``min_8bit_size`` elements, 4096 by default, stored as uint8 codes, the state
+        ``name``, and a float32 absmax per block of 256 elements, the state ``name + "_absmax"``, in the format of
+        :mod:`fastopt.quantization`: decoded, updated in float32 and encoded again inside the one fused pass; the
+        others stay float32. :meth:`float32_state_dict` exports them as torch's float32 states).
       - ``rounding``: how 16-bit params without a master copy are rounded: "nearest" (even) or "stochastic"
         (bfloat16 only; unbiased, keyed by (``seed``, step, element) so that runs are reproducible).
       - ``max_grad_norm``: clip the grads by their global L2 norm inside the step (see :meth:`step`).
@@ -92,7 +97,7 @@ class Optimizer:
             raise TypeError(f"{cls.__name__}: a rule keeps at most {kernel_layout.TENSOR_SCALARS} SCALARS")
 
     def __init__(self, params, defaults, *, backend="auto", guard=None, master_weights=False, state_dtype="float32",
-                 rounding="nearest", seed=0, max_grad_norm=None):
+                 rounding="nearest", seed=0, max_grad_norm=None, min_8bit_size=quantization.MIN_8BIT_SIZE):
         if guard is not None and not isinstance(guard, Guard):
             raise TypeError(f"guard must be a fastopt.Guard or None, got {type(guard).__name__}")
         self.check_flag(master_weights, "master_weights", type(self).__name__)
@@ -108,9 +113,12 @@ class Optimizer:
         if max_grad_norm is not None:
             max_grad_norm = self.check_number(max_grad_norm, "max_grad_norm", type(self).__name__, low=0.0,
                                               low_open=True)
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, numbers.Integral) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be a non-negative integer, got {min_8bit_size!r}")
         self.guard = guard
         self.master_weights = bool(master_weights)
         self.state_dtype = state_dtype
+        self.min_8bit_size = int(min_8bit_size)
         self.rounding = rounding
         self.seed = int(seed)
         self.max_grad_norm = max_grad_norm
@@ -246,12 +254,27 @@ class Optimizer:
         return self._engine.storage_name(self._params[index].dtype)
 
     def state_storage(self, index):
-        """How param ``index``'s state buffers are stored: bfloat16 where ``state_dtype='bfloat16'`` (for params
-        of at most float32), else the param's math dtype."""
+        """How param ``index``'s state buffers are stored, those not in 8 bits (:meth:`coded`): bfloat16 where
+        ``state_dtype='bfloat16'`` (for params of at most float32), else the param's math dtype."""
         storage = self.param_storage(index)
         if self.state_dtype == "bfloat16" and storage != "float64":
             return "bfloat16"
         return dtypes.math_dtype(storage).name
+
+    def coded(self, index, name):
+        """None if param ``index``'s state ``name`` is not stored in 8 bits, else whether its code map is signed: with
+        ``state_dtype='8bit'``, the moments (``quantization.STATE_SIGNED``) of params of at most float32 with at least
+        ``min_8bit_size`` elements."""
+        signed = quantization.STATE_SIGNED.get(name)
+        if (self.state_dtype != "8bit" or signed is None or self.param_storage(index) == "float64"
+                or self._params[index].size < self.min_8bit_size):
+            return None
+        return signed
+
+    def buffer_names(self, index, names):
+        """The buffers that hold param ``index``'s states ``names``: each name, and after an 8-bit one its scales."""
+        return tuple(buffer for name in names
+                     for buffer in ((name,) if self.coded(index, name) is None else (name, name + SCALES_SUFFIX)))
 
     def has_master(self, index):
         """Whether param ``index`` keeps a float32 master copy: a 16-bit param with ``master_weights=True``."""
@@ -297,6 +320,8 @@ class Optimizer:
         return Layout(rule=type(self), params=self._params, tensor_group=tensor_group,
                       lr_scale=self._lr_scales if lr_scales is None else lr_scales,
                       states=[[state.get(name) for name in self.STATE_SLOTS] for state in states],
+                      scales=[[state.get(name + SCALES_SUFFIX) if self.coded(index, name) is not None else None
+                               for name in self.STATE_SLOTS] for index, state in enumerate(states)],
                       master=[state.get(MASTER) for state in states],
                       param_storage=[self.param_storage(index) for index in range(len(self._params))],
                       state_storage=[self.state_storage(index) for index in range(len(self._params))],
@@ -308,21 +333,35 @@ class Optimizer:
         has passed, the layout is rebuilt before the next step."""
         def check(name, array):
             where = f"state[{index}][{name!r}]"
-            if name not in self.STATE_SLOTS and not (name == MASTER and self.has_master(index)):
+            names = self.buffer_names(index, self.STATE_SLOTS)
+            if name not in names and not (name == MASTER and self.has_master(index)):
                 raise KeyError(f"{where}: {type(self).__name__} keeps no buffer {name!r} for this param (its buffers: "
-                               f"{', '.join(self.STATE_SLOTS)})")
+                               f"{', '.join(names)})")
             self._engine.check_array(array, where, writable=True)
-            param = self._params[index]
-            if array.shape != param.shape:
-                raise ValueError(f"{where} has shape {array.shape}, its param has shape {param.shape}")
-            storage = "float32" if name == MASTER else self.state_storage(index)
-            if self._engine.storage_name(array.dtype) != storage:
-                raise TypeError(f"{where} has dtype {array.dtype}; this buffer is stored as {storage}")
+            shape, dtype = self._buffer_spec(index, name)
+            if array.shape != shape:
+                raise ValueError(f"{where} has shape {array.shape}; this buffer has shape {shape}")
+            if np.dtype(array.dtype) != dtype:
+                raise TypeError(f"{where} has dtype {array.dtype}; this buffer is stored as {dtype}")
             states = [dict(state) for state in self.state]
             states[index][name] = array
             self._build_layout(states)  # raises if the array shares memory with another buffer
             self._frozen_layout = None
         return check
+
+    def _buffer_spec(self, index, name):
+        """(shape, NumPy dtype as the engine holds it) of param ``index``'s buffer ``name``: a state in its storage
+        (8-bit codes: uint8), the block scales of an 8-bit state, or the float32 master copy."""
+        param = self._params[index]
+        if name.endswith(SCALES_SUFFIX) and name not in self.STATE_SLOTS:
+            return (quantization.block_count(param.size),), np.dtype(np.float32)
+        if name == MASTER:
+            storage = "float32"
+        elif self.coded(index, name) is not None:
+            return param.shape, np.dtype(np.uint8)
+        else:
+            storage = self.state_storage(index)
+        return param.shape, np.dtype(self._engine.storage_dtype(storage))
 
     # ---------------------------------------------------------------- the rule
     @classmethod
@@ -471,7 +510,8 @@ class Optimizer:
         position = 0
         for group in self.param_groups:
             for state in self.state[position:position + len(group["params"])]:
-                names = self.state_names(group) + ((MASTER,) if self.has_master(position) else ())
+                names = self.buffer_names(position, self.state_names(group)) + \
+                    ((MASTER,) if self.has_master(position) else ())
                 missing = [name for name in names if name not in state]
                 if missing:
                     self._missing_state[position] = missing
@@ -500,9 +540,21 @@ class Optimizer:
         self._allocate_state(self._params)
 
     def _new_buffer(self, index, name, ordinal):
-        """A state buffer of param ``index``: zeros in its state storage, or for the master copy the param's
-        value in float32."""
+        """A state buffer of param ``index``: zeros in its state storage (8-bit: zero codes and scales, zero blocks),
+        a rule's initial value (encoded, in 8 bits), or for the master copy the param's value in float32."""
         param = self._params[index]
+        scales_of = name[:-len(SCALES_SUFFIX)] if name.endswith(SCALES_SUFFIX) else None
+        coded = self.coded(index, scales_of or name)
+        if coded is not None:
+            shape, dtype = self._buffer_spec(index, name)
+            buffer = self._engine.allocate_buffer(shape, dtype, ordinal)
+            initial = self.initial_state(scales_of or name, self._group_of(index))
+            if initial is PARAM_VALUE:
+                raise TypeError(f"{type(self).__name__}: state {name!r} starts as its param and cannot be 8-bit")
+            if initial != 0:
+                codes, scales = quantization.quantize(np.full(param.size, initial, dtype=np.float32), coded)
+                self._engine.copy_from_numpy(buffer, scales if scales_of else codes.reshape(param.shape))
+            return buffer
         if name == MASTER:
             master = self._engine.allocate_state(param, ordinal, "float32")
             self._engine.copy_widened(master, param)
@@ -702,7 +754,6 @@ class Optimizer:
         buffers = []  # per param: {name: array in the buffer's storage dtype}
         for position, saved_index in enumerate(order):
             entry = saved_state.get(saved_index, saved_state.get(str(saved_index), {}))
-            param = self._params[position]
             converted = {}
             for name, value in entry.items():
                 where = f"state of param {position}"
@@ -712,16 +763,14 @@ class Optimizer:
                 if name in self.SCALARS:
                     scalars[position, self.SCALARS.index(name)] = self.scalar(value, f"{where}: {name}")
                     continue
+                if name.endswith(SCALES_SUFFIX) and name[:-len(SCALES_SUFFIX)] in self.STATE_SLOTS:
+                    if name[:-len(SCALES_SUFFIX)] not in entry:
+                        raise ValueError(f"{where} has {name!r} but no {name[:-len(SCALES_SUFFIX)]!r}: block scales "
+                                         "without their codes")
+                    continue  # read with its codes
                 if name not in self.STATE_SLOTS and not (name == MASTER and self.has_master(position)):
                     raise ValueError(f"{where} has unknown buffer {name!r}")
-                value = np.asarray(value)
-                if value.shape != param.shape:
-                    raise ValueError(f"{where}: {name!r} has shape {value.shape}, the param has shape {param.shape}")
-                if dtypes.storage_name(value.dtype) is None:
-                    raise TypeError(f"{where}: {name!r} has dtype {value.dtype}; state is float64, float32, bfloat16 "
-                                    "or float16")
-                storage = "float32" if name == MASTER else self.state_storage(position)
-                converted[name] = value.astype(dtypes.numpy_dtype(storage))
+                converted.update(self._loaded_buffers(position, name, value, entry.get(name + SCALES_SUFFIX), where))
             buffers.append(converted)
         # A param that has stepped needs every buffer its group's (loaded) hyperparameters use: a missing one would
         # restart from zeros under a step count that says otherwise (torch raises KeyError at the next step).
@@ -760,6 +809,54 @@ class Optimizer:
         self._backend = self._engine(self._layout())
         self._backend.set_tensor_steps(steps)
         self._backend.set_tensor_scalars(scalars)
+
+    def _loaded_buffers(self, index, name, value, scales, where):
+        """{buffer name: NumPy array as the buffer stores it} for state ``name`` of param ``index`` from a state dict:
+        ``value`` with its block ``scales`` where it was saved in 8 bits (uint8 codes), else as floats. Values are
+        converted to how this optimizer stores the state (8-bit states quantized, 8-bit ones decoded where this
+        optimizer keeps floats); ValueError/TypeError for a wrong shape, dtype or scale count."""
+        param = self._params[index]
+        value = np.asarray(value)
+        if value.shape != param.shape:
+            raise ValueError(f"{where}: {name!r} has shape {value.shape}, the param has shape {param.shape}")
+        signed = quantization.STATE_SIGNED.get(name)
+        if scales is not None:  # saved in 8 bits
+            scales = np.asarray(scales)
+            if value.dtype != np.uint8:
+                raise TypeError(f"{where}: {name!r} has {name + SCALES_SUFFIX!r}, so it holds 8-bit codes, which must "
+                                f"be uint8; got dtype {value.dtype}")
+            if scales.dtype != np.float32:
+                raise TypeError(f"{where}: {name + SCALES_SUFFIX!r} must be float32, got dtype {scales.dtype}")
+            blocks = quantization.block_count(value.size)
+            if scales.shape != (blocks,):
+                raise ValueError(f"{where}: {name + SCALES_SUFFIX!r} has shape {scales.shape}; {value.size} codes in "
+                                 f"blocks of {quantization.BLOCK} need {blocks} scales")
+            if signed is None:
+                raise ValueError(f"{where}: {name!r} is never stored in 8 bits")
+            if self.coded(index, name) == signed:
+                return {name: value.reshape(param.shape), name + SCALES_SUFFIX: scales}
+            value = quantization.dequantize(value.reshape(-1), scales, signed).reshape(param.shape)
+        elif dtypes.storage_name(value.dtype) is None:
+            raise TypeError(f"{where}: {name!r} has dtype {value.dtype}; state is float64, float32, bfloat16 or "
+                            f"float16 (or uint8 codes with their {name + SCALES_SUFFIX!r})")
+        if name != MASTER and self.coded(index, name) is not None:
+            codes, scales = quantization.quantize(value, self.coded(index, name))
+            return {name: codes.reshape(param.shape), name + SCALES_SUFFIX: scales}
+        storage = "float32" if name == MASTER else self.state_storage(index)
+        return {name: value.astype(dtypes.numpy_dtype(storage))}
+
+    def float32_state_dict(self):
+        """:meth:`state_dict` with every 8-bit state decoded to float32 (its ``_absmax`` scales dropped): torch's
+        state layout, which ``torch.optim`` optimizers load (through ``fastopt.torch``'s twin of this method), as
+        does any fastopt optimizer (which encodes it again if it keeps 8-bit states)."""
+        state_dict = self.state_dict()
+        for entry in state_dict["state"].values():
+            for name in self.STATE_SLOTS:
+                scales = entry.pop(name + SCALES_SUFFIX, None)
+                if scales is not None:
+                    entry[name] = quantization.dequantize(entry[name].reshape(-1), scales,
+                                                          quantization.STATE_SIGNED[name]).reshape(entry[name].shape)
+        return state_dict
 
     # ---------------------------------------------------------------- copies
     def __getstate__(self):

@@ -69,7 +69,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK = 256
+from .kernels.cpu import layout as kernel_layout
+
+BLOCK = kernel_layout.CODE_BLOCK  # 256
 MIN_8BIT_SIZE = 4096
 MANTISSA_BITS = 3
 SMALLEST_SCALE = np.float32(2.0 ** -126)  # a block whose absmax is below it (zero or subnormal) is stored as zero

@@ -64,3 +64,13 @@ def __getattr__(name):
     if name in REFERENCES:
         return REFERENCES[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def as_stored(values, name, state_dtype):
+    """float64 ``values`` of state ``name`` as they read back once stored in ``state_dtype``: rounded to the dtype, or
+    for "8bit" rounded to float32, encoded and decoded (:mod:`fastopt.quantization`, the state's map), in float64."""
+    if isinstance(state_dtype, str) and state_dtype == "8bit":
+        from . import quantization
+        return quantization.round_trip(np.asarray(values, dtype=np.float64).astype(np.float32),
+                                       quantization.STATE_SIGNED[name]).astype(np.float64)
+    return round_to_storage(values, state_dtype).astype(np.float64)

@@ -248,7 +248,7 @@ def scenario_torch_optim_parity(ctx):
 def scenario_schedule_free(ctx):
     """fastopt.torch's schedule-free AdamW and SGD sharded, with warmup and two groups, through eval()/train() switches,
     against the schedulefree package on the averaged grads (the params, at the evaluation point); LAMB, whose trust
-    ratio needs the norms of whole tensors, is refused."""
+    ratio needs the norms of whole tensors, is refused, and so are 8-bit states (not sharded yet)."""
     import fastopt.torch as ft
     from fastopt.torch.distributed import ShardedOptimizer
 
@@ -276,6 +276,11 @@ def scenario_schedule_free(ctx):
         ctx.check(False, "ShardedOptimizer took LAMB")
     except TypeError as error:
         ctx.check("norms of whole tensors" in str(error), f"LAMB refused with: {error}")
+    try:
+        ShardedOptimizer(make_params(), ft.AdamW, state_dtype="8bit")
+        ctx.check(False, "ShardedOptimizer took 8-bit states")
+    except NotImplementedError as error:
+        ctx.check("state_dtype='8bit'" in str(error), f"8-bit states refused with: {error}")
 
 
 def scenario_grads_averaged_and_clipping(ctx):

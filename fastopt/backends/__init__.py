@@ -84,7 +84,7 @@ def _data_pointer(array):
 _compiled_data_pointer = None  # _data_pointer compiled on first use (importing the schedules alone needs no Numba)
 # ``__array_interface__`` builds a dict per call (2 us here, the largest per-tensor cost of a step): Numba reads the
 # pointer in 0.4 us. It takes the dtypes below; 16-bit floats are read through their integer bits.
-_POINTER_DTYPES = {np.dtype(dtype): np.dtype(dtype) for dtype in (np.float64, np.float32, np.uint16, np.int16)}
+_POINTER_DTYPES = {np.dtype(dtype): np.dtype(dtype) for dtype in (np.float64, np.float32, np.uint16, np.int16, np.uint8)}
 _POINTER_DTYPES[np.dtype(np.float16)] = np.dtype(np.int16)
 if dtypes.BFLOAT16 is not None:
     _POINTER_DTYPES[dtypes.BFLOAT16] = np.dtype(np.uint16)
@@ -134,15 +134,26 @@ class HostArrays:
         (NumPy's large arrays start 16 bytes past one, which cost up to 20% bandwidth here) and staggered by a few
         lines per buffer: equal-sized buffers that all begin at the same page offset alias in the cache and lose
         bandwidth."""
-        dtype = dtypes.numpy_dtype(storage)
-        itemsize = dtype.itemsize
-        spare = (64 + (ordinal % 16) * 256) // itemsize
-        base = np.zeros(param.size + spare, dtype=dtype)
-        start = (-base.__array_interface__["data"][0] % 64) // itemsize + (ordinal % 16) * 256 // itemsize
-        buffer = base[start:start + param.size].reshape(param.shape)
+        buffer = HostArrays.allocate_buffer(param.shape, dtypes.numpy_dtype(storage), ordinal)
         if value != 0:
             buffer.fill(value)
         return buffer
+
+    @staticmethod
+    def storage_dtype(storage):
+        """The NumPy dtype of this engine's buffers stored as ``storage`` (a storage name)."""
+        return dtypes.numpy_dtype(storage)
+
+    @staticmethod
+    def allocate_buffer(shape, dtype, ordinal):
+        """A zeroed buffer of ``shape`` and ``dtype`` (8-bit codes, block scales), aligned and staggered as
+        ``allocate_state``'s."""
+        dtype = np.dtype(dtype)
+        size = math.prod(shape)
+        spare = (64 + (ordinal % 16) * 256) // dtype.itemsize
+        base = np.zeros(size + spare, dtype=dtype)
+        start = (-base.__array_interface__["data"][0] % 64) // dtype.itemsize + (ordinal % 16) * 256 // dtype.itemsize
+        return base[start:start + size].reshape(shape)
 
     @staticmethod
     def copy_widened(target, source):

@@ -27,6 +27,9 @@ kernel_cache.name_kernels((_blend.parallel, _blend.serial), "train/eval", kind="
 # The element type the kernels see for each storage (Numba has no 16-bit floats).
 _KERNEL_DTYPES = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.int16), "float32": np.dtype(np.float32),
                   "float64": np.dtype(np.float64)}
+# The element type the kernels see for 8-bit codes: the map's signedness (kernels/cpu/codes.py), by Layout.coded.
+_CODE_DTYPES = {True: np.dtype(np.int8), False: np.dtype(np.uint8)}
+_SCALES_DTYPE = np.dtype(np.float32)
 
 
 def _address(array):
@@ -59,7 +62,8 @@ class _DtypeBucket:
         self.kernel = kernels[1] if serial else ParallelKernel(*kernels)
         self.blend = _blend.serial if serial else _blend
         self.scratches = {self.scratch.dtype: self.scratch}
-        self.static_kinds = None  # per tensor: (param dtype, state dtype, master?, stochastic?) as the kernels see them
+        # per tensor: (param dtype, (each state slot's dtype), master?, stochastic?) as the kernels see them
+        self.static_kinds = None
         self.kinds, self.kinds_key = {}, None  # CpuBackend._kinds: {kind: positions}, and what they were found for
 
     def like(self, dtype):
@@ -89,11 +93,23 @@ class CpuBackend(HostArrays):
             fill_tensor_tables(layout, bucket.indices, bucket.addresses, bucket.tensor_group, bucket.tensor_format,
                                bucket.dtype, _address)
             bucket.static_kinds = [
-                (_KERNEL_DTYPES[layout.param_storage[index]], _KERNEL_DTYPES[layout.state_storage[index]],
+                (_KERNEL_DTYPES[layout.param_storage[index]], self._state_dtypes(layout, index),
                  layout.master[index] is not None, layout.stochastic and layout.param_storage[index] == "bfloat16")
                 for index in bucket.indices]
             bucket.kinds_key = None
         self.layout = layout
+
+    @staticmethod
+    def _state_dtypes(layout, index):
+        """The element type of each state slot of param ``index`` as the kernels see it: its storage's, or its codes'
+        where it is stored in 8 bits."""
+        plain = _KERNEL_DTYPES[layout.state_storage[index]]
+        return tuple(plain if layout.coded(index, slot) is None else _CODE_DTYPES[layout.coded(index, slot)]
+                     for slot in range(kernel_layout.STATE_SLOTS))
+
+    def _state_likes(self, bucket, state_dtypes):
+        """The kernels' ``state_likes``: a scratch array per state slot, typed as it is stored, and one for scales."""
+        return tuple(bucket.like(dtype) for dtype in state_dtypes) + (bucket.like(_SCALES_DTYPE),)
 
     def bind_grads(self, layout, grads):
         """Take this step's grads (their addresses and formats) into the tables that ``grad_control`` and ``step``
@@ -125,12 +141,13 @@ class CpuBackend(HostArrays):
         seed = np.int64(layout.seed)
         for bucket in self.buckets:
             for kind, addresses in self._kinds(bucket, grads):
-                param_dtype, state_dtype, has_master, stochastic, grad_dtype = kind
+                param_dtype, state_dtypes, has_master, stochastic, grad_dtype = kind
                 bucket.kernel(addresses, bucket.chunk_tensor, bucket.chunk_start, bucket.chunk_length,
                               bucket.tensor_group, bucket.tensor_step, bucket.tensor_scalars, groups.group_hyper,
                               groups.schedule_program, groups.schedule_base, np.int64(step_count),
                               np.float64(lr_factor), values, bucket.coefficients, bucket.chunk_norms, bucket.scratch,
-                              bucket.like(param_dtype), bucket.like(grad_dtype), bucket.like(state_dtype),
+                              bucket.like(param_dtype), bucket.like(grad_dtype),
+                              self._state_likes(bucket, state_dtypes),
                               bucket.scratch if has_master else None, seed if stochastic else None)
 
     def blend(self, layout, slot, weights):
@@ -142,14 +159,15 @@ class CpuBackend(HostArrays):
             kinds = {}
             for position, kind in enumerate(bucket.static_kinds):
                 kinds.setdefault(kind[:3], []).append(position)
-            for (param_dtype, state_dtype, has_master), positions in kinds.items():
+            for (param_dtype, state_dtypes, has_master), positions in kinds.items():
                 addresses = bucket.addresses
                 if len(kinds) > 1:
                     addresses = np.zeros_like(bucket.addresses)
                     addresses[positions] = bucket.addresses[positions]
                 bucket.blend(addresses, bucket.chunk_tensor, bucket.chunk_start, bucket.chunk_length,
                              np.int64(kernel_layout.STATE0 + slot), tensor_weight, bucket.dtype.type(1),
-                             bucket.like(param_dtype), bucket.like(state_dtype), bucket.scratch if has_master else None)
+                             bucket.like(param_dtype), bucket.like(state_dtypes[slot]),
+                             bucket.scratch if has_master else None)
 
     @staticmethod
     def _kinds(bucket, grads):

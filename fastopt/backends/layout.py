@@ -13,10 +13,11 @@ then never touch a byte another chunk writes, and a step's result does not depen
 """
 import numpy as np
 
-from .. import dtypes, schedules
+from .. import dtypes, quantization, schedules
 from ..kernels.cpu import layout as kernel_layout
 
 MASTER = "master_param"  # the state name of a 16-bit param's float32 master copy
+SCALES_SUFFIX = "_absmax"  # the state name of an 8-bit state's block scales: its own name and this
 
 
 class Layout:
@@ -26,26 +27,34 @@ class Layout:
       ``reference_step``); ``state_slots``: its ``STATE_SLOTS``.
     - ``params``, ``tensor_group`` (each param's group), ``lr_scale`` (an array or None per param), ``states`` (per
       param, one array or None per state slot), ``master`` (the float32 master copy or None).
-    - ``param_storage``, ``state_storage``: storage names ('float64', 'float32', 'bfloat16', 'float16').
+    - ``param_storage``, ``state_storage``: storage names ('float64', 'float32', 'bfloat16', 'float16'; the latter
+      of the states not stored in 8 bits).
+    - ``scales`` (per param, one array or None per state slot): where a state is stored in 8 bits
+      (:mod:`fastopt.quantization`), its block scales; its ``states`` entry then holds its uint8 codes, in the signed
+      or unsigned map as ``quantization.STATE_SIGNED`` says of its name.
     - ``stochastic``: bfloat16 params without a master are rounded stochastically, keyed by ``seed``.
     """
 
     __slots__ = ("rule", "state_slots", "params", "tensor_group", "lr_scale", "states", "master", "param_storage",
-                 "state_storage", "stochastic", "seed", "written")
+                 "state_storage", "scales", "stochastic", "seed", "written")
 
     def __init__(self, *, rule, params, tensor_group, lr_scale, states, master, param_storage, state_storage,
-                 stochastic, seed, address_of):
+                 stochastic, seed, address_of, scales=None):
+        states = tuple(tuple(row) for row in states)
         values = dict(rule=rule, state_slots=tuple(rule.STATE_SLOTS), params=tuple(params),
-                      tensor_group=tuple(tensor_group), lr_scale=tuple(lr_scale),
-                      states=tuple(tuple(row) for row in states), master=tuple(master),
+                      tensor_group=tuple(tensor_group), lr_scale=tuple(lr_scale), states=states,
+                      scales=tuple((None,) * len(row) for row in states) if scales is None else
+                      tuple(tuple(row) for row in scales), master=tuple(master),
                       param_storage=tuple(param_storage), state_storage=tuple(state_storage),
                       stochastic=bool(stochastic), seed=int(seed))
         for name, value in values.items():
             object.__setattr__(self, name, value)
         written = [(f"param {index}", param) for index, param in enumerate(self.params)]
-        for index, (row, master) in enumerate(zip(self.states, self.master)):
+        for index, (row, scales, master) in enumerate(zip(self.states, self.scales, self.master)):
             written += [(f"state {name!r} of param {index}", buffer)
                         for name, buffer in zip(self.state_slots, row) if buffer is not None]
+            written += [(f"state {name + SCALES_SUFFIX!r} of param {index}", buffer)
+                        for name, buffer in zip(self.state_slots, scales) if buffer is not None]
             written += [] if master is None else [(f"{MASTER!r} of param {index}", master)]
         object.__setattr__(self, "written", MemorySpans(written, address_of))
         scales = [(f"lr_scale of param {index}", scale) for index, scale in enumerate(self.lr_scale)
@@ -67,6 +76,13 @@ class Layout:
         for index, storage in enumerate(self.param_storage):
             by_dtype.setdefault(dtypes.math_dtype(storage), []).append(index)
         return by_dtype
+
+    def coded(self, index, slot):
+        """None if state slot ``slot`` of param ``index`` is not stored in 8 bits (or the rule has no such slot), else
+        whether its map is signed."""
+        if slot >= len(self.state_slots) or self.scales[index][slot] is None:
+            return None
+        return quantization.STATE_SIGNED[self.state_slots[slot]]
 
     def kernel_formats(self, index, math):
         """(param format, state format) codes of param ``index`` under the bucket's ``math`` dtype."""
@@ -154,15 +170,21 @@ def chunk_table(sizes, chunk):
 
 
 def fill_tensor_tables(layout, indices, addresses, tensor_group, tensor_format, math, address_of):
-    """Each tensor's group, the addresses of its param, lr_scale, state and master buffers (0 where absent) and
-    the storage formats of its param and states under the bucket's ``math`` dtype."""
+    """Each tensor's group, the addresses of its param, lr_scale, state, scales and master buffers (0 where absent),
+    the storage formats of its param and states under the bucket's ``math`` dtype and which states are 8-bit."""
     for position, index in enumerate(indices):
         tensor_group[position] = layout.tensor_group[index]
         addresses[position, kernel_layout.PARAM] = address_of(layout.params[index])
         scale = layout.lr_scale[index]
         addresses[position, kernel_layout.LR_SCALE] = 0 if scale is None else address_of(scale)
-        for slot, buffer in enumerate(layout.states[index]):
+        codes = 0
+        for slot, (buffer, scales) in enumerate(zip(layout.states[index], layout.scales[index])):
             addresses[position, kernel_layout.STATE0 + slot] = 0 if buffer is None else address_of(buffer)
+            addresses[position, kernel_layout.SCALES0 + slot] = 0 if scales is None else address_of(scales)
+            signed = layout.coded(index, slot)
+            if signed is not None:
+                codes |= (kernel_layout.CODES_8BIT | (kernel_layout.SIGNED_CODES if signed else 0)) << slot
+        tensor_format[position, kernel_layout.STATE_CODES] = codes
         master = layout.master[index]
         # An empty master has no address; -1 marks it present, as for grads (it has no chunks to read).
         addresses[position, kernel_layout.MASTER] = 0 if master is None else (address_of(master) or -1)

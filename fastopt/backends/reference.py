@@ -2,13 +2,13 @@
 
 Params and state stay in their storage dtypes between steps; each step widens them to float64, computes and
 rounds each result once to float32 and then, for 16-bit storage, once more to it, as the kernels (which compute
-in float32) do. With a master copy the update reads and writes the master and the param is its rounding.
+in float32) do; 8-bit states are decoded before and encoded after (:mod:`fastopt.quantization`). With a master copy the update reads and writes the master and the param is its rounding.
 Stochastic rounding uses the kernels' (seed, step, element) keys, computed by :func:`fastopt.reference.counter_hash`
 (an independent NumPy implementation of the kernels' hash).
 """
 import numpy as np
 
-from .. import dtypes, reference, schedules
+from .. import dtypes, quantization, reference, schedules
 from ..kernels.cpu import layout as kernel_layout
 from . import GradControl, HostArrays
 
@@ -52,11 +52,14 @@ class ReferenceBackend(HostArrays):
         rule, param, master, scale = layout.rule, layout.params[index], layout.master[index], layout.lr_scale[index]
         names = rule.state_names(group)
         buffers = {name: buffer for name, buffer in zip(layout.state_slots, layout.states[index]) if name in names}
+        # 8-bit states: {name: (scales, signed)}; their buffers hold codes.
+        coded = {name: (layout.scales[index][slot], layout.coded(index, slot))
+                 for slot, name in enumerate(layout.state_slots) if name in names and layout.coded(index, slot) is not None}
         # A tensor that has not stepped starts from its buffers as created: zeros, passed as no state (which the
         # reference reads as zeros, and SGD's momentum buffer as torch's None: it starts as the gradient), or a rule's
-        # initial value (Adagrad's), passed as stored (rounded to the buffer's storage).
+        # initial value (Adagrad's), passed as stored (rounded to the buffer's storage, or encoded).
         steps = int(self.steps[index])
-        state = {name: buffer.astype(np.float64) for name, buffer in buffers.items()
+        state = {name: self._values(buffer, coded.get(name)) for name, buffer in buffers.items()
                  if steps or rule.initial_state(name, group) != 0}
         state["step"] = steps
         state.update(zip(rule.SCALARS, self.scalars[index]))
@@ -66,14 +69,26 @@ class ReferenceBackend(HostArrays):
         unscale, clip = self.control.values[:2].astype(math)
         rule.reference_step(work, grad.astype(np.float64) * float(unscale) * float(clip), state, group, lr,
                             1.0 if scale is None else scale.astype(np.float64),
-                            state_dtype=dtypes.numpy_dtype(layout.state_storage[index]))
+                            state_dtype="8bit" if coded else dtypes.numpy_dtype(layout.state_storage[index]))
         self._store_param(layout, index, work, layout.stochastic)
         for name, buffer in buffers.items():
-            if name in state:
+            if name in coded:
+                scales, signed = coded[name]
+                codes, scales[...] = quantization.quantize(reference.round_to_storage(state[name], np.float32), signed)
+                buffer[...] = codes.reshape(buffer.shape)
+            elif name in state:
                 buffer[...] = reference.round_to_storage(state[name], buffer.dtype)
         self.scalars[index, :len(rule.SCALARS)] = [state[name] for name in rule.SCALARS]
         if rule.counts_step(group):
             self.steps[index] += 1
+
+    @staticmethod
+    def _values(buffer, coded):
+        """A state buffer's values in float64: decoded where it is 8-bit (``coded``: (its scales, signed))."""
+        if coded is None:
+            return buffer.astype(np.float64)
+        scales, signed = coded
+        return quantization.dequantize(buffer.reshape(-1), scales, signed).reshape(buffer.shape).astype(np.float64)
 
     def _store_param(self, layout, index, work, stochastic):
         """Param ``index`` (and its master) from its float64 update ``work``: the master rounded to float32 and the

@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..optimizer import Optimizer
-from ..reference import round_to_storage
+from ..reference import as_stored
 
 
 def trust_ratio(param_norm, update_norm, max_trust_ratio):
@@ -21,8 +21,8 @@ def lamb(param, grad, state, *, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0
         u = \frac{m / (1 - \beta_1^t)}{\sqrt{v / (1 - \beta_2^t)} + \epsilon} + \lambda p, \quad
         p = p - \eta s \,\mathrm{trust}\, u, \quad \mathrm{trust} = \min(\|p\| / \|u\|, \tau)
 
-    ``state_dtype``: the dtype the moments are stored in, if u is to be computed from them as stored (the kernels'
-    second pass reads them back; the reference backend passes it).
+    ``state_dtype``: the dtype the moments are stored in (or "8bit"), if u is to be computed from them as stored (the
+    kernels' second pass reads them back; the reference backend passes it).
     """
     beta1, beta2 = betas
     step = state["step"] = state.get("step", 0) + 1
@@ -30,7 +30,7 @@ def lamb(param, grad, state, *, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0
     m = beta1 * state.get("exp_avg", 0.0) + (1 - beta1) * g
     v = beta2 * state.get("exp_avg_sq", 0.0) + (1 - beta2) * g * g
     if state_dtype is not None:
-        m, v = (round_to_storage(moment, state_dtype).astype(np.float64) for moment in (m, v))
+        m, v = as_stored(m, "exp_avg", state_dtype), as_stored(v, "exp_avg_sq", state_dtype)
     state["exp_avg"], state["exp_avg_sq"] = m, v
     if bias_correction:
         m, v = m / (1 - beta1 ** step), v / (1 - beta2 ** step)

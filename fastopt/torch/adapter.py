@@ -21,7 +21,8 @@ import numba
 import numpy as np
 import torch
 
-from .. import dtypes, interrupts, schedules
+from .. import dtypes, interrupts, quantization, schedules
+from ..backends.layout import SCALES_SUFFIX
 from ..backends import processes
 from ..optimizer import Optimizer
 from ..serialization import decode, encode
@@ -29,7 +30,7 @@ from . import dtensor
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Keyword options of the fastopt core that the torch classes take beyond torch's signature (mixed precision).
-CORE_OPTIONS = ("master_weights", "state_dtype", "rounding", "seed", "max_grad_norm")
+CORE_OPTIONS = ("master_weights", "state_dtype", "rounding", "seed", "max_grad_norm", "min_8bit_size")
 
 
 def _plain(value):
@@ -183,8 +184,11 @@ class TorchOptimizer(torch.optim.Optimizer):
       param learns at ``lr * lr_scale[j]``.
     - Params may be float32, float64, bfloat16 or float16 (grads: the param's dtype or float32), contiguous, all on
       one device (the CPU or one CUDA device). The core's mixed-precision options are keywords of every class:
-      ``master_weights``, ``state_dtype``, ``rounding``, ``seed`` and ``max_grad_norm`` (see
-      :class:`fastopt.Optimizer`); ``state[p]`` then shows ``master_param`` and the states in their storage dtype.
+      ``master_weights``, ``state_dtype``, ``rounding``, ``seed``, ``max_grad_norm`` and ``min_8bit_size`` (see
+      :class:`fastopt.Optimizer`); ``state[p]`` then shows ``master_param`` and the states in their storage dtype
+      (8-bit states: uint8 codes, and their block scales as ``<name>_absmax``). Their ``state_dict`` keeps that
+      form (a quarter of float32's size); :meth:`float32_state_dict` exports float32 states that ``torch.optim``
+      loads, and a ``torch.optim`` checkpoint loads into an 8-bit optimizer encoded.
     - ``torch.amp.GradScaler`` hands its scale to the step (``_step_supports_amp_scaling``): the kernel unscales
       the grads, checks them for NaN/inf in the same read as the ``max_grad_norm`` clip, and skips the step if any
       (the scaler's own check decides its scale update, as with torch's fused optimizers). The scaler's
@@ -339,6 +343,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             core = core_class([self._core_group(group, views, f"param_groups[{index}]")
                                for index, group in enumerate(self.param_groups)], **self._core_options)
         core.grad_reduction = getattr(views, "grad_reduction", None)  # DTensors: clip and skip on global grads
+        if core.grad_reduction is not None and core.state_dtype == "8bit":
+            raise NotImplementedError(f"{type(self).__name__}(state_dtype='8bit') over sharded DTensor params: the "
+                                      "block scales of a shard's 8-bit states are not laid out as DTensors yet; use "
+                                      "state_dtype='float32' or 'bfloat16' with FSDP2")
         if core.grad_reduction is not None and not core.ELEMENTWISE:
             raise NotImplementedError(f"{type(self).__name__} over sharded DTensor params: its update needs the norms of "
                                       "whole tensors, and each rank holds shards of them")
@@ -544,6 +552,19 @@ class TorchOptimizer(torch.optim.Optimizer):
             if isinstance(lr, schedules.Schedule):
                 group["lr"] = float(lr(step_count))
                 group["fastopt_schedule"] = {"schedule": encode(lr), "step_count": step_count}
+        return state_dict
+
+    def float32_state_dict(self):
+        """:meth:`state_dict` with every 8-bit state decoded into a float32 tensor on its param's device and its
+        ``_absmax`` scales dropped: the checkpoint of the ``torch.optim`` class of the same name, which loads it."""
+        state_dict = self.state_dict()
+        for key, entry in state_dict["state"].items():
+            entry = state_dict["state"][key] = dict(entry)  # torch's state_dict shares the entries of self.state
+            for name in [name for name in entry if name + SCALES_SUFFIX in entry]:
+                codes, scales = entry.pop(name), entry.pop(name + SCALES_SUFFIX)
+                values = quantization.dequantize(codes.detach().cpu().numpy().reshape(-1),
+                                                 scales.detach().cpu().numpy(), quantization.STATE_SIGNED[name])
+                entry[name] = torch.from_numpy(values.reshape(tuple(codes.shape))).to(codes.device)
         return state_dict
 
     def load_state_dict(self, state_dict):

@@ -142,6 +142,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if core is not None and not core.ELEMENTWISE:
             raise TypeError(f"ShardedOptimizer cannot shard {optimizer_class.__name__}: its update needs the norms of "
                             "whole tensors, and the shards cut tensors between ranks")
+        if defaults.get("state_dtype") == "8bit":
+            raise NotImplementedError("ShardedOptimizer with state_dtype='8bit': the 8-bit blocks and the size "
+                                      "threshold would have to follow whole tensors across the shard cuts; use "
+                                      "state_dtype='float32' or 'bfloat16' when sharding")
         if guard is not None and not isinstance(guard, Guard):
             raise TypeError(f"guard must be a fastopt.Guard or None, got {type(guard).__name__}")
         if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))

@@ -23,9 +23,13 @@ Mixed precision: the element type of each stream's array says how it is stored (
 math dtype of the bucket (the coefficients' dtype). A float32 MASTER copy of a 16-bit param, where there is one,
 is the param the math reads and writes, and the 16-bit param is written as its rounding (``param_out``);
 without one, a bfloat16 param may be rounded stochastically (``seed``, keyed by (seed, step, (tensor << 40) +
-element)). The kernels take one typed scratch array per stream kind (``param_like``, ``grad_like``,
-``state_like``, ``master_like``), so each combination of storage formats compiles, on first use, into loops with
-no per-element branches: the float32 and float64 steps are the same code as without mixed precision.
+element)). A state slot may instead be stored in 8 bits (codes.py: fastopt.quantization's format; int8 codes for
+a signed map, uint8 for an unsigned one, its block scales in the slot's SCALES address): the loops then walk the
+chunk in blocks of CODE_BLOCK elements, decode each code as it is read and encode each block once against its new
+absmax, so the states are still read and written once. The kernels take one typed scratch array per stream kind
+(``param_like``, ``grad_like``, ``state_likes``: one per state slot and a float32 one for the block scales,
+``master_like``), so each combination of storage formats compiles, on first use, into loops with no per-element
+branches: the float32 and float64 steps are the same code as without mixed precision.
 """
 import functools
 import hashlib
@@ -37,29 +41,20 @@ import numba
 import numpy as np
 from numba import prange
 from numba import types as numba_types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
+from .codes import block_length, finish_state, load_state, state_view, store_state
 from .conversions import float32_to_bfloat16_stochastic, load, store, widen_bits
 from .jit import jit, parallel_jit, reduction_jit, serial_twin
 from .schedule_math import schedule_value
 from .element_math import lerp
-from .layout import (CHUNK, COEFFICIENT_GRAD_CLIP, COEFFICIENT_GRAD_UNSCALE, COUNTS_STEP, FLOAT32, GRAD, GRAD_CLIP,
-                     GRAD_FORMAT, GRAD_UNSCALE, LIVE_STATES, LR_SCALE, MASTER, MAXIMIZE, NATIVE, NORM_PARAM, NORM_UPDATE,
-                     PARAM, SKIP, STATE0, STATE1, STATE2)
+from .views import address_as_pointer, window
+from .layout import (CHUNK, CODE_BLOCK, COEFFICIENT_GRAD_CLIP, COEFFICIENT_GRAD_UNSCALE, COUNTS_STEP, FLOAT32, GRAD,
+                     GRAD_CLIP, GRAD_FORMAT, GRAD_UNSCALE, LIVE_STATES, LR_SCALE, MASTER, MAXIMIZE, NATIVE, NORM_PARAM,
+                     NORM_UPDATE, PARAM, SCALES0, SKIP, STATE0)
 
 # Elements per strip of 16-bit grads widened to float32 for the norm (a strip stays in L1).
 STRIP = 1024
-
-@intrinsic
-def address_as_pointer(typingctx, address, like):
-    """Reinterpret an int64 address as a pointer to ``like``'s element type."""
-    signature = numba_types.CPointer(like.dtype)(address, like)
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-
-    return signature, codegen
-
 
 @jit
 def stream(addresses, tensor, slot, start, length, scratch):
@@ -86,10 +81,38 @@ def storage_stream(addresses, tensor, slot, start, length, like):
     return numba.carray(address_as_pointer(address, like), length)
 
 
-@jit
-def window(array, offset, length):
-    """``array[offset:offset + length]`` as a contiguous array (see ``stream``)."""
-    return numba.carray(address_as_pointer(array.ctypes.data + offset * array.itemsize, array), length)
+def state_stream(addresses, tensor, slot, start, length, like, scales_like):
+    """Elements [start, start + length) of state slot ``slot``'s stream (see codes.py): its buffer typed as ``like``'s
+    elements, or for a slot stored in 8 bits (``like`` int8 or uint8 codes) the tuple (codes, the scales of the
+    chunk's blocks, a float32 strip of one block). The chunk starts at a multiple of CODE_BLOCK."""
+    raise NotImplementedError("fastopt.kernels.cpu.fused.state_stream is compiled only")
+
+
+@overload(state_stream, jit_options=dict(cache=True))
+def _state_stream(addresses, tensor, slot, start, length, like, scales_like):
+    if like.dtype in (numba_types.int8, numba_types.uint8):
+        def coded(addresses, tensor, slot, start, length, like, scales_like):
+            blocks = (length + CODE_BLOCK - 1) // CODE_BLOCK
+            return (stream(addresses, tensor, STATE0 + slot, start, length, like),
+                    stream(addresses, tensor, SCALES0 + slot, start // CODE_BLOCK, blocks, scales_like),
+                    np.empty(CODE_BLOCK, dtype=np.float32))
+        return coded
+
+    def plain(addresses, tensor, slot, start, length, like, scales_like):
+        return stream(addresses, tensor, STATE0 + slot, start, length, like)
+    return plain
+
+
+def part_of(stream, offset, length):
+    """``window(stream, offset, length)``, or None for an absent optional stream (None)."""
+    raise NotImplementedError("fastopt.kernels.cpu.fused.part_of is compiled only")
+
+
+@overload(part_of, jit_options=dict(cache=True))
+def _part_of(stream, offset, length):
+    if isinstance(stream, numba_types.NoneType):
+        return lambda stream, offset, length: None
+    return lambda stream, offset, length: window(stream, offset, length)
 
 
 @jit
@@ -270,35 +293,53 @@ def update_loop(has_lr_scale, live0, live1, live2, streams):
     literals (one loop per combination, each without a per-element branch, so each vectorises); an absent stream's
     placeholder is the grad. ``streams``: (param, param_out, grad, lr_scale, state0, state1, state2, coefficient row,
     maximize, and the stochastic rounding's seed, step and first element), a tuple rather than star-args, which
-    Numba types without the literals. Returns no sums (those of the NORMS pass)."""
+    Numba types without the literals. The chunk is walked in blocks (codes.block_length: the whole chunk, or with
+    8-bit states CODE_BLOCK elements, each block's states decoded as read and encoded once after its loop), over
+    windows indexed from 0. Returns no sums (those of the NORMS pass)."""
     param, param_out, grad, lr_scale, state0, state1, state2, row, maximize, seed, step, first_element = streams
     c = coefficient_values(row)
     grad_unscale = row[COEFFICIENT_GRAD_UNSCALE]
     grad_clip = row[COEFFICIENT_GRAD_CLIP]
-    for i in range(param.shape[0]):
-        g = unscaled_grad(load(grad, i), grad_unscale, grad_clip, maximize)
-        scale = lr_scale[i] if has_lr_scale else g
-        s0 = load(state0, i) if live0 else g
-        s1 = load(state1, i) if live1 else g
-        s2 = load(state2, i) if live2 else g
-        p, s0, s1, s2 = rule_element(load(param, i), g, s0, s1, s2, scale, has_lr_scale, live0, live1, live2, c)
-        write_param(param, param_out, i, p, seed, step, first_element)
+    block = block_length(state0, state1, state2, param.shape[0])
+    for offset in range(0, param.shape[0], block):
+        length = min(block, param.shape[0] - offset)
+        param_part, param_out_part = window(param, offset, length), part_of(param_out, offset, length)
+        grad_part, scale_part = window(grad, offset, length), window(lr_scale, offset, length)
+        view0, view1, view2 = state_view(state0, offset, length), state_view(state1, offset, length), \
+            state_view(state2, offset, length)
+        for i in range(length):
+            g = unscaled_grad(load(grad_part, i), grad_unscale, grad_clip, maximize)
+            scale = scale_part[i] if has_lr_scale else g
+            s0 = load_state(view0, i) if live0 else g
+            s1 = load_state(view1, i) if live1 else g
+            s2 = load_state(view2, i) if live2 else g
+            p, s0, s1, s2 = rule_element(load(param_part, i), g, s0, s1, s2, scale, has_lr_scale, live0, live1, live2,
+                                         c)
+            write_param(param_part, param_out_part, i, p, seed, step, first_element + offset)
+            if live0:
+                store_state(view0, i, s0)
+            if live1:
+                store_state(view1, i, s1)
+            if live2:
+                store_state(view2, i, s2)
         if live0:
-            store(state0, i, s0)
+            finish_state(state0, view0, offset)
         if live1:
-            store(state1, i, s1)
+            finish_state(state1, view1, offset)
         if live2:
-            store(state2, i, s2)
+            finish_state(state2, view2, offset)
     return 0.0, 0.0
 
 
 def norm_loop(has_lr_scale, live0, live1, live2, streams):
     """The first pass of a rule with per-tensor norms over one chunk: the states updated from the grad (read and
     written once, the param read once), and the chunk's sums of squares of the param and of the rule's update
-    direction returned. The direction is computed from the states as stored (16-bit states rounded), exactly as the
-    APPLY pass recomputes it from them; the direction goes through a strip in L1, and ``sum_of_squares`` reads it and
-    the strip's params, as a running float64 sum in this loop would be a chain of dependent additions. The loop runs over windows of the
-    streams indexed from 0: indexed ``offset + k`` instead, LLVM did not vectorise it (3x slower, measured)."""
+    direction returned. The direction is computed from the states as stored (16-bit states rounded, 8-bit ones
+    encoded), exactly as the APPLY pass recomputes it from them: block by block (a strip, or an 8-bit block), the
+    moments are updated and stored, then the direction is formed from the block as stored into a strip in L1, and
+    ``sum_of_squares`` reads it and the block's params (a running float64 sum in this loop would be a chain of
+    dependent additions). The loops run over windows indexed from 0: indexed ``offset + k`` instead, LLVM did not
+    vectorise them (3x slower, measured)."""
     param, param_out, grad, lr_scale, state0, state1, state2, row, maximize, seed, step, first_element = streams
     c = coefficient_values(row)
     grad_unscale = row[COEFFICIENT_GRAD_UNSCALE]
@@ -306,28 +347,39 @@ def norm_loop(has_lr_scale, live0, live1, live2, streams):
     strip = np.empty((1, STRIP), dtype=row.dtype)
     param_sum = 0.0
     update_sum = 0.0
-    for offset in range(0, param.shape[0], STRIP):
-        length = min(STRIP, param.shape[0] - offset)
+    block = block_length(state0, state1, state2, STRIP)
+    for offset in range(0, param.shape[0], block):
+        length = min(block, param.shape[0] - offset)
         updates = strip_row(strip, 0, length)
         param_part, grad_part = window(param, offset, length), window(grad, offset, length)
-        part0, part1, part2 = window(state0, offset, length), window(state1, offset, length), \
-            window(state2, offset, length)
+        view0, view1, view2 = state_view(state0, offset, length), state_view(state1, offset, length), \
+            state_view(state2, offset, length)
         for i in range(length):
             g = unscaled_grad(load(grad_part, i), grad_unscale, grad_clip, maximize)
-            p = load(param_part, i)
-            s0 = load(part0, i) if live0 else g
-            s1 = load(part1, i) if live1 else g
-            s2 = load(part2, i) if live2 else g
-            s0, s1, s2 = rule_moments(p, g, s0, s1, s2, live0, live1, live2, c)
+            s0 = load_state(view0, i) if live0 else g
+            s1 = load_state(view1, i) if live1 else g
+            s2 = load_state(view2, i) if live2 else g
+            s0, s1, s2 = rule_moments(load(param_part, i), g, s0, s1, s2, live0, live1, live2, c)
             if live0:
-                store(part0, i, s0)
-                s0 = load(part0, i)
+                store_state(view0, i, s0)
             if live1:
-                store(part1, i, s1)
-                s1 = load(part1, i)
+                store_state(view1, i, s1)
             if live2:
-                store(part2, i, s2)
-                s2 = load(part2, i)
+                store_state(view2, i, s2)
+        if live0:
+            finish_state(state0, view0, offset)
+            view0 = state_view(state0, offset, length)  # as stored: an 8-bit block's new scale
+        if live1:
+            finish_state(state1, view1, offset)
+            view1 = state_view(state1, offset, length)
+        if live2:
+            finish_state(state2, view2, offset)
+            view2 = state_view(state2, offset, length)
+        for i in range(length):
+            p = load(param_part, i)
+            s0 = load_state(view0, i) if live0 else p
+            s1 = load_state(view1, i) if live1 else p
+            s2 = load_state(view2, i) if live2 else p
             updates[i] = rule_direction(p, s0, s1, s2, live0, live1, live2, c)
         param_sum += sum_of_squares(param_part)  # read again while in L1
         update_sum += sum_of_squares(updates)
@@ -340,14 +392,22 @@ def apply_loop(has_lr_scale, live0, live1, live2, streams):
     more buffer written and read), and the param moved by the rule's ``apply`` with the tensor's ratio in ``c``."""
     param, param_out, grad, lr_scale, state0, state1, state2, row, maximize, seed, step, first_element = streams
     c = coefficient_values(row)
-    for i in range(param.shape[0]):
-        p = load(param, i)
-        s0 = load(state0, i) if live0 else p
-        s1 = load(state1, i) if live1 else p
-        s2 = load(state2, i) if live2 else p
-        scale = lr_scale[i] if has_lr_scale else p
-        update = rule_direction(p, s0, s1, s2, live0, live1, live2, c)
-        write_param(param, param_out, i, rule_apply(p, update, scale, has_lr_scale, c), seed, step, first_element)
+    block = block_length(state0, state1, state2, param.shape[0])
+    for offset in range(0, param.shape[0], block):
+        length = min(block, param.shape[0] - offset)
+        param_part, param_out_part = window(param, offset, length), part_of(param_out, offset, length)
+        scale_part = window(lr_scale, offset, length)
+        view0, view1, view2 = state_view(state0, offset, length), state_view(state1, offset, length), \
+            state_view(state2, offset, length)
+        for i in range(length):
+            p = load(param_part, i)
+            s0 = load_state(view0, i) if live0 else p
+            s1 = load_state(view1, i) if live1 else p
+            s2 = load_state(view2, i) if live2 else p
+            scale = scale_part[i] if has_lr_scale else p
+            update = rule_direction(p, s0, s1, s2, live0, live1, live2, c)
+            write_param(param_part, param_out_part, i, rule_apply(p, update, scale, has_lr_scale, c), seed, step,
+                        first_element + offset)
     return 0.0, 0.0
 
 
@@ -377,7 +437,8 @@ def run_chunk(has_lr_scale, live, streams):
 
 
 def one_chunk(chunk, addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, group_hyper, optimizer_step,
-              coefficients, chunk_norms, scratch, param_like, grad_like, state_like, master_like, seed):
+              coefficients, chunk_norms, scratch, param_like, grad_like, state_like0, state_like1, state_like2, scales_like,
+              master_like, seed):
     """Chunk ``chunk`` of the pass, if its tensor has a grad; the NORMS pass writes the chunk's sums into
     ``chunk_norms``."""
     tensor = chunk_tensor[chunk]
@@ -390,9 +451,9 @@ def one_chunk(chunk, addresses, chunk_tensor, chunk_start, chunk_length, tensor_
     live = np.int64(hyper[LIVE_STATES])
     streams = (param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
                stream(addresses, tensor, LR_SCALE, start, length, scratch),
-               stream(addresses, tensor, STATE0, start, length, state_like),
-               stream(addresses, tensor, STATE1, start, length, state_like),
-               stream(addresses, tensor, STATE2, start, length, state_like), coefficients[tensor],
+               state_stream(addresses, tensor, 0, start, length, state_like0, scales_like),
+               state_stream(addresses, tensor, 1, start, length, state_like1, scales_like),
+               state_stream(addresses, tensor, 2, start, length, state_like2, scales_like), coefficients[tensor],
                hyper[MAXIMIZE] != 0, seed, optimizer_step, (np.int64(tensor) << np.int64(40)) + start)
     if addresses[tensor, LR_SCALE] != 0:
         sums = run_chunk_of_phase(True, live, streams)
@@ -405,7 +466,7 @@ def one_chunk(chunk, addresses, chunk_tensor, chunk_start, chunk_length, tensor_
 
 def rule_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, tensor_scalars,
               group_hyper, schedule_program, schedule_base, optimizer_step, lr_factor, grad_control, coefficients,
-              chunk_norms, scratch, param_like, grad_like, state_like, master_like, seed):
+              chunk_norms, scratch, param_like, grad_like, state_likes, master_like, seed):
     """One step of the rule over every tensor of one math dtype (state slots STATE0..STATE2: the rule's
     ``STATE_SLOTS``): one parallel pass, or for a rule with per-tensor norms two, with the norms added up between
     them chunk by chunk in order (the same totals for any thread count). A tensor's step count advances where its
@@ -423,8 +484,11 @@ def rule_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, 
                           coefficients[tensor])
         coefficients[tensor, COEFFICIENT_GRAD_UNSCALE] = grad_control[GRAD_UNSCALE]
         coefficients[tensor, COEFFICIENT_GRAD_CLIP] = grad_control[GRAD_CLIP]
+    # The state likes travel unpacked: a parallel region takes arrays and scalars, not a tuple of arrays.
+    state_like0, state_like1, state_like2, scales_like = state_likes
     tables = (addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, group_hyper, optimizer_step,
-              coefficients, chunk_norms, scratch, param_like, grad_like, state_like, master_like, seed)
+              coefficients, chunk_norms, scratch, param_like, grad_like, state_like0, state_like1, state_like2,
+              scales_like, master_like, seed)
     if RULE_NORMS:
         for chunk in prange(chunk_tensor.shape[0]):
             norm_chunk(chunk, *tables)

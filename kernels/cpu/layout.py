@@ -26,14 +26,21 @@ CHUNK = 1 << 16
 SERIAL_BELOW = 4 * CHUNK
 
 # Address-table slots shared by all optimizers. MASTER: the float32 master copy of a 16-bit param (0: none).
-PARAM, GRAD, LR_SCALE, STATE0, STATE1, STATE2, MASTER = range(7)
-SLOTS = 7
+# SCALES0..SCALES2: the float32 block scales of state slot STATE0..STATE2 where it is stored in 8 bits (then the
+# state slot addresses its uint8 codes; 0: the state is not 8-bit).
+PARAM, GRAD, LR_SCALE, STATE0, STATE1, STATE2, MASTER, SCALES0, SCALES1, SCALES2 = range(10)
+SLOTS = 10
 
 # Storage formats (tensor_format entries). NATIVE: the math dtype itself, read and written in place. The others
 # are converted on the way in (exactly) and on the way out (round to nearest even, or stochastically).
 NATIVE, FLOAT32, BFLOAT16, FLOAT16, BFLOAT16_STOCHASTIC = range(5)
-PARAM_FORMAT, GRAD_FORMAT, STATE_FORMAT = range(3)
-FORMAT_COLUMNS = 3
+# STATE_FORMAT is the format of the states that are not 8-bit; STATE_CODES says which are (fastopt.quantization's
+# format: uint8 codes and a float32 absmax per CODE_BLOCK elements): bit k (CODES_8BIT << k) for slot k, and bit
+# SIGNED_CODES << k where its code map is the signed one.
+PARAM_FORMAT, GRAD_FORMAT, STATE_FORMAT, STATE_CODES = range(4)
+FORMAT_COLUMNS = 4
+CODES_8BIT, SIGNED_CODES = 1, 1 << 3  # shifted left by the slot (three slots at most: STATE_SLOTS)
+CODE_BLOCK = 256  # elements per block scale; chunk starts (and shard cuts) are multiples of it
 
 # grad_control entries: the grads are multiplied by GRAD_UNSCALE (1 / loss scale) and then by GRAD_CLIP (the
 # global-norm clip factor) before the update; SKIP != 0 skips the whole step (non-finite grads).

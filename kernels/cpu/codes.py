@@ -1,0 +1,189 @@
+"""8-bit state codes in the fused kernels: decoding an element, encoding a block (CUDA twin: kernels/cuda/codes.cuh).
+
+The format and its exact arithmetic are fastopt/quantization.py's (the NumPy oracle these must equal byte for byte):
+uint8 codes and one float32 scale (the absmax) per CODE_BLOCK elements; the code maps are little floats with M = 3
+mantissa bits, built from the bits rather than looked up. The kernels see a slot's codes as ``int8`` where its map is
+signed and ``uint8`` where it is unsigned (the same bytes; the element type picks the map when compiled, as uint16
+picks bfloat16 in conversions.load).
+"""
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+from .conversions import float32_bits, float32_from_bits, load, store
+from .jit import jit
+from .layout import CODE_BLOCK
+from .views import window
+
+MANTISSA_SHIFT = np.uint32(20)  # 23 - M
+ROUNDING_BIAS = np.uint32(1 << 19)  # half a code's mantissa step: ties round away from zero
+SIGN_BIT = np.uint32(0x80000000)
+MAGNITUDE_MASK = np.uint32(0x7FFFFFFF)
+SMALLEST_NORMAL_BITS = np.uint32(0x00800000)
+INFINITY_BITS = np.uint32(0x7F800000)
+# (OFFSET, K, HALF) of each map: magnitude code k (1..K) is the float32 with bits (k + OFFSET) << 20; HALF is the bit
+# pattern of half the smallest, below which a value encodes as 0.
+SIGNED_OFFSET, SIGNED_LARGEST = 889, 127
+UNSIGNED_OFFSET, UNSIGNED_LARGEST = 761, 255
+SIGNED_HALF = np.uint32(((1 + 889) << 20) - (1 << 23))
+UNSIGNED_HALF = np.uint32(((1 + 761) << 20) - (1 << 23))
+MARKED_SCALE = np.float32(np.nan)
+
+
+def is_signed(codes):
+    """Whether ``codes`` (int8: signed map, uint8: unsigned map) holds a signed state: a constant when compiled."""
+    raise NotImplementedError("fastopt.kernels.cpu.codes.is_signed is compiled only")
+
+
+@overload(is_signed, jit_options=dict(cache=True))
+def _is_signed(codes):
+    signed = codes.dtype == types.int8
+    return lambda codes: signed
+
+
+# Numba widens integer arithmetic to 64 bits; every result below is cast back to 32 bits, so that LLVM keeps eight
+# lanes per AVX2 vector rather than four (2x, measured).
+@jit
+def decode(code, scale, signed):
+    """The float32 value of one code (int8 or uint8) in a block of ``scale``: the map's value times the scale."""
+    bits = np.uint32(np.uint8(code))
+    if signed:
+        magnitude = np.uint32(bits & np.uint32(0x7F))
+        sign = np.uint32((bits & np.uint32(0x80)) << np.uint32(24))
+        value = np.uint32((magnitude + np.uint32(SIGNED_OFFSET)) << MANTISSA_SHIFT)
+        value_bits = np.uint32(sign | (value if magnitude != 0 else np.uint32(0)))
+    else:
+        value = np.uint32((bits + np.uint32(UNSIGNED_OFFSET)) << MANTISSA_SHIFT)
+        value_bits = value if bits != 0 else np.uint32(0)
+    return float32_from_bits(value_bits) * scale
+
+
+@jit
+def encode(x, signed):
+    """The code of ``x`` = value / absmax (float32, |x| at most 1 and an ulp): the map's nearest value, ties to the
+    larger magnitude, from the bits of x. The rounded bits are clamped to the map's range before the offset is taken
+    off, so that the arithmetic stays unsigned."""
+    bits = float32_bits(x)
+    magnitude_bits = np.uint32(bits & MAGNITUDE_MASK)
+    rounded = np.uint32(np.uint32(magnitude_bits + ROUNDING_BIAS) >> MANTISSA_SHIFT)
+    if signed:
+        lowest, highest, half = np.uint32(SIGNED_OFFSET + 1), np.uint32(SIGNED_OFFSET + SIGNED_LARGEST), SIGNED_HALF
+    else:
+        lowest, highest, half = (np.uint32(UNSIGNED_OFFSET + 1), np.uint32(UNSIGNED_OFFSET + UNSIGNED_LARGEST),
+                                 UNSIGNED_HALF)
+    rounded = rounded if rounded > lowest else lowest
+    rounded = rounded if rounded < highest else highest
+    magnitude = np.uint32(rounded - (lowest - np.uint32(1)))
+    magnitude = np.uint32(0) if magnitude_bits < half else magnitude
+    if signed:
+        return np.uint32(np.uint32(np.uint32(bits >> np.uint32(24)) & np.uint32(0x80)) | magnitude)
+    return np.uint32(0) if bits >= SIGN_BIT else magnitude
+
+
+@jit
+def absmax_bits(values):
+    """The largest ``bits & 0x7FFFFFFF`` over float32 ``values``: the bits of the absmax, and at least those of
+    infinity where any value is NaN or infinite (an integer max, unlike a float max, cannot drop a NaN)."""
+    largest = np.uint32(0)
+    for i in range(values.shape[0]):
+        magnitude = np.uint32(float32_bits(values[i]) & MAGNITUDE_MASK)
+        largest = magnitude if magnitude > largest else largest
+    return largest
+
+
+@jit
+def encode_block(values, codes):
+    """Encode float32 ``values`` (one block) into ``codes`` (int8/uint8, as long) and return the block's scale: NaN
+    for a marked block (a NaN or infinity among the values; codes 0), 0 for a zero block (absmax below 2^-126; codes
+    0), else the absmax."""
+    signed = is_signed(codes)
+    largest = absmax_bits(values)
+    if largest >= INFINITY_BITS or largest < SMALLEST_NORMAL_BITS:
+        for i in range(codes.shape[0]):
+            codes[i] = 0
+        return MARKED_SCALE if largest >= INFINITY_BITS else np.float32(0)
+    scale = float32_from_bits(largest)
+    reciprocal = np.float32(1) / scale
+    for i in range(codes.shape[0]):
+        codes[i] = encode(values[i] * reciprocal, signed)  # truncated to the codes' 8 bits
+    return scale
+
+
+# ---------------------------------------------------------------- state streams of the fused loops
+# A state slot's stream in a chunk is either its buffer (a float or 16-bit array, read and written through
+# conversions.load/store) or, stored in 8 bits, the tuple (codes, scales, strip): the chunk's codes, the scales of its
+# blocks and a float32 strip of one block, where the loop writes the block's new values before they are encoded. The
+# loops walk a chunk in blocks (one block for plain states) and see each block of a stream through a *view*: a window
+# of the buffer, or (codes window, the block's scale, strip window). The functions below are resolved per type when
+# compiled: the loops have no per-element branch on the format.
+def is_coded(state):
+    return isinstance(state, types.BaseTuple)
+
+
+def block_length(state0, state1, state2, plain):
+    """Elements per block of the loops: CODE_BLOCK if any state is 8-bit, else ``plain`` (a whole chunk, or a strip)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(block_length, jit_options=dict(cache=True))
+def _block_length(state0, state1, state2, plain):
+    if is_coded(state0) or is_coded(state1) or is_coded(state2):
+        return lambda state0, state1, state2, plain: CODE_BLOCK
+    return lambda state0, state1, state2, plain: plain
+
+
+def state_view(state, offset, length):
+    """Elements [offset, offset + length) of a state stream, a block (starting at a multiple of CODE_BLOCK)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(state_view, jit_options=dict(cache=True))
+def _state_view(state, offset, length):
+    if is_coded(state):
+        def coded_view(state, offset, length):
+            codes, scales, strip = state
+            return window(codes, offset, length), scales[offset // CODE_BLOCK], window(strip, 0, length)
+        return coded_view
+    return lambda state, offset, length: window(state, offset, length)
+
+
+def load_state(view, i):
+    """Element ``i`` of a view, as the math's float (decoded from its code and block scale)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(load_state, jit_options=dict(cache=True))
+def _load_state(view, i):
+    if is_coded(view):
+        return lambda view, i: decode(view[0][i], view[1], is_signed(view[0]))
+    return lambda view, i: load(view, i)
+
+
+def store_state(view, i, value):
+    """Element ``i`` of a view set to ``value``: rounded to a 16-bit buffer's storage, or into the strip of an 8-bit
+    block (encoded by ``finish_state`` once the whole block is known)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(store_state, jit_options=dict(cache=True))
+def _store_state(view, i, value):
+    if is_coded(view):
+        def store_coded(view, i, value):
+            view[2][i] = value
+        return store_coded
+    return lambda view, i, value: store(view, i, value)
+
+
+def finish_state(state, view, offset):
+    """After a block's new values are stored: an 8-bit state's block encoded against its new absmax (codes and scale
+    written once); nothing for other storage."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(finish_state, jit_options=dict(cache=True))
+def _finish_state(state, view, offset):
+    if is_coded(state):
+        def finish_coded(state, view, offset):
+            state[1][offset // CODE_BLOCK] = encode_block(view[2], view[0])
+        return finish_coded
+    return lambda state, view, offset: None
