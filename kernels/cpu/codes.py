@@ -62,22 +62,24 @@ def decode(code, scale, signed):
 def encode(x, signed):
     """The code of ``x`` = value / absmax (float32, |x| at most 1 and an ulp): the map's nearest value, ties to the
     larger magnitude, from the bits of x. The rounded bits are clamped to the map's range before the offset is taken
-    off, so that the arithmetic stays unsigned."""
+    off, so that the arithmetic stays unsigned. Unsigned map: a negative x (its bits as a signed integer below HALF,
+    as are those of magnitudes below half the smallest code) encodes as 0, its nearest map value."""
     bits = float32_bits(x)
-    magnitude_bits = np.uint32(bits & MAGNITUDE_MASK)
-    rounded = np.uint32(np.uint32(magnitude_bits + ROUNDING_BIAS) >> MANTISSA_SHIFT)
     if signed:
+        magnitude_bits = np.uint32(bits & MAGNITUDE_MASK)
         lowest, highest, half = np.uint32(SIGNED_OFFSET + 1), np.uint32(SIGNED_OFFSET + SIGNED_LARGEST), SIGNED_HALF
     else:
+        magnitude_bits = bits  # a negative x's magnitude is never used
         lowest, highest, half = (np.uint32(UNSIGNED_OFFSET + 1), np.uint32(UNSIGNED_OFFSET + UNSIGNED_LARGEST),
                                  UNSIGNED_HALF)
+    rounded = np.uint32(np.uint32(magnitude_bits + ROUNDING_BIAS) >> MANTISSA_SHIFT)
     rounded = rounded if rounded > lowest else lowest
     rounded = rounded if rounded < highest else highest
     magnitude = np.uint32(rounded - (lowest - np.uint32(1)))
-    magnitude = np.uint32(0) if magnitude_bits < half else magnitude
     if signed:
+        magnitude = np.uint32(0) if magnitude_bits < half else magnitude
         return np.uint32(np.uint32(np.uint32(bits >> np.uint32(24)) & np.uint32(0x80)) | magnitude)
-    return np.uint32(0) if bits >= SIGN_BIT else magnitude
+    return np.uint32(0) if np.int32(bits) < np.int32(half) else magnitude
 
 
 @jit

@@ -536,10 +536,12 @@ def _bound(template, suffix, names):
 def step_kernels(kernel, always_live, optional_live):
     """(parallel, serial) step kernels of the rule ``kernel`` (its module in kernels/cpu/rules/): the generic loop
     above with the rule's element function and coefficients bound in. ``always_live`` and ``optional_live`` are bit
-    masks of the state slots the rule always uses and may use. The cache name carries a hash of the rule's source,
-    so an edited rule compiles anew (Numba checks only this file's time stamp)."""
+    masks of the state slots the rule always uses and may use. The cache name carries a hash of the rule's source and
+    of this folder's (the element math, conversions and codes the loops inline), so an edit of any compiles anew
+    (Numba checks only this file's time stamp)."""
     rule = importlib.import_module(f"{__package__}.rules.{kernel}")
-    digest = hashlib.sha256(Path(rule.__file__).read_bytes()).hexdigest()[:12]
+    sources = [Path(rule.__file__)] + sorted(Path(__file__).parent.glob("*.py"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:12]
     suffix = f"{kernel}_{always_live}_{optional_live}_{digest}"
     norms = getattr(rule, "NORMS", False)
     names = dict(rule_coefficients=rule.coefficients, RULE_NORMS=norms,
