@@ -20,6 +20,7 @@ OPTIMIZERS = [  # (class, options): every rule, awkward options on
     (fo.Adagrad, dict(lr_decay=0.01)),
     (fo.Lion, dict(weight_decay=0.1)),
     (fo.LAMB, dict(max_trust_ratio=5.0)),  # per-tensor norms: each copy's tensors are its own
+    (fo.AdamW, dict(state_dtype="8bit", min_8bit_size=64)),  # blocks and threshold per tensor: likewise
 ]
 # Plain rates and a schedule: a schedule runs on the optimizer's step count, as in a run alone.
 RATES = [1e-3, fo.schedules.warmup(fo.schedules.cosine(3e-2, t_max=STEPS), warmup_steps=5), 1e-1]
@@ -57,7 +58,8 @@ def assert_as_alone(result, number, optimizer_class, options, steps):
 
 
 @pytest.mark.parametrize("vectorized", [False, True], ids=["per_copy", "stacked"])
-@pytest.mark.parametrize("optimizer_class, options", OPTIMIZERS, ids=[cls.__name__ for cls, _ in OPTIMIZERS])
+@pytest.mark.parametrize("optimizer_class, options", OPTIMIZERS,
+                         ids=[cls.__name__ + ("-8bit" if "state_dtype" in options else "") for cls, options in OPTIMIZERS])
 def test_each_copy_steps_as_it_would_alone(optimizer_class, options, vectorized):
     result = fo.lr_sweep(make_mlp, stacked_step if vectorized else copy_step, RATES, STEPS, optimizer_class,
                          vectorized=vectorized, diverge_factor=None, **options)

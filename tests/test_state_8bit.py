@@ -370,3 +370,51 @@ def test_torch_drop_in_checkpoints_both_ways(rng, tmp_path):
     codes, scales = quantization.quantize(plain.state[plain_params[0]]["exp_avg_sq"].numpy(), False)
     np.testing.assert_array_equal(encoded.state[encoded_params[0]]["exp_avg_sq"].numpy(), codes)
     np.testing.assert_array_equal(encoded.state[encoded_params[0]]["exp_avg_sq_absmax"].numpy(), scales)
+
+
+# ---------------------------------------------------------------- the kernels' codes against the format's NumPy arithmetic
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_kernel_codes_are_the_formats_bytes(signed, rng):
+    """kernels/cpu/codes.py's encode_block and decode against fastopt.quantization on every map value, midpoint and
+    their neighbours (ties), random magnitudes over the whole range, negatives (the unsigned map encodes them as 0),
+    -0.0, subnormals, a subnormal absmax (zero block), NaN and infinity (marked blocks), and a short last block."""
+    from fastopt.kernels.cpu import codes as kernel_codes
+    from fastopt.kernels.cpu.jit import jit
+
+    @jit
+    def encode_blocks(values, codes, scales):
+        for block in range(scales.shape[0]):
+            start = block * 256
+            end = min(start + 256, values.shape[0])
+            scales[block] = kernel_codes.encode_block(values[start:end], codes[start:end])
+
+    @jit
+    def decode_all(codes, scales, out):
+        for i in range(codes.shape[0]):
+            out[i] = kernel_codes.decode(codes[i], scales[i // 256], kernel_codes.is_signed(codes))
+
+    code_map = quantization.code_map_of(signed)
+    values = np.unique(code_map.astype(np.float64))
+    midpoints = ((values[:-1] + values[1:]) / 2).astype(np.float32)
+    points = np.concatenate([code_map, midpoints])
+    ladder = np.concatenate([points, np.nextafter(points, np.float32(-2)), np.nextafter(points, np.float32(2))])
+    magnitudes = np.exp2(rng.uniform(-40, 0, 4096)).astype(np.float32)
+    blocks = [ladder, magnitudes, -magnitudes, rng.standard_normal(1000).astype(np.float32) * 3,
+              np.array([1e-45, -1e-45, 1e-39, 0.0, -0.0] * 40, np.float32),  # subnormal absmax: a zero block
+              np.full(256, -0.0, np.float32)]
+    values = np.concatenate([np.resize(block, 256 * -(-block.size // 256)) for block in blocks] +
+                            [np.array([1.0, np.nan, 2.0], np.float32), np.full(256, np.inf, np.float32),
+                             rng.standard_normal(77).astype(np.float32)])  # short last block
+    values = values.astype(np.float32)
+    codes = np.zeros(values.size, np.int8 if signed else np.uint8)
+    scales = np.zeros(quantization.block_count(values.size), np.float32)
+    encode_blocks(values, codes, scales)
+    expected_codes, expected_scales = quantization.quantize(values, signed)
+    np.testing.assert_array_equal(codes.view(np.uint8), expected_codes)
+    np.testing.assert_array_equal(scales.view(np.uint32), expected_scales.view(np.uint32))  # NaN scales too
+    every_code = np.tile(np.arange(256, dtype=np.uint8), 3).view(codes.dtype)
+    some_scales = np.array([1.0, 3.0e-20, 7.5], np.float32)
+    decoded = np.zeros(every_code.size, np.float32)
+    decode_all(every_code, some_scales, decoded)
+    np.testing.assert_array_equal(decoded.view(np.uint32),
+                                  quantization.dequantize(every_code.view(np.uint8), some_scales, signed).view(np.uint32))
