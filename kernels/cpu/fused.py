@@ -255,6 +255,23 @@ def blend_toward_state(addresses, chunk_tensor, chunk_start, chunk_length, slot,
 
 
 @jit
+def block_views(state0, state1, state2, offset, length):
+    """The views of the three state streams' block [offset, offset + length) (codes.state_view)."""
+    return state_view(state0, offset, length), state_view(state1, offset, length), state_view(state2, offset, length)
+
+
+@jit
+def finish_states(state0, state1, state2, view0, view1, view2, live0, live1, live2, offset):
+    """After a block's loop: each live state's block finished (codes.finish_state: 8-bit blocks encoded)."""
+    if live0:
+        finish_state(state0, view0, offset)
+    if live1:
+        finish_state(state1, view1, offset)
+    if live2:
+        finish_state(state2, view2, offset)
+
+
+@jit
 def unscaled_grad(grad, grad_unscale, grad_clip, maximize):
     """The gradient the update uses: unscaled (GradScaler's multiply by 1 / scale), clipped (clip_grad_norm_'s
     multiply by the clip factor), in that order as in torch, then negated for maximize. Both factors are exactly
@@ -305,8 +322,7 @@ def update_loop(has_lr_scale, live0, live1, live2, streams):
         length = min(block, param.shape[0] - offset)
         param_part, param_out_part = window(param, offset, length), part_of(param_out, offset, length)
         grad_part, scale_part = window(grad, offset, length), window(lr_scale, offset, length)
-        view0, view1, view2 = state_view(state0, offset, length), state_view(state1, offset, length), \
-            state_view(state2, offset, length)
+        view0, view1, view2 = block_views(state0, state1, state2, offset, length)
         for i in range(length):
             g = unscaled_grad(load(grad_part, i), grad_unscale, grad_clip, maximize)
             scale = scale_part[i] if has_lr_scale else g
@@ -322,12 +338,7 @@ def update_loop(has_lr_scale, live0, live1, live2, streams):
                 store_state(view1, i, s1)
             if live2:
                 store_state(view2, i, s2)
-        if live0:
-            finish_state(state0, view0, offset)
-        if live1:
-            finish_state(state1, view1, offset)
-        if live2:
-            finish_state(state2, view2, offset)
+        finish_states(state0, state1, state2, view0, view1, view2, live0, live1, live2, offset)
     return 0.0, 0.0
 
 
@@ -352,8 +363,7 @@ def norm_loop(has_lr_scale, live0, live1, live2, streams):
         length = min(block, param.shape[0] - offset)
         updates = strip_row(strip, 0, length)
         param_part, grad_part = window(param, offset, length), window(grad, offset, length)
-        view0, view1, view2 = state_view(state0, offset, length), state_view(state1, offset, length), \
-            state_view(state2, offset, length)
+        view0, view1, view2 = block_views(state0, state1, state2, offset, length)
         for i in range(length):
             g = unscaled_grad(load(grad_part, i), grad_unscale, grad_clip, maximize)
             s0 = load_state(view0, i) if live0 else g
@@ -366,15 +376,8 @@ def norm_loop(has_lr_scale, live0, live1, live2, streams):
                 store_state(view1, i, s1)
             if live2:
                 store_state(view2, i, s2)
-        if live0:
-            finish_state(state0, view0, offset)
-            view0 = state_view(state0, offset, length)  # as stored: an 8-bit block's new scale
-        if live1:
-            finish_state(state1, view1, offset)
-            view1 = state_view(state1, offset, length)
-        if live2:
-            finish_state(state2, view2, offset)
-            view2 = state_view(state2, offset, length)
+        finish_states(state0, state1, state2, view0, view1, view2, live0, live1, live2, offset)
+        view0, view1, view2 = block_views(state0, state1, state2, offset, length)  # as stored: 8-bit blocks' new scales
         for i in range(length):
             p = load(param_part, i)
             s0 = load_state(view0, i) if live0 else p
@@ -397,8 +400,7 @@ def apply_loop(has_lr_scale, live0, live1, live2, streams):
         length = min(block, param.shape[0] - offset)
         param_part, param_out_part = window(param, offset, length), part_of(param_out, offset, length)
         scale_part = window(lr_scale, offset, length)
-        view0, view1, view2 = state_view(state0, offset, length), state_view(state1, offset, length), \
-            state_view(state2, offset, length)
+        view0, view1, view2 = block_views(state0, state1, state2, offset, length)
         for i in range(length):
             p = load(param_part, i)
             s0 = load_state(view0, i) if live0 else p
