@@ -43,7 +43,7 @@ from numba import prange
 from numba import types as numba_types
 from numba.extending import overload
 
-from .codes import block_length, finish_state, load_state, state_view, store_state
+from .codes import block_length, block_views, finish_states, load_state, store_state
 from .conversions import float32_to_bfloat16_stochastic, load, store, widen_bits
 from .jit import jit, parallel_jit, reduction_jit, serial_twin
 from .schedule_math import schedule_value
@@ -252,23 +252,6 @@ def blend_toward_state(addresses, chunk_tensor, chunk_start, chunk_length, slot,
         weight = tensor_weight[tensor]
         for i in range(length):
             write_param(param, param_out, i, lerp(load(param, i), load(target, i), weight, one), None, 0, 0)
-
-
-@jit
-def block_views(state0, state1, state2, offset, length):
-    """The views of the three state streams' block [offset, offset + length) (codes.state_view)."""
-    return state_view(state0, offset, length), state_view(state1, offset, length), state_view(state2, offset, length)
-
-
-@jit
-def finish_states(state0, state1, state2, view0, view1, view2, live0, live1, live2, offset):
-    """After a block's loop: each live state's block finished (codes.finish_state: 8-bit blocks encoded)."""
-    if live0:
-        finish_state(state0, view0, offset)
-    if live1:
-        finish_state(state1, view1, offset)
-    if live2:
-        finish_state(state2, view2, offset)
 
 
 @jit
