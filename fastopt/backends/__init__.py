@@ -5,8 +5,8 @@
 - ``cuda``: fused CUDA kernels over CuPy arrays (:mod:`.cuda`, needs CuPy and a GPU).
 
 An engine class provides the array checks and buffer handling the optimizer needs for its kind of array
-(``check_array``, ``storage_name``, ``address``, ``allocate_state``, ``copy_widened``, ``to_numpy``,
-``copy_from_numpy``, ``all_finite_nonnegative``) and, as an instance bound to one optimizer, ``grad_control``,
+(``check_array``, ``storage_name``, ``storage_dtype``, ``address``, ``allocate_state``, ``allocate_buffer``,
+``copy_widened``, ``to_numpy``, ``copy_from_numpy``, ``all_finite_nonnegative``) and, as an instance bound to one optimizer, ``grad_control``,
 ``step``, ``tensor_steps`` and ``set_tensor_steps``.
 """
 import math
