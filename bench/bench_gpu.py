@@ -34,6 +34,13 @@ own, each with the rows ceiling, fastopt, fastopt_graph and torch_fused:
 dtype and no master copy, so it moves its own bytes (14 per param), not the group's; each row records the bytes
 it moves (``bytes_per_param``) and its GB/s counts those, while ``ms_per_step`` compares the rows' time.
 
+8-bit states (``state_dtype="8bit"``: uint8 codes and a float32 absmax per 256 elements, fastopt.quantization): AdamW
+on float32 params (``AdamW_8bit``) and on bfloat16 params without a master (``AdamW_bf16_8bit``, fastopt's
+``_8bit_mixed`` kernel), each with the rows ceiling, fastopt, fastopt_graph and ``bitsandbytes``:
+``bnb.optim.AdamW8bit`` on torch tensors of the same dtype (its blockwise 8-bit states: the same bytes per param),
+skipped where bitsandbytes does not import. Tensors below 4096 elements keep float32 states in both (GPT-2's
+LayerNorm and bias vectors). Compare with the float32 ``AdamW`` group of the same size.
+
 Sizes: ``1M``, ``16M``, ``256M`` params in one tensor, and ``GPT2``: the 148 tensors of GPT-2 small (124,439,808
 params, bench_cpu.GPT2_SHAPES). Optimizers and hyperparameters as bench_cpu.py.
 
@@ -61,6 +68,8 @@ Per param (reads + writes):
 | AdamW_bf16_master: bf16 param and grad, f32 master and states | 14 + 14 = 28 | 14 (torch_fused) |
 | AdamW_bf16_bf16states: bf16 param, grad and states | 8 + 6 = 14 | 14 |
 | AdamW_bf16: bf16 param and grad, f32 states | 12 + 10 = 22 | 14 (torch_fused) |
+| AdamW_8bit: f32 param and grad, 8-bit states (codes, and 4 bytes of scale per 256) | 10 + 6 = 16 (and 1/16) | 16 (bitsandbytes) |
+| AdamW_bf16_8bit: bf16 param and grad, 8-bit states | 6 + 4 = 10 (and 1/16) | 10 (bitsandbytes) |
 """
 import gc
 import math
@@ -86,8 +95,14 @@ try:
 except ImportError:
     torch, TORCH_CUDA = None, False
 
+try:
+    import bitsandbytes  # noqa: E402
+except Exception:  # not installed, or a build without kernels for this GPU
+    bitsandbytes = None
+
 FLOAT32_BYTES = 4
-STORAGE_BYTES = {"float32": 4, "bfloat16": 2}
+# Bytes per element of each storage; an 8-bit state is one byte of code and a float32 absmax per 256 elements.
+STORAGE_BYTES = {"float32": 4, "bfloat16": 2, "8bit": 1 + FLOAT32_BYTES / 256}
 SIZES = {"1M": 1 << 20, "16M": 1 << 24, "256M": 1 << 28, "GPT2": None}
 ROUNDS = 15
 ROUND_BYTES = 64e9  # each round moves about this much (about 20 ms at 3 TB/s), and at most MAX_STEPS steps
@@ -106,6 +121,7 @@ class OptimizerSpec:
     state_storage: str = "float32"  # fastopt's states (torch keeps its states in the params' dtype)
     master: bool = False  # fastopt keeps a float32 master copy per param
     two_passes: bool = False  # a rule with per-tensor norms (LAMB): a second pass re-reads the param and the states
+    bitsandbytes: str = None  # the bitsandbytes optimizer of the 8-bit groups (bnb.optim.<name>)
 
     @property
     def options(self):  # fastopt's mixed-precision options
@@ -150,6 +166,9 @@ OPTIMIZERS = {
     "AdamW_bf16_master": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "float32", True),
     "AdamW_bf16_bf16states": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "bfloat16"),
     "AdamW_bf16": OptimizerSpec(fo.AdamW, "AdamW", dict(lr=1e-3), 2, True, "bfloat16", "float32"),
+    "AdamW_8bit": OptimizerSpec(fo.AdamW, None, dict(lr=1e-3), 2, False, "float32", "8bit", bitsandbytes="AdamW8bit"),
+    "AdamW_bf16_8bit": OptimizerSpec(fo.AdamW, None, dict(lr=1e-3), 2, False, "bfloat16", "8bit",
+                                     bitsandbytes="AdamW8bit"),
 }
 
 
@@ -157,11 +176,12 @@ def variants(optimizer):
     spec = OPTIMIZERS[optimizer]
     torch_foreach = not spec.mixed and spec.torch_name is not None
     rows = ["ceiling", "fastopt", "fastopt_graph"] + (["torch_foreach"] if torch_foreach else [])
-    return rows + (["torch_fused"] if spec.torch_fused else [])
+    return rows + (["torch_fused"] if spec.torch_fused else []) + (["bitsandbytes"] if spec.bitsandbytes else [])
 
 
 def row_bytes_per_param(spec, variant):
-    """The bytes per param the row moves in one step (the module docstring's table)."""
+    """The bytes per param the row moves in one step (the module docstring's table; bitsandbytes' 8-bit states
+    move fastopt's bytes)."""
     return spec.torch_bytes_per_param if variant.startswith("torch") else spec.bytes_per_param
 
 
@@ -246,7 +266,7 @@ def random_cupy(shapes, rng, storage="float32"):
 
 
 def ceiling_row(spec, size, stream):
-    half = params_of(size) * spec.bytes_per_param // 2  # the group's fastopt traffic
+    half = int(params_of(size) * spec.bytes_per_param // 2)  # the group's fastopt traffic
     copies = copies_needed(2 * half)
     sources = [cupy.ones(half, dtype=np.uint8) for _ in range(copies)]
     targets = [cupy.zeros(half, dtype=np.uint8) for _ in range(copies)]
@@ -301,20 +321,28 @@ def fastopt_row(spec, size, stream, graph):
 
 
 def torch_row(spec, size, variant):
+    """torch.optim's ``spec.torch_name`` (foreach or fused), or for ``variant`` "bitsandbytes" bnb.optim's
+    ``spec.bitsandbytes``, on torch tensors of the group's dtype."""
     if not TORCH_CUDA:
         pytest.skip("torch has no CUDA")
+    if variant == "bitsandbytes" and bitsandbytes is None:
+        pytest.skip("bitsandbytes does not import")
     generator = torch.Generator(device="cuda").manual_seed(0)
     shapes = shapes_of(size)
     dtype = torch.bfloat16 if spec.storage == "bfloat16" else torch.float32
-    copies = copies_needed(params_of(size) * STORAGE_BYTES[spec.storage] * (2 + spec.states))
-    flags = dict(foreach=True) if variant == "torch_foreach" else dict(fused=True)
+    state_bytes = STORAGE_BYTES[spec.state_storage if variant == "bitsandbytes" else spec.storage]
+    copies = copies_needed(params_of(size) * (2 * STORAGE_BYTES[spec.storage] + spec.states * state_bytes))
     sets = []
     for _ in range(copies):
         params = [torch.randn(shape, device="cuda", generator=generator, dtype=dtype).requires_grad_()
                   for shape in shapes]
         for param in params:
             param.grad = torch.randn(param.shape, device="cuda", generator=generator, dtype=dtype)
-        optimizer = getattr(torch.optim, spec.torch_name)(params, **spec.kwargs, **flags)
+        if variant == "bitsandbytes":
+            optimizer = getattr(bitsandbytes.optim, spec.bitsandbytes)(params, **spec.kwargs)
+        else:
+            flags = dict(foreach=True) if variant == "torch_foreach" else dict(fused=True)
+            optimizer = getattr(torch.optim, spec.torch_name)(params, **spec.kwargs, **flags)
         optimizer.step()  # allocates state
         sets.append((params, optimizer))
     torch.cuda.synchronize()

@@ -1,6 +1,7 @@
 """The CUDA backend on CuPy arrays: parity with the float64 reference, the CPU kernels and torch.optim on CUDA;
-mixed precision (bfloat16 as uint16 bits, float16, master copies, bfloat16 states, stochastic rounding) and the grad
-control (loss scale, clipping, non-finite steps skipped on the device) bit for bit against the CPU kernels;
+mixed precision (bfloat16 as uint16 bits, float16, master copies, bfloat16 states, stochastic rounding), 8-bit states
+(codes and scales) and the grad control (loss scale, clipping, non-finite steps skipped on the device) bit for bit
+against the CPU kernels;
 schedules evaluated on the device; CUDA graph capture and replay; uploads only on change; bad input.
 
 Most tests take the ``cp`` fixture and run twice: on a GPU through CuPy (marked ``gpu``: skipped without one, or
@@ -643,7 +644,7 @@ def assert_same_bits(ours, theirs, what):
     theirs = np.asarray(theirs)
     ours = np.asarray(ours).view(theirs.dtype)
     assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} != {theirs.shape}"
-    width = {2: np.uint16, 4: np.uint32, 8: np.uint64}[theirs.dtype.itemsize]
+    width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[theirs.dtype.itemsize]
     same = ours.view(width) == theirs.view(width)
     both_nan = np.isnan(ours.astype(np.float64)) & np.isnan(theirs.astype(np.float64))
     bad = np.flatnonzero(~(same | both_nan))
@@ -860,7 +861,7 @@ def test_device_loss_scale_matches_the_host_one(cp, rng):
 
 def test_bfloat16_buffers_are_uint16_bits_on_the_device(cp, rng):
     """CuPy has no bfloat16: the engine stores bfloat16 as uint16 bits, widens master copies exactly on the device,
-    and hands state buffers to and from NumPy as ml_dtypes.bfloat16."""
+    and hands state buffers to and from NumPy as ml_dtypes.bfloat16 (8-bit codes and scales as they are)."""
     engine = cuda.CupyArrays
     assert [engine.storage_name(np.dtype(name)) for name in ("uint16", "float16", "float32", "float64", "int32")] == [
         "bfloat16", "float16", "float32", "float64", None]
@@ -876,6 +877,14 @@ def test_bfloat16_buffers_are_uint16_bits_on_the_device(cp, rng):
         exported = engine.to_numpy(state)
         assert exported.dtype == values.dtype
         assert_same_bits(exported, values, f"{name} state")
+    assert engine.storage_dtype("bfloat16") == np.uint16 and engine.storage_dtype("float16") == np.float16
+    # 8-bit states' codes and scales: plain uint8 and float32 buffers, to and from NumPy as they are.
+    for dtype, values in ((np.uint8, rng.integers(0, 256, (3, 50))), (np.float32, rng.standard_normal(7))):
+        buffer = engine.allocate_buffer(values.shape, dtype, 3)
+        assert isinstance(buffer, cp.ndarray) and buffer.dtype == dtype and not cp.asnumpy(buffer).any()
+        engine.copy_from_numpy(buffer, values.astype(dtype))
+        exported = engine.to_numpy(buffer)
+        assert exported.dtype == dtype and np.array_equal(exported, values.astype(dtype))
 
 
 def test_plain_buckets_launch_the_plain_kernels(cp, rng):
@@ -935,18 +944,19 @@ def test_state_dict_round_trip_with_bfloat16_states(cp, options, rng):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replays_mixed_precision_with_grad_control(gpu, rng):
-    """bfloat16 params with float32 masters and bfloat16 states, a loss scale and clipping, captured in a CUDA graph:
-    each replay reads the grads of the replay, decides its clip factor and skip on the device (one replay has an inf
-    grad), and gives the bits of the same steps taken eagerly."""
+@pytest.mark.parametrize("states", [dict(state_dtype="bfloat16"), dict(state_dtype="8bit", min_8bit_size=0)],
+                         ids=["bf16states", "8bit"])
+def test_cuda_graph_replays_mixed_precision_with_grad_control(gpu, states, rng):
+    """bfloat16 params with float32 masters and bfloat16 or 8-bit states, a loss scale and clipping, captured in a CUDA
+    graph: each replay reads the grads of the replay, decides its clip factor and skip on the device (one replay has
+    an inf grad), and gives the bits of the same steps taken eagerly."""
     cp = gpu
     shapes = [1, 13, 5000]
     steps, bad_step = 7, 4
     start = [rng.standard_normal(n).astype(storage_dtype("bfloat16")) for n in shapes]
     grads = [[(rng.standard_normal(n) * 1024).astype(storage_dtype("bfloat16")) for n in shapes] for _ in range(steps)]
     grads[bad_step][2][77] = np.inf
-    kwargs = dict(lr=fo.schedules.cosine(0.01, t_max=steps), master_weights=True, state_dtype="bfloat16",
-                  max_grad_norm=5.0)
+    kwargs = dict(lr=fo.schedules.cosine(0.01, t_max=steps), master_weights=True, max_grad_norm=5.0, **states)
 
     eager_params = [to_device_storage(cp, p) for p in start]
     eager = fo.AdamW(eager_params, **kwargs)
@@ -983,6 +993,184 @@ def test_cuda_graph_replays_mixed_precision_with_grad_control(gpu, rng):
             np.testing.assert_array_equal(cp.asnumpy(optimizer.state[index][name]), cp.asnumpy(buffer),
                                           err_msg=f"param {index} {name}")
     assert optimizer.state_dict()["step_count"] == steps - 1 and optimizer.skipped_steps == 1
+
+
+# ---------------------------------------------------------------- 8-bit states
+# The rules with states stored in 8 bits (fastopt.quantization.STATE_SIGNED): MIXED_OPTIMIZERS' configurations (their
+# betas powers of two, so that the device's pow is exact) but SGDScheduleFree (its z is not a moment), plain AdamW and
+# LAMB. Stepped over mixed_problem's tensors with min_8bit_size 2: those of 0 and 1 elements keep float32 states in the
+# same bucket as the 8-bit ones (13, 15, 4099 and 5000 elements: short blocks, several chunks).
+RULES_8BIT = [config for config in MIXED_OPTIMIZERS if config[0] is not fo.SGDScheduleFree] + [
+    (fo.AdamW, dict(betas=(0.5, 0.25))), (fo.LAMB, {})]
+FLOAT32_8BIT = ("f32-8bit", "float32", "float32", dict(state_dtype="8bit", min_8bit_size=2))
+
+
+def coded_states(optimizer):
+    """(param index, state name) of every state stored in 8 bits."""
+    return [(index, name) for index in range(len(optimizer.state)) for name in optimizer.STATE_SLOTS
+            if name in optimizer.state[index] and optimizer.coded(index, name) is not None]
+
+
+@pytest.mark.parametrize("config", RULES_8BIT, ids=optimizer_id)
+def test_8bit_states_bitwise_equal_to_cpu_kernels(cp, config, rng):
+    """Every rule's 8-bit step (codes decoded in registers, the float32 math, each block's absmax across its threads,
+    the codes and scale written once) against the CPU kernels after four steps at changing rates: params, codes,
+    scales and the float32 states bit for bit (LAMB's params to the rounding of its trust ratio's sums); schedule-free
+    then blends toward its float32 z and back."""
+    cls, kwargs = config
+    cpu, cpu_params, gpu, gpu_params, grads = run_mixed_twins(cp, cls, kwargs, FLOAT32_8BIT, rng)
+    coded = coded_states(cpu)
+    assert {index for index, _ in coded} == {2, 3, 4, 5} and coded == coded_states(gpu)
+    for index, name in coded:
+        assert gpu.state[index][name].dtype == np.uint8 and gpu.state[index][name + "_absmax"].dtype == np.float32
+    if cls is fo.LAMB:
+        for index, (ours, theirs) in enumerate(zip(gpu_params, cpu_params)):
+            assert_close(cp.asnumpy(ours), theirs, tolerance(np.float32, MIXED_STEPS), f"param {index}")
+            for name, buffer in cpu.state[index].items():
+                assert_same_bits(cp.asnumpy(gpu.state[index][name]), buffer, f"param {index} {name}")
+        return
+    assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
+    if isinstance(cpu, fo.rules.schedule_free.ScheduleFree):
+        for move in ("eval", "train"):
+            getattr(cpu, move)()
+            getattr(gpu, move)()
+        cpu.step(grads[0])
+        gpu.step(to_device(cp, grads[0]))
+        assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
+
+
+@pytest.mark.parametrize("storage", [MIXED_STORAGE[1], MIXED_STORAGE[5]], ids=storage_id)
+def test_8bit_states_of_bfloat16_params_with_a_loss_scale(cp, storage, rng):
+    """bfloat16 params (with float32 masters, or rounded stochastically) and 8-bit states of every size, 0 and 1
+    included, under a loss scale unscaled on the device: the _8bit_mixed kernel gives the CPU kernels' bits."""
+    _, param_name, grad_name, options = storage
+    options = dict(options, state_dtype="8bit", min_8bit_size=0)
+    params, scales, grads = mixed_problem(param_name, grad_name, rng)
+    cpu_params = [p.copy() for p in params]
+    cpu = mixed_optimizer(fo.AdamW, dict(betas=(0.5, 0.25)), options, cpu_params, [s.copy() for s in scales], "cpu")
+    gpu_params = [to_device_storage(cp, p) for p in params]
+    gpu = mixed_optimizer(fo.AdamW, dict(betas=(0.5, 0.25)), options, gpu_params, to_device(cp, scales), "cuda")
+    for t in range(MIXED_STEPS):
+        for optimizer in (cpu, gpu):
+            for group in optimizer.param_groups:
+                group["lr"] = MIXED_LRS[t]
+        scaled = [(g.astype(np.float64) * 384.0).astype(g.dtype) for g in grads[t]]
+        cpu.step(scaled, grad_scale=384.0)
+        gpu.step([to_device_storage(cp, grad) for grad in scaled], grad_scale=384.0)
+    assert len(coded_states(gpu)) == 2 * len(params)
+    assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
+
+
+def test_8bit_steps_skipped_on_the_device_and_marked_blocks(cp, rng):
+    """A step the device skips (an inf grad under a loss scale) leaves codes, scales and params as they were, and the
+    run continues as if it had never come. A NaN let through (a guard that does not skip) marks its block: scale NaN,
+    codes 0, and from the next step on the block's params NaN, bit for bit as on the CPU."""
+    start = [rng.standard_normal(n).astype(np.float32) for n in (5, 2000)]
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in start] for _ in range(3)]
+    bad = [g.copy() for g in grads[1]]
+    bad[1][1234] = np.inf
+    options = dict(lr=0.01, state_dtype="8bit", min_8bit_size=0, backend="cuda")
+    clean_params, skipping_params = to_device(cp, start), to_device(cp, start)
+    clean, skipping = fo.AdamW(clean_params, **options), fo.AdamW(skipping_params, **options)
+    for optimizer in (clean, skipping):
+        optimizer.step(to_device(cp, grads[0]), grad_scale=2.0)
+    before = [{name: cp.asnumpy(buffer) for name, buffer in state.items()} for state in skipping.state]
+    params_before = host(cp, skipping_params)
+    skipping.step(to_device(cp, bad), grad_scale=2.0)
+    assert skipping._backend.device_skipped_steps() == 1
+    for param, previous in zip(host(cp, skipping_params), params_before):
+        np.testing.assert_array_equal(param.view(np.uint32), previous.view(np.uint32))
+    for state, previous in zip(skipping.state, before):
+        for name, buffer in state.items():
+            np.testing.assert_array_equal(cp.asnumpy(buffer).view(np.uint8), previous[name].view(np.uint8), name)
+    for optimizer in (clean, skipping):
+        optimizer.step(to_device(cp, grads[2]), grad_scale=2.0)
+    assert_runs_bitwise_equal(cp, skipping, skipping_params, clean, clean_params)
+
+    nan = [g.copy() for g in grads[1]]
+    nan[1][300] = np.nan  # block 1 of the second param
+    cpu_params = [p.copy() for p in start]
+    cpu = fo.AdamW(cpu_params, **dict(options, backend="cpu"), guard=fo.Guard(skip_nonfinite=False))
+    gpu_params = to_device(cp, start)
+    gpu = fo.AdamW(gpu_params, **options, guard=fo.Guard(skip_nonfinite=False))
+    for step_grads in (grads[0], nan, grads[2]):
+        cpu.step(step_grads)
+        gpu.step(to_device(cp, step_grads))
+        assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
+    scales, codes = cp.asnumpy(gpu.state[1]["exp_avg_absmax"]), cp.asnumpy(gpu.state[1]["exp_avg"])
+    assert np.isnan(scales).tolist() == [False, True] + [False] * 6 and not codes[256:512].any()
+    assert np.isnan(cp.asnumpy(gpu_params[1])).tolist() == [256 <= i < 512 for i in range(2000)]
+
+
+def test_8bit_state_dict_round_trip(cp, rng):
+    """A GPU run with 8-bit states saved halfway (codes and scales as NumPy arrays) and loaded into a GPU and a CPU
+    optimizer: both continue bit for bit."""
+    start = [rng.standard_normal(n).astype(np.float32) for n in (3, 1500)]
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in start] for _ in range(4)]
+    kwargs = dict(lr=0.01, betas=(0.5, 0.25), state_dtype="8bit", min_8bit_size=4, backend="cuda")
+    straight = to_device(cp, start)
+    first = fo.AdamW(straight, **kwargs)
+    for step_grads in grads:
+        first.step(to_device(cp, step_grads))
+    resumed = to_device(cp, start)
+    second = fo.AdamW(resumed, **kwargs)
+    for step_grads in grads[:2]:
+        second.step(to_device(cp, step_grads))
+    saved = second.state_dict()
+    assert saved["state"][1]["exp_avg"].dtype == np.uint8 and saved["state"][0]["exp_avg"].dtype == np.float32
+    on_the_cpu = host(cp, resumed)
+    third = fo.AdamW(on_the_cpu, **dict(kwargs, backend="cpu"))
+    third.load_state_dict(saved)
+    fourth = fo.AdamW(resumed, **kwargs)
+    fourth.load_state_dict(saved)
+    for step_grads in grads[2:]:
+        third.step(step_grads)
+        fourth.step(to_device(cp, step_grads))
+    assert_runs_bitwise_equal(cp, first, straight, third, on_the_cpu)
+    assert_runs_bitwise_equal(cp, fourth, resumed, third, on_the_cpu)
+
+
+def test_8bit_buckets_launch_the_8bit_kernels(cp, rng):
+    """A float bucket with 8-bit states launches <pass>_float_8bit, or _8bit_mixed with other storage formats (a
+    float64 bucket keeps float64 states: no 8-bit kernel); a tensor whose 8-bit states are not the ones the kernels
+    are compiled for is refused before anything runs."""
+    if not isinstance(cp, CupyStandIn):
+        pytest.skip("the stand-in records the kernels launched")
+    params = [cp.zeros(300, dtype=np.float32), cp.zeros(300, dtype=np.float64)]
+    optimizer = fo.Adam(params, state_dtype="8bit", min_8bit_size=0, backend="cuda")
+    optimizer.step([cp.ones(300, dtype=np.float32), cp.ones(300, dtype=np.float64)])
+    assert cp.stream.kernels[-2:] == ["step_float_8bit", "step_double"]
+    bfloat16 = to_device_storage(cp, np.zeros(300, storage_dtype("bfloat16")))
+    fo.Adam([bfloat16], state_dtype="8bit", min_8bit_size=0, backend="cuda").step([cp.ones(300, dtype=np.uint16)])
+    assert cp.stream.kernels[-1] == "step_float_8bit_mixed"
+    small = fo.Adam([cp.zeros(300, dtype=np.float32)], state_dtype="8bit", backend="cuda")  # below min_8bit_size
+    small.step([cp.ones(300, dtype=np.float32)])
+    assert cp.stream.kernels[-1] == "step_float"
+    fo.LAMB(params[:1], state_dtype="8bit", min_8bit_size=0, backend="cuda").step([cp.ones(300, dtype=np.float32)])
+    assert cp.stream.kernels[-2:] == ["norms_float_8bit", "apply_float_8bit"]
+    layout, bucket = optimizer._backend.layout, optimizer._backend.buckets[0]
+    assert bucket.tensor_format[0, kernel_layout.STATE_CODES] == cuda.rule_codes(fo.Adam) & 0b11011  # no max_exp_avg_sq
+    bucket.tensor_format[0, kernel_layout.STATE_CODES] ^= kernel_layout.SIGNED_CODES  # exp_avg on the unsigned map
+    with pytest.raises(ValueError, match=r"8-bit states 0x3 \(STATE_CODES\).* hold 0xb"):
+        bucket.check_codes(layout)
+
+
+@pytest.mark.parametrize("config", RULES_8BIT, ids=optimizer_id)
+def test_rule_codes_are_the_tables(config):
+    """The 8-bit states each rule's kernels are compiled for (rule_codes) are what the shared tables hold for a tensor
+    stored in 8 bits with every state of the configuration."""
+    from fastopt.backends.layout import fill_tensor_tables
+
+    cls, kwargs = config
+    optimizer = cls([np.zeros(300, np.float32)], lr=0.01, state_dtype="8bit", min_8bit_size=0, **kwargs)
+    optimizer.step([np.ones(300, np.float32)])
+    layout = optimizer._layout()
+    addresses = np.zeros((1, kernel_layout.SLOTS), np.int64)
+    tensor_format = np.zeros((1, kernel_layout.FORMAT_COLUMNS), np.int64)
+    fill_tensor_tables(layout, [0], addresses, np.zeros(1, np.int64), tensor_format, np.dtype(np.float32),
+                       lambda array: array.ctypes.data)
+    present = sum(0b1001 << slot for slot, buffer in enumerate(layout.states[0]) if buffer is not None)
+    assert tensor_format[0, kernel_layout.STATE_CODES] == cuda.rule_codes(cls) & present != 0
 
 
 # ---------------------------------------------------------------- bad input leaves params untouched
@@ -1176,7 +1364,8 @@ class _Kernel:
             assert self.rule is None
             return self._finish_grad_control(grid, *args)
         mixed = self.name.endswith("_mixed")
-        kind, ctype = self.name.removesuffix("_mixed").rsplit("_", 1)
+        codes = self.name.removesuffix("_mixed").endswith("_8bit")
+        kind, ctype = self.name.removesuffix("_mixed").removesuffix("_8bit").rsplit("_", 1)
         dtype = {"float": np.float32, "double": np.float64}[ctype]
         if kind == "grad_stats":
             assert self.rule is None
@@ -1206,14 +1395,20 @@ class _Kernel:
         assert grad_control.shape == (kernel_layout.GRAD_CONTROLS,) and counters.shape == (cuda.COUNTERS,)
         assert group_hyper.shape[1] == kernel_layout.GROUP_COLUMNS + len(RULES[self.rule].COLUMNS)
         assert counters[cuda.TICKET] == 0
-        # The plain kernel is built without the loop for other formats: the host must pick the mixed one.
-        assert mixed or not tensor_format.any(), f"{self.name} launched on a bucket with other storage formats"
+        # The plain kernel is built without the loop for other formats: the host must pick the mixed one; and only the
+        # 8-bit kernels (float math) have the 8-bit loop.
+        assert mixed or not tensor_format[:, cuda.STORAGE_COLUMNS].any(), \
+            f"{self.name} launched on a bucket with other storage formats"
+        assert codes or not tensor_format[:, kernel_layout.STATE_CODES].any(), \
+            f"{self.name} launched on a bucket with 8-bit states"
+        assert not codes or ctype == "float"
         ends_step = kind == passes[-1]  # the pass whose blocks take tickets and whose last block advances the counts
         if grad_control[kernel_layout.SKIP] != 0:  # every block returns; the step's last pass counts the skip
             if ends_step:
                 counters[cuda.SKIPPED_STEPS] += 1
             return
-        run_block = getattr(self.shim, f"{self.rule}_{kind}_block_{ctype}")
+        run_block = getattr(self.shim, f"{self.rule}_{kind}_block_{ctype}" + ("_8bit" if codes else "") +
+                            ("_mixed" if codes and mixed else ""))
         thread_sums = np.zeros((cuda.BLOCK, kernel_layout.NORM_SUMS))
         # Every block: its chunk, with the counts and scalars as they were when the launch began; the norms pass
         # writes the chunk's sums in block_sum's tree.

@@ -11,10 +11,12 @@ loaded with ctypes; ``__host__ __device__`` is defined away outside nvcc/NVRTC. 
 
 The shim runs one block of each pass of a step kernel the way fused.cu does: the chunk's streams from its tensor's
 address and format rows, then step_math.cuh's chunk loop for every thread index in turn, so the host build covers the
-loop, its loads and stores in every storage format (storage.cuh), not only the element math; and the last block's
-update of a tensor's step count and running scalars (advance_tensor), and the blend. Only the kernels' own
-scaffolding (barriers, the skip check, the ticket, the block reductions) is device-only; tests/test_cuda.py's NumPy
-stand-in for CuPy emulates it around this shim.
+loop, its loads and stores in every storage format (storage.cuh), not only the element math; the 8-bit loop (each
+iteration's first half for every thread, the code blocks' absmax, then every thread's second half) of the kernels for
+8-bit states; and the last block's update of a tensor's step count and running scalars (advance_tensor), and the
+blend. Only the kernels' own scaffolding (barriers, the skip check, the ticket, the block reductions, the warp
+reductions of the 8-bit absmax) is device-only; tests/test_cuda.py's NumPy stand-in for CuPy emulates it around this
+shim. codes.cuh's decode and encode are checked against fastopt.quantization byte for byte (the end of this file).
 
 Two checks per case:
 - against the float64 reference, with the tolerances of tests/conftest.py (every optimizer option of CONFIGS in
@@ -38,6 +40,7 @@ import pytest
 
 import fastopt as fo
 from conftest import assert_close, tolerance
+from fastopt import quantization
 from fastopt import schedules as S
 from fastopt.backends import cuda
 from fastopt.backends import GradControl
@@ -51,6 +54,7 @@ from configs import CONFIG_IDS, CONFIGS, STEPS, lr_schedule, make_problem, run_r
 from test_schedules import CASES, EPS
 
 SHIM = r"""
+#include "codes.cuh"
 #include "grad_control.cuh"
 #include "step_math.cuh"
 @RULE_HEADERS@
@@ -99,7 +103,41 @@ extern "C" void host_tensor_norm_sums(const double* chunk_norms, int64 first_chu
     sums[NORM_UPDATE] = total.update;
 }
 
-template <typename Rule, int PASS, typename T>
+// The 8-bit loop over one chunk for every thread of a block (fused.cu's code_chunk_loop): per iteration every
+// thread's first half, each code block's absmax over its threads (block_max.cuh's reduction, here a plain max: exact,
+// in any order), every thread's second half.
+template <typename Rule, int PASS, typename F>
+void code_block_loop(const ChunkStreams<float>& s, const CodeStreams& codes, int length, const float* c,
+                     ChunkFlags flags, NormSums* sums) {
+    static CodeThread held[BLOCK];  // the shim runs one block at a time
+    const bool aligned = streams_quad_aligned<F>(s, Rule::CODES);
+    const int blocks = (length + CODE_BLOCK - 1) / CODE_BLOCK;
+    for (int first_block = 0; first_block < blocks; first_block += CODE_BLOCKS_AT_ONCE) {
+        for (int thread = 0; thread < BLOCK; ++thread) {
+            code_thread_compute<Rule, PASS, F>(s, codes, length, c, flags, aligned, first_block, thread,
+                                               held[thread]);
+        }
+        if constexpr (PASS != APPLY) {
+            uint32 absmax_bits[CODE_BLOCKS_AT_ONCE][STATE_SLOTS] = {};
+            for (int thread = 0; thread < BLOCK; ++thread) {
+                for (int k = 0; k < STATE_SLOTS; ++k) {
+                    uint32& largest = absmax_bits[thread / CODE_THREADS][k];
+                    largest = held[thread].absmax_bits[k] > largest ? held[thread].absmax_bits[k] : largest;
+                }
+            }
+            for (int thread = 0; thread < BLOCK; ++thread) {
+                code_thread_store<Rule, PASS, F>(s, codes, length, c, flags, aligned, first_block, thread,
+                                                 held[thread], absmax_bits[thread / CODE_THREADS], sums[thread]);
+            }
+        }
+    }
+}
+
+// One block of a step kernel on one chunk: <pass>_<T>[_mixed] (CODES false: run_chunk, which picks the plain or a mixed
+// loop from the chunk's formats, as both kernels do for the buckets they are launched on) or <pass>_float_8bit[_mixed]
+// (CODES: the 8-bit loop for a tensor with 8-bit states, else chunk_loop, both for the plain formats or, ANY_MIXED,
+// RUNTIME), as fused.cu's step_pass.
+template <typename Rule, int PASS, typename T, bool CODES = false, bool ANY_MIXED = true>
 void rule_block(CHUNK_PARAMETERS) {
     const double lr = group_learning_rate(Program{words, words_size}, base, optimizer_step, lr_factor);
     T c[COEFFICIENTS];
@@ -110,14 +148,29 @@ void rule_block(CHUNK_PARAMETERS) {
     }
     const ChunkFlags flags = chunk_flags(address_row, hyper);
     const Rounding rounding = chunk_rounding(seed, optimizer_step, tensor, start);
-    const bool mixed = is_mixed(format_row);
+    const bool mixed = ANY_MIXED && is_mixed(format_row);
     const ChunkStreams<T> s = mixed ? chunk_streams<T, true>(address_row, format_row, start, rounding)
                                     : chunk_streams<T, false>(address_row, format_row, start, rounding);
+    NormSums sums[BLOCK] = {};
+    if constexpr (CODES) {
+        typedef typename CodeLoopFormats<ANY_MIXED>::type F;
+        if (has_codes(format_row)) {
+            ChunkStreams<float> coded_streams = s;
+            const CodeStreams codes = code_streams(coded_streams, address_row, format_row, start);
+            code_block_loop<Rule, PASS, F>(coded_streams, codes, int(length), c, flags, sums);
+        } else {
+            for (int thread = 0; thread < BLOCK; ++thread) {
+                chunk_loop<Rule, PASS, float, F, 1>(s, int(length), c, flags, thread, sums[thread]);
+            }
+        }
+    } else {
+        for (int thread = 0; thread < BLOCK; ++thread) {
+            run_chunk<Rule, PASS, true>(s, mixed, int(length), c, flags, thread, sums[thread]);
+        }
+    }
     for (int thread = 0; thread < BLOCK; ++thread) {
-        NormSums sums{0.0, 0.0};
-        run_chunk<Rule, PASS, true>(s, mixed, int(length), c, flags, thread, sums);
-        thread_sums[thread * NORM_SUMS + NORM_PARAM] = sums.param;
-        thread_sums[thread * NORM_SUMS + NORM_UPDATE] = sums.update;
+        thread_sums[thread * NORM_SUMS + NORM_PARAM] = sums[thread].param;
+        thread_sums[thread * NORM_SUMS + NORM_UPDATE] = sums[thread].update;
     }
 }
 
@@ -132,7 +185,8 @@ void advance_block(const double* hyper, const double* words, int64 words_size, i
     advance_tensor<Rule>(hyper, lr, tensor_step, scalars);
 }
 
-// <kernel>_advance_tensor for every rule; <kernel>_<pass>_block_float and _double for each pass of its step.
+// <kernel>_advance_tensor for every rule; <kernel>_<pass>_block_float, _double, _float_8bit and _float_8bit_mixed for
+// each pass of its step.
 #define INSTANTIATE(RULE)                                                                                       \
     extern "C" void RULE##_advance_tensor(const double* hyper, const double* words, int64 words_size, int64 base, \
                                           int64 optimizer_step, double lr_factor, int64* tensor_step,          \
@@ -145,6 +199,12 @@ void advance_block(const double* hyper, const double* words, int64 words_size, i
     }                                                                                                           \
     extern "C" void RULE##_##NAME##_block_double(CHUNK_PARAMETERS) {                                          \
         rule_block<rules::RULE, PASS, double>(CHUNK_ARGUMENTS);                                                 \
+    }                                                                                                           \
+    extern "C" void RULE##_##NAME##_block_float_8bit(CHUNK_PARAMETERS) {                                      \
+        rule_block<rules::RULE, PASS, float, true, false>(CHUNK_ARGUMENTS);                                     \
+    }                                                                                                           \
+    extern "C" void RULE##_##NAME##_block_float_8bit_mixed(CHUNK_PARAMETERS) {                                \
+        rule_block<rules::RULE, PASS, float, true, true>(CHUNK_ARGUMENTS);                                      \
     }
 @RULE_INSTANCES@
 // blend.cu's block on one chunk (the tensor's address and format rows): step_math.cuh's blend_chunk for every thread.
@@ -179,6 +239,31 @@ extern "C" void host_store_float(const float* values, int64 format, int64 size, 
                                  int64 tensor, int64 start) {
     const Rounding rounding = chunk_rounding(seed, step, tensor, start);
     for (int i = 0; i < int(size); ++i) store_value<float, RUNTIME>(stream, int(format), i, values[i], rounding);
+}
+// codes.cuh over whole arrays: a tensor's codes and scales block by block (fastopt.quantization.quantize), its values
+// (dequantize), and encode alone.
+extern "C" void host_quantize(const float* values, int64 size, int64 is_signed, unsigned char* codes, float* scales) {
+    for (int64 begin = 0; begin < size; begin += CODE_BLOCK) {
+        const int64 end = begin + CODE_BLOCK < size ? begin + CODE_BLOCK : size;
+        uint32 absmax_bits = 0;
+        for (int64 i = begin; i < end; ++i) {
+            const uint32 bits = magnitude_bits(values[i]);
+            absmax_bits = bits > absmax_bits ? bits : absmax_bits;
+        }
+        const float scale = block_scale(absmax_bits);
+        const float reciprocal = scale_reciprocal(scale);
+        for (int64 i = begin; i < end; ++i) {
+            codes[i] = (unsigned char)encode_in_block(values[i], reciprocal, absmax_bits, is_signed != 0);
+        }
+        scales[begin / CODE_BLOCK] = scale;
+    }
+}
+extern "C" void host_dequantize(const unsigned char* codes, const float* scales, int64 size, int64 is_signed,
+                                float* out) {
+    for (int64 i = 0; i < size; ++i) out[i] = decode(codes[i], scales[i / CODE_BLOCK], is_signed != 0);
+}
+extern "C" void host_encode(const float* x, int64 size, int64 is_signed, unsigned char* codes) {
+    for (int64 i = 0; i < size; ++i) codes[i] = (unsigned char)encode(x[i], is_signed != 0);
 }
 extern "C" void host_widen_double(const void* stream, int64 format, int64 size, double* out) {
     for (int i = 0; i < int(size); ++i) {
@@ -236,7 +321,7 @@ def shim(tmp_path_factory):
     loaded.host_schedule_value.restype = ctypes.c_double
     loaded.host_schedule_value.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_longlong]
     for kernel in RULES:
-        for ctype in CTYPES.values():
+        for ctype in list(CTYPES.values()) + ["float_8bit", "float_8bit_mixed"]:
             for name in cuda.rule_passes(kernel):
                 function = getattr(loaded, f"{kernel}_{name}_block_{ctype}")
                 function.restype = None
@@ -255,6 +340,13 @@ def shim(tmp_path_factory):
     for name in ("host_widen_float", "host_widen_double"):
         getattr(loaded, name).restype = None
         getattr(loaded, name).argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
+    for name in ("host_quantize", "host_dequantize", "host_encode"):
+        getattr(loaded, name).restype = None
+    loaded.host_quantize.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
+                                     ctypes.c_void_p]
+    loaded.host_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong,
+                                       ctypes.c_void_p]
+    loaded.host_encode.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
     loaded.host_store_float.restype = None
     loaded.host_store_float.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p] + \
         [ctypes.c_longlong] * 4
@@ -575,3 +667,86 @@ def test_grad_control_matches_the_host(shim, sum_of_squares, nonfinite, unscale,
     np.testing.assert_array_equal(control, expected.values)
     np.testing.assert_array_equal(statistics[cuda.STATISTIC_NORM], expected.norm)
     assert statistics[cuda.STATISTIC_NONFINITE] == expected.nonfinite
+
+
+# ---------------------------------------------------------------- 8-bit states: codes.cuh against fastopt.quantization
+def host_quantize(shim, values, signed):
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    codes = np.full(values.size, 0xAA, np.uint8)  # not zeros: a code never written would show
+    scales = np.full(quantization.block_count(values.size), 123.0, np.float32)
+    shim.host_quantize(pointer(values), values.size, signed, pointer(codes), pointer(scales))
+    return codes, scales
+
+
+def host_dequantize(shim, codes, scales, signed):
+    codes, scales = np.ascontiguousarray(codes, np.uint8), np.ascontiguousarray(scales, np.float32)
+    values = np.empty(codes.size, np.float32)
+    shim.host_dequantize(pointer(codes), pointer(scales), codes.size, signed, pointer(values))
+    return values
+
+
+def awkward_blocks(size, signed, rng):
+    """fastopt.quantization's awkward cases, one block each, in a tensor of ``size`` elements of heavy-tailed moments
+    (test_quantization.states): every map value and midpoint (ties) with one ulp either side under an absmax of 1; a
+    marked block for each of NaN, inf and -inf; a zero block with -0.0s; a block of subnormals (a zero block too);
+    one whose absmax is the smallest normal; one of scale near 3e38 (its reciprocal is subnormal)."""
+    from test_quantization import awkward_values, states
+
+    block = quantization.BLOCK
+    values = states(size, signed, seed=size)
+    moments = states(block, signed, seed=size + 1)
+    ties = rng.choice(awkward_values(quantization.code_map_of(signed), rng), block - 1, replace=False)
+    zeros = np.where(np.arange(block) % 3 == 0, -0.0, 0.0)
+    subnormal = np.float32(2.0 ** -127) * rng.uniform(-1, 1, block)
+    contents = [moments, np.append(ties, 1.0), np.where(np.arange(block) == 17, np.nan, moments),
+                np.where(np.arange(block) == 0, np.inf, moments), np.where(np.arange(block) == 255, -np.inf, moments),
+                zeros, subnormal, np.append(subnormal[:-1], 2.0 ** -126), rng.uniform(-3e38, 3e38, block)]
+    for index, content in enumerate(contents):
+        part = values[index * block:(index + 1) * block]
+        part[...] = np.asarray(content, np.float32)[:part.size]
+    return values if signed else np.where(np.isnan(values), values, np.abs(values)).astype(np.float32)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_every_code_decodes_as_the_reference(shim, signed):
+    """All 256 codes in blocks of scales 1, a random one, 2^-120 (subnormal products, not flushed), 3e38, 0 and NaN
+    (a marked block): one float32 product of the map's value, bit for bit."""
+    scales = np.array([1.0, 0.7123, 2.0 ** -120, 3e38, 0.0, np.nan], np.float32)
+    codes = np.tile(np.arange(256, dtype=np.uint8), scales.size)
+    expected = quantization.dequantize(codes, scales, signed)
+    np.testing.assert_array_equal(host_dequantize(shim, codes, scales, signed).view(np.uint32),
+                                  expected.view(np.uint32))
+    subnormal = (expected[512:768] != 0) & (np.abs(expected[512:768]) < 2.0 ** -126)
+    assert np.count_nonzero(subnormal) > 10 and np.isnan(expected[-256:]).all()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_encode_is_the_reference_closed_form(shim, signed):
+    """Every map value and midpoint with its neighbours, random magnitudes, the extremes, and every 4099th float32 in
+    [-1, 1]: encode's codes are encode_float_codes'."""
+    from test_quantization import awkward_values
+
+    sweep = np.arange(0, 0x3F800001, 4099, dtype=np.uint32).view(np.float32)
+    x = np.concatenate([awkward_values(quantization.code_map_of(signed), np.random.default_rng(1)), sweep, -sweep,
+                        [np.nextafter(np.float32(1), np.float32(2))]]).astype(np.float32)
+    codes = np.empty(x.size, np.uint8)
+    shim.host_encode(pointer(x), x.size, signed, pointer(codes))
+    np.testing.assert_array_equal(codes, quantization.encode_float_codes(x, signed))
+
+
+@pytest.mark.parametrize("size", [1, 255, 256, 257, 509, 2311, 4099])
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_is_the_reference(shim, size, signed, rng):
+    """A tensor block by block as the kernels encode it (absmax bits, scale, reciprocal, encode_in_block), at awkward
+    sizes with a short last block, through awkward_blocks' ties, marked, zero and subnormal blocks: the reference's
+    codes and scales bit for bit, and its decoded values."""
+    values = awkward_blocks(size, signed, rng)
+    codes, scales = host_quantize(shim, values, signed)
+    expected_codes, expected_scales = quantization.quantize(values, signed)
+    np.testing.assert_array_equal(codes, expected_codes)
+    np.testing.assert_array_equal(scales.view(np.uint32), expected_scales.view(np.uint32))
+    np.testing.assert_array_equal(host_dequantize(shim, codes, scales, signed).view(np.uint32),
+                                  quantization.dequantize(expected_codes, expected_scales, signed).view(np.uint32))
+    if size > 8 * quantization.BLOCK:  # every kind of block is there
+        assert scales[1] == 1 and np.isnan(scales[2:5]).all() and scales[5] == scales[6] == 0
+        assert scales[7] == 2.0 ** -126 and scales[8] > 2.0 ** 126 and not np.any(codes[2 * 256:7 * 256])

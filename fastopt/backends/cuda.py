@@ -23,6 +23,13 @@ Design (see ``kernels/cuda/fused.cu`` for the device side):
   (stochastic rounding included: the same counter-based hash, keyed alike). A bucket stored entirely in its math
   dtype launches kernels built without the mixed loop (``step_<type>``; else ``step_<type>_mixed``), so that
   float32 training keeps the registers and occupancy it had.
+- **8-bit states** (``state_dtype="8bit"``, :mod:`fastopt.quantization`): a state's uint8 codes are in its state slot
+  and its float32 block scales in its SCALES slot, and tensor_format's STATE_CODES says which states are 8-bit. A
+  bucket with any launches ``<pass>_float_8bit`` (``_8bit_mixed`` for other storage formats): each chunk of an 8-bit
+  tensor is updated block by block (256 elements; the codes decoded in registers, the rule's float32 math, the
+  block's new absmax across its threads, the new codes and scale written once), bit for bit the CPU kernels' bytes.
+  Chunks are multiples of the block (MIN_CHUNK is), so no block straddles two. Which states a rule keeps in 8 bits is
+  compiled into its kernels (:func:`rule_codes`).
 - **Step counts on the device.** Each bucket holds ``counters`` (the optimizer step, a ticket, the skipped steps),
   the tensors' step counts and their running scalars (a rule's ``SCALARS``: schedule-free's weight sum) in device
   memory; the kernel evaluates the schedule and bias corrections from them and its last block advances them. The host counts steps too (``Optimizer.step_count``) and re-uploads the device
@@ -66,7 +73,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import dtypes, kernels
+from .. import dtypes, kernels, quantization
 from ..kernels.cpu import layout as kernel_layout
 from ..kernels.cpu import schedule_codes
 from . import CLIP_EPSILON, _describe, is_gpu_array
@@ -81,7 +88,8 @@ BLOCK = 256  # threads per block, every kernel
 ILP = 4  # elements each thread loads before it computes and stores
 # Elements per chunk (one block each): a power of two from MIN_CHUNK to MAX_CHUNK, the largest that still gives
 # each multiprocessor BLOCKS_PER_MULTIPROCESSOR blocks. Small buckets get small chunks so every multiprocessor
-# streams; large ones get large chunks so each block's set-up (its schedule and coefficients) is amortised.
+# streams; large ones get large chunks so each block's set-up (its schedule and coefficients) is amortised. A multiple
+# of CODE_BLOCK: an 8-bit state's block of 256 elements never straddles two chunks.
 MIN_CHUNK = 1 << 11
 MAX_CHUNK = 1 << 16
 BLOCKS_PER_MULTIPROCESSOR = 16  # measured best for the GPT-2 list (bench/GPU_TUNING.md)
@@ -99,6 +107,8 @@ SCALE_ON_HOST, SCALE_FLOAT32, SCALE_FLOAT64 = 0, 1, 2
 SCALE_FORMATS = {np.dtype(np.float32): SCALE_FLOAT32, np.dtype(np.float64): SCALE_FLOAT64}
 
 KERNEL_DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+# The tensor_format columns of storage formats (a nonzero one needs a ``_mixed`` kernel); STATE_CODES needs ``_8bit``.
+STORAGE_COLUMNS = [kernel_layout.PARAM_FORMAT, kernel_layout.GRAD_FORMAT, kernel_layout.STATE_FORMAT]
 
 # The dtype of a CuPy array of each storage (CuPy has no bfloat16: its bits, as uint16).
 STORAGE_DTYPES = {"float64": np.dtype(np.float64), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
@@ -118,16 +128,18 @@ def compile_defines():
 
     defines = {f"FASTOPT_SCHEDULE_{name}": value for name, value in vars(schedule_codes).items()
                if name.isupper() and isinstance(value, int)}
-    for slot in ("PARAM", "GRAD", "LR_SCALE", "STATE0", "STATE1", "STATE2", "MASTER"):
+    for slot in ("PARAM", "GRAD", "LR_SCALE", "STATE0", "STATE1", "STATE2", "MASTER", "SCALES0", "SCALES1", "SCALES2"):
         defines[f"FASTOPT_SLOT_{slot}"] = getattr(kernel_layout, slot)
     defines["FASTOPT_SLOTS"] = kernel_layout.SLOTS
     for name in ("NATIVE", "FLOAT32", "BFLOAT16", "FLOAT16", "BFLOAT16_STOCHASTIC"):
         defines[f"FASTOPT_FORMAT_{name}"] = getattr(kernel_layout, name)
-    for name in ("PARAM_FORMAT", "GRAD_FORMAT", "STATE_FORMAT", "FORMAT_COLUMNS", "GRAD_UNSCALE", "GRAD_CLIP", "SKIP",
+    for name in ("PARAM_FORMAT", "GRAD_FORMAT", "STATE_FORMAT", "STATE_CODES", "FORMAT_COLUMNS", "CODES_8BIT",
+                 "SIGNED_CODES", "CODE_BLOCK", "GRAD_UNSCALE", "GRAD_CLIP", "SKIP",
                  "GRAD_CONTROLS", "COUNTS_STEP", "LIVE_STATES", "MAXIMIZE", "GROUP_COLUMNS", "STATE_SLOTS",
                  "RULE_COEFFICIENTS", "COEFFICIENTS", "COEFFICIENT_GRAD_UNSCALE", "COEFFICIENT_GRAD_CLIP",
                  "TENSOR_SCALARS", "NORM_PARAM", "NORM_UPDATE", "NORM_SUMS"):
         defines[f"FASTOPT_{name}"] = getattr(kernel_layout, name)
+    defines["FASTOPT_CODE_MANTISSA_BITS"] = quantization.MANTISSA_BITS
     for kernel, rule in RULES.items():
         prefix = f"FASTOPT_{kernel.upper()}"
         defines.update({f"{prefix}_{column.upper()}": index
@@ -135,6 +147,7 @@ def compile_defines():
         defines[f"{prefix}_COLUMNS"] = kernel_layout.GROUP_COLUMNS + len(rule.COLUMNS)
         defines[f"{prefix}_ALWAYS_LIVE"] = rule.slot_mask(set(rule.STATE_SLOTS) - set(rule.OPTIONAL_STATES))
         defines[f"{prefix}_OPTIONAL_LIVE"] = rule.slot_mask(rule.OPTIONAL_STATES)
+        defines[f"{prefix}_CODES"] = rule_codes(rule)
     defines.update(FASTOPT_STATISTIC_NORM=STATISTIC_NORM, FASTOPT_STATISTIC_NONFINITE=STATISTIC_NONFINITE,
                    FASTOPT_STATISTICS=STATISTICS, FASTOPT_CLIP_EPSILON=repr(float(CLIP_EPSILON)),
                    FASTOPT_SCALE_ON_HOST=SCALE_ON_HOST, FASTOPT_SCALE_FLOAT32=SCALE_FLOAT32,
@@ -143,6 +156,20 @@ def compile_defines():
                    FASTOPT_COUNTER_SKIPPED_STEPS=SKIPPED_STEPS, FASTOPT_COUNTERS=COUNTERS, FASTOPT_BLOCK=BLOCK,
                    FASTOPT_ILP=ILP, FASTOPT_MAX_CHUNK=MAX_CHUNK)
     return defines
+
+
+def rule_codes(rule):
+    """The STATE_CODES bits of a tensor of the rule ``rule`` (an optimizer class) whose states are stored in 8 bits,
+    every state slot present: ``CODES_8BIT << k`` for each slot k that ``fastopt.quantization.STATE_SIGNED`` stores in
+    8 bits, ``SIGNED_CODES << k`` for those on the signed map. The kernels are compiled with it (the 8-bit loop holds
+    a state's codes or its floats as it says, and no element branches on it); a tensor's own STATE_CODES must be 0 or
+    this, less the slots it lacks (``_DtypeBucket.check_codes``)."""
+    codes = 0
+    for slot, name in enumerate(rule.STATE_SLOTS):
+        signed = quantization.STATE_SIGNED.get(name)
+        if signed is not None:
+            codes |= (kernel_layout.CODES_8BIT | (kernel_layout.SIGNED_CODES if signed else 0)) << slot
+    return codes
 
 
 @functools.lru_cache(maxsize=None)
@@ -336,6 +363,16 @@ class CupyArrays:
         return array.data.ptr
 
     @staticmethod
+    def storage_dtype(storage):
+        """The dtype of this engine's buffers stored as ``storage`` (a storage name; bfloat16: uint16 bits)."""
+        return np.dtype(STORAGE_DTYPES[storage])
+
+    @staticmethod
+    def allocate_buffer(shape, dtype, ordinal):
+        """A zeroed buffer of ``shape`` and ``dtype`` on the current device (8-bit codes, block scales)."""
+        return _cupy().zeros(shape, dtype=dtype)
+
+    @staticmethod
     def allocate_state(param, ordinal, storage, value=0.0):
         """A buffer shaped like ``param`` on its device, stored as ``storage`` (a storage name; bfloat16 as uint16
         bits), holding ``value`` rounded to the storage (a rule's initial state: Adagrad's accumulator). Pass the value
@@ -453,10 +490,28 @@ class _DtypeBucket:
         }
 
     def kernel_name(self, kernel_pass="step"):
-        """The kernel of the pass ``kernel_pass`` (:func:`rule_passes`) for this bucket's formats as uploaded: the
-        plain one unless a tensor is stored in another format than the math dtype (fused.cu)."""
-        mixed = self.uploaded_tensor_format is not None and bool(self.uploaded_tensor_format.any())
-        return f"{kernel_pass}_{self.ctype}" + ("_mixed" if mixed else "")
+        """The kernel of the pass ``kernel_pass`` (:func:`rule_passes`) for this bucket's formats as uploaded (fused.cu):
+        ``_8bit`` where a tensor has states stored in 8 bits, the plain one unless a tensor is stored in another format
+        than the math dtype, else ``_mixed`` (``_8bit_mixed`` with both)."""
+        formats = self.uploaded_tensor_format
+        if formats is None:
+            return f"{kernel_pass}_{self.ctype}"
+        mixed = bool(formats[:, STORAGE_COLUMNS].any())
+        codes = bool(formats[:, kernel_layout.STATE_CODES].any())
+        return f"{kernel_pass}_{self.ctype}" + ("_8bit" if codes else "") + ("_mixed" if mixed else "")
+
+    def check_codes(self, layout):
+        """ValueError unless each tensor's 8-bit states (STATE_CODES, as filled from ``layout``) are none, or those
+        fused.cu is compiled for (:func:`rule_codes`, less the state slots the tensor lacks) under float math."""
+        expected = rule_codes(layout.rule)
+        for position, index in enumerate(self.indices):
+            codes = int(self.tensor_format[position, kernel_layout.STATE_CODES])
+            present = sum((kernel_layout.CODES_8BIT | kernel_layout.SIGNED_CODES) << slot
+                          for slot, buffer in enumerate(layout.states[index]) if buffer is not None)
+            if codes and (self.ctype != "float" or codes != expected & present):
+                raise ValueError(f"param {index} has 8-bit states {codes:#x} (STATE_CODES) under {self.dtype} math; "
+                                 f"the CUDA kernels of {layout.rule.__name__} hold {expected & present:#x}, under "
+                                 "float32 math only (fastopt.quantization.STATE_SIGNED)")
 
 
 class CudaBackend(CupyArrays):
@@ -566,6 +621,7 @@ class CudaBackend(CupyArrays):
             if layout is not self.layout:
                 fill_tensor_tables(layout, bucket.indices, bucket.addresses, bucket.tensor_group, bucket.tensor_format,
                                    bucket.dtype, _address)
+                bucket.check_codes(layout)
                 if bucket.uploaded_tensor_group is None or not np.array_equal(bucket.uploaded_tensor_group,
                                                                               bucket.tensor_group):
                     pending.append((bucket.device["tensor_group"], bucket.tensor_group.copy()))
@@ -668,6 +724,10 @@ class CudaBackend(CupyArrays):
         math dtype; uploaded with each call (a blend is schedule-free's train()/eval(), not a step: it is not
         captured in graphs)."""
         self._prepare(layout, None)
+        for bucket in self.buckets:
+            if np.any(bucket.tensor_format[:, kernel_layout.STATE_CODES] >> slot & kernel_layout.CODES_8BIT):
+                raise NotImplementedError(f"the blend toward state slot {slot} of an 8-bit state: blend.cu reads the "
+                                          "state as floats (schedule-free's z is never 8-bit)")
         weights = np.asarray(weights, dtype=np.float64)
         self._flush([(bucket.device["tensor_weight"], weights[bucket.indices].astype(bucket.dtype))
                      for bucket in self.buckets])

@@ -43,6 +43,16 @@
 // choice is per chunk, uniform across the block. Each kernel comes twice: ``step_<T>`` for buckets stored entirely in
 // T, built with the plain loop only (its registers, and so its occupancy, are the plain loop's), and
 // ``step_<T>_mixed`` for the others.
+//
+// 8-bit states (float math only; fastopt.quantization's format, codes.cuh): a tensor whose STATE_CODES is set has
+// uint8 codes in its 8-bit state slots and float32 block scales in their SCALES slots. Its chunks run the 8-bit loop of
+// step_math.cuh (code_chunk_loop below): CODE_BLOCK elements and one scale per 8-bit state at a time, decoded in
+// registers, the rule's math in float, each block's new absmax across the threads that hold it (block_max.cuh), the
+// new codes and scale written once: one pass over memory, the CPU kernels' bytes. Buckets with 8-bit states launch
+// ``step_float_8bit`` (float32 throughout) or ``step_float_8bit_mixed`` (any formats, RUNTIME loops), whose other
+// chunks (tensors below min_8bit_size) run chunk_loop; the other kernels keep their registers. A skipped step writes
+// no code and no scale.
+#include "block_max.cuh"
 #include "block_sum.cuh"
 #include "host_device.cuh"
 #include "layout.cuh"
@@ -121,6 +131,31 @@ __device__ void advance_step_counts(int64* counters, int64* tensor_step, double*
     }
 }
 
+// One block's loop over a chunk with 8-bit states whose streams are stored as F (step_math.cuh's 8-bit loop): per
+// iteration each thread's first half, the code blocks' absmax (one barrier), each thread's second half. Every thread
+// runs every iteration (the barrier and the warp reductions need them all); a thread past the chunk's end loads and
+// stores nothing. Returns the thread's sums of squares of the NORMS pass.
+template <typename Rule, int PASS, typename F>
+__device__ NormSums code_chunk_loop(const ChunkStreams<float>& s, const CodeStreams& codes, int length, const float* c,
+                                    ChunkFlags flags) {
+    const bool aligned = streams_quad_aligned<F>(s, Rule::CODES);
+    const int blocks = (length + CODE_BLOCK - 1) / CODE_BLOCK;
+    NormSums sums{0.0, 0.0};
+    int parity = 0;
+    for (int first_block = 0; first_block < blocks; first_block += CODE_BLOCKS_AT_ONCE) {
+        CodeThread held;
+        code_thread_compute<Rule, PASS, F>(s, codes, length, c, flags, aligned, first_block, int(threadIdx.x), held);
+        if constexpr (PASS != APPLY) {
+            uint32 absmax_bits[STATE_SLOTS];
+            code_block_absmax<Rule::ALWAYS_LIVE | Rule::OPTIONAL_LIVE>(held.absmax_bits, absmax_bits, parity);
+            parity ^= 1;
+            code_thread_store<Rule, PASS, F>(s, codes, length, c, flags, aligned, first_block, int(threadIdx.x), held,
+                                             absmax_bits, sums);
+        }
+    }
+    return sums;
+}
+
 // The arguments of every step kernel, in the order of the Numba kernels' arguments (the optimizer step is
 // read from ``counters`` instead of being passed; the table sizes come along, as C arrays carry none; tensor_chunks
 // [tensors + 1]: tensor t's chunks are [tensor_chunks[t], tensor_chunks[t + 1]) of the chunk table).
@@ -139,10 +174,14 @@ __device__ void advance_step_counts(int64* counters, int64* tensor_step, double*
 
 // One pass (step_math.cuh's Pass) of a step of Rule over all tensors of one math dtype: UPDATE, the whole step of a
 // one-pass rule; NORMS and APPLY, the two launches of a rule with per-tensor norms. ANY_MIXED: some tensor may be
-// stored in another format than T (else every chunk runs the plain loop). The pass that ends the step (UPDATE,
-// APPLY) counts a skip and advances the counts; NORMS only honours the skip.
-template <typename Rule, int PASS, typename T, bool ANY_MIXED>
+// stored in another format than T (else every chunk runs the plain loop). CODES (float math only): some tensor may
+// have 8-bit states; its chunks run the 8-bit loop, the others chunk_loop, both for the plain formats or (ANY_MIXED)
+// the RUNTIME ones, whatever each chunk's formats (two loops only: a kernel holding more of the 8-bit loops spilled
+// registers at the four blocks per multiprocessor of the plain kernels). The pass that ends the step (UPDATE, APPLY)
+// counts a skip and advances the counts; NORMS only honours the skip.
+template <typename Rule, int PASS, typename T, bool ANY_MIXED, bool CODES = false>
 __device__ void step_pass(FASTOPT_STEP_PARAMETERS) {
+    static_assert(!CODES || sizeof(T) == 4, "8-bit states exist under float math only");
     if (PASS == NORMS ? grad_control[SKIP] != 0 : skips_step(grad_control, counters)) {
         return;
     }
@@ -194,7 +233,19 @@ __device__ void step_pass(FASTOPT_STEP_PARAMETERS) {
         // step_float_mixed spills at its 64-register bound (Adam, sm_80 and sm_90).
         const ChunkFlags flags = chunk_flags(address_row, group_hyper + tensor_group[tensor] * Rule::COLUMNS);
         NormSums sums{0.0, 0.0};
-        run_chunk<Rule, PASS, ANY_MIXED>(streams, mixed, int(chunk_length[chunk]), c, flags, int(threadIdx.x), sums);
+        const int length = int(chunk_length[chunk]);
+        if constexpr (CODES) {
+            typedef typename CodeLoopFormats<ANY_MIXED>::type F;
+            if (has_codes(format_row)) {
+                ChunkStreams<float> coded_streams = streams;
+                const CodeStreams codes = code_streams(coded_streams, address_row, format_row, chunk_start[chunk]);
+                sums = code_chunk_loop<Rule, PASS, F>(coded_streams, codes, length, c, flags);
+            } else {
+                chunk_loop<Rule, PASS, float, F, 1>(streams, length, c, flags, int(threadIdx.x), sums);
+            }
+        } else {
+            run_chunk<Rule, PASS, ANY_MIXED>(streams, mixed, length, c, flags, int(threadIdx.x), sums);
+        }
         if constexpr (PASS == NORMS) {
             block_sum(block_param, block_update, sums.param, sums.update);
             if (threadIdx.x == 0) {
@@ -227,12 +278,27 @@ __device__ void step_pass(FASTOPT_STEP_PARAMETERS) {
         fastopt::step_pass<FASTOPT_RULE, fastopt::PASS, T, true>(FASTOPT_STEP_ARGUMENTS);                       \
     }
 
+// <pass>_float_8bit runs float buckets with 8-bit states (8-bit states exist under float math only) stored in float32
+// throughout, at the plain kernels' four blocks per multiprocessor; <pass>_float_8bit_mixed any other (its RUNTIME
+// loops take 78 to 110 registers, so two blocks: at three, 80 registers, some spilled).
+#define FASTOPT_CODE_KERNEL(NAME, PASS)                                                                            \
+    extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK, 65536 / 64 / FASTOPT_BLOCK)                      \
+        NAME##_float_8bit(FASTOPT_STEP_PARAMETERS) {                                                            \
+        fastopt::step_pass<FASTOPT_RULE, fastopt::PASS, float, false, true>(FASTOPT_STEP_ARGUMENTS);            \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(FASTOPT_BLOCK, 2) NAME##_float_8bit_mixed(FASTOPT_STEP_PARAMETERS) { \
+        fastopt::step_pass<FASTOPT_RULE, fastopt::PASS, float, true, true>(FASTOPT_STEP_ARGUMENTS);             \
+    }
+
 #if FASTOPT_RULE_NORMS
 #define FASTOPT_STEP_KERNELS(T, MIXED_MIN_BLOCKS) \
     FASTOPT_PASS_KERNELS(norms, NORMS, T, MIXED_MIN_BLOCKS) FASTOPT_PASS_KERNELS(apply, APPLY, T, MIXED_MIN_BLOCKS)
+#define FASTOPT_CODE_KERNELS FASTOPT_CODE_KERNEL(norms, NORMS) FASTOPT_CODE_KERNEL(apply, APPLY)
 #else
 #define FASTOPT_STEP_KERNELS(T, MIXED_MIN_BLOCKS) FASTOPT_PASS_KERNELS(step, UPDATE, T, MIXED_MIN_BLOCKS)
+#define FASTOPT_CODE_KERNELS FASTOPT_CODE_KERNEL(step, UPDATE)
 #endif
 
 FASTOPT_STEP_KERNELS(float, 65536 / 64 / FASTOPT_BLOCK)
 FASTOPT_STEP_KERNELS(double, 1)
+FASTOPT_CODE_KERNELS

@@ -6,10 +6,11 @@
 //
 // Per optimizer step and math dtype (float32: float32, bfloat16 and float16 params; double: float64 params) the
 // kernel reads:
-// - addresses   int64 [tensors][SLOTS]: data address of each tensor's param, grad, lr_scale, state and master
-//               buffers; 0 marks an absent buffer (no lr_scale, no grad this step, a state the group does not use,
-//               no master copy).
-// - tensor_format int64 [tensors][FORMAT_COLUMNS]: how each tensor's param, grad and states are stored (below).
+// - addresses   int64 [tensors][SLOTS]: data address of each tensor's param, grad, lr_scale, state, master and
+//               scales buffers; 0 marks an absent buffer (no lr_scale, no grad this step, a state the group does not
+//               use, no master copy, a state not stored in 8 bits).
+// - tensor_format int64 [tensors][FORMAT_COLUMNS]: how each tensor's param, grad and states are stored, and which
+//               states are 8-bit (below).
 // - chunk_tensor, chunk_start, chunk_length  int64 [chunks]: the work split, at most CHUNK elements each;
 //               one thread block per chunk.
 // - tensor_group int64 [tensors], tensor_step int64 [tensors] (steps taken; advanced on the device).
@@ -26,7 +27,7 @@
 
 #if !defined(FASTOPT_SLOT_PARAM) || !defined(FASTOPT_SLOTS) || !defined(FASTOPT_GROUP_COLUMNS) || \
     !defined(FASTOPT_COEFFICIENTS) || !defined(FASTOPT_FORMAT_COLUMNS) || !defined(FASTOPT_GRAD_CONTROLS) || \
-    !defined(FASTOPT_BLOCK) || !defined(FASTOPT_ILP)
+    !defined(FASTOPT_BLOCK) || !defined(FASTOPT_ILP) || !defined(FASTOPT_CODE_BLOCK)
 #error "compile with the -D options of fastopt.backends.cuda.compile_options() (the table layouts)"
 #endif
 
@@ -40,6 +41,12 @@ constexpr int STATE0 = FASTOPT_SLOT_STATE0;
 constexpr int STATE1 = FASTOPT_SLOT_STATE1;
 constexpr int STATE2 = FASTOPT_SLOT_STATE2;
 constexpr int MASTER = FASTOPT_SLOT_MASTER;  // the float32 master copy of a 16-bit param (0: none)
+// The float32 block scales of state slot STATE0 + k where it is stored in 8 bits (its state slot then addresses its
+// uint8 codes; 0: not 8-bit). scales[0] is the scale of the tensor's first block: a chunk starting at element
+// ``start`` (a multiple of CODE_BLOCK) reads its scales from scales[start / CODE_BLOCK] on.
+constexpr int SCALES0 = FASTOPT_SLOT_SCALES0;
+constexpr int SCALES1 = FASTOPT_SLOT_SCALES1;
+constexpr int SCALES2 = FASTOPT_SLOT_SCALES2;
 constexpr int SLOTS = FASTOPT_SLOTS;
 
 // Storage formats (tensor_format entries). NATIVE: the math dtype itself. The others are widened exactly on load
@@ -53,8 +60,15 @@ constexpr int FLOAT16 = FASTOPT_FORMAT_FLOAT16;
 constexpr int BFLOAT16_STOCHASTIC = FASTOPT_FORMAT_BFLOAT16_STOCHASTIC;
 constexpr int PARAM_FORMAT = FASTOPT_PARAM_FORMAT;
 constexpr int GRAD_FORMAT = FASTOPT_GRAD_FORMAT;
-constexpr int STATE_FORMAT = FASTOPT_STATE_FORMAT;
+constexpr int STATE_FORMAT = FASTOPT_STATE_FORMAT;  // the format of the states that are not 8-bit
+// Which states are stored in 8 bits (fastopt.quantization's format: uint8 codes, a float32 absmax per CODE_BLOCK
+// elements): bit CODES_8BIT << k where state slot k is, and SIGNED_CODES << k where its code map is the signed one.
+// 8-bit states exist under float math only.
+constexpr int STATE_CODES = FASTOPT_STATE_CODES;
 constexpr int FORMAT_COLUMNS = FASTOPT_FORMAT_COLUMNS;
+constexpr int CODES_8BIT = FASTOPT_CODES_8BIT;
+constexpr int SIGNED_CODES = FASTOPT_SIGNED_CODES;
+constexpr int CODE_BLOCK = FASTOPT_CODE_BLOCK;  // elements per block scale; chunk starts are multiples of it
 
 // grad_control entries: the grads are multiplied by GRAD_UNSCALE (1 / loss scale), then by GRAD_CLIP (the
 // global-norm clip factor); SKIP != 0 skips the whole step (nothing written, no step count advanced).
@@ -83,6 +97,8 @@ constexpr int MAXIMIZE = FASTOPT_MAXIMIZE;
 constexpr int GROUP_COLUMNS = FASTOPT_GROUP_COLUMNS;
 constexpr int STATE_SLOTS = FASTOPT_STATE_SLOTS;
 static_assert(STATE1 == STATE0 + 1 && STATE2 == STATE0 + 2 && STATE_SLOTS == 3, "state slot k is STATE0 + k");
+static_assert(SCALES1 == SCALES0 + 1 && SCALES2 == SCALES0 + 2, "the scales of state slot k are SCALES0 + k");
+static_assert((CODES_8BIT << (STATE_SLOTS - 1)) < SIGNED_CODES, "STATE_CODES' two bit fields do not overlap");
 
 // A tensor's coefficients (the CPU kernel's coefficient row): the rule's step scalars (RULE_COEFFICIENTS at most,
 // written by Rule::coefficients), then the two grad factors of grad_control rounded to the math dtype.

@@ -21,6 +21,7 @@
 // 16-bit and float32 streams are widened exactly after the load and rounded at the store (storage.cuh).
 #pragma once
 
+#include "codes.cuh"
 #include "element_math.cuh"
 #include "host_device.cuh"
 #include "layout.cuh"
@@ -295,6 +296,224 @@ FASTOPT_HOST_DEVICE void run_chunk(const ChunkStreams<T>& s, bool mixed, int len
     }
     chunk_loop<Rule, PASS, T, PlainFormats, 1>(s, length, c, flags, thread, sums);
 }
+
+// ---------------------------------------------------------------- the 8-bit loop
+// A chunk of a tensor with 8-bit states (storage.cuh: has_codes) runs block by block, CODE_BLOCK elements and one
+// scale per 8-bit state each (Numba: the fused loops over CODE_BLOCK windows): every 8-bit state element is decoded in
+// registers, the rule's element math runs in float as in chunk_loop, the block's new absmax of each 8-bit state is
+// found across the threads that hold the block, then its new values are encoded and stored with its scale, once. One
+// pass over memory. States that are not 8-bit (schedule-free's z) are read and written as in chunk_loop.
+//
+// Which of a rule's states are 8-bit in such a tensor, and which use the signed map, is the rule's CODES (STATE_CODES'
+// bits, from fastopt.quantization.STATE_SIGNED: compile_defines' FASTOPT_<KERNEL>_CODES), known when compiled, so that
+// a state's codes are held four to a register and no element branches on its storage. The host checks that every
+// tensor's STATE_CODES is 0 or the rule's (less the states it lacks).
+//
+// CODE_THREADS threads hold a block, a quad of QUAD elements each (storage.cuh), and BLOCK threads take
+// CODE_BLOCKS_AT_ONCE blocks per iteration. An iteration is two halves around the absmax: code_thread_compute (loads,
+// decoding, the element math; the param stored; the thread's largest magnitudes) and code_thread_store (encoding;
+// codes and the block's scale stored; in the NORMS pass the direction, from the states as stored: decoded again from
+// their new codes). fused.cu runs the halves in one thread around a warp reduction and one barrier (block_max.cuh);
+// the host shim runs every thread's first half, the blocks' maxima, then every thread's second half. The APPLY pass
+// (which writes no state) is the first half alone.
+constexpr int CODE_THREADS = CODE_BLOCK / QUAD;
+constexpr int CODE_BLOCKS_AT_ONCE = BLOCK / CODE_THREADS;
+static_assert(CODE_BLOCK % QUAD == 0 && BLOCK % CODE_THREADS == 0, "a thread block holds whole code blocks");
+
+// Whether Rule's state slot k is stored in 8 bits where its tensor is, and on the signed map.
+template <typename Rule>
+FASTOPT_HOST_DEVICE constexpr bool slot_coded(int k) {
+    return ((Rule::CODES >> k) & CODES_8BIT) != 0;
+}
+template <typename Rule>
+FASTOPT_HOST_DEVICE constexpr bool slot_signed(int k) {
+    return ((Rule::CODES >> k) & SIGNED_CODES) != 0;
+}
+
+// The spacing of a thread's quad under formats F: adjacent elements (one access per stream) where the formats are
+// fixed; CODE_THREADS apart under RUNTIME, loaded one by one, so that each access of a warp reads adjacent elements.
+template <typename F>
+FASTOPT_HOST_DEVICE constexpr int quad_stride() {
+    return F::param == RUNTIME ? CODE_THREADS : 1;
+}
+
+// The block (of the chunk) that thread ``thread`` holds in the iteration starting at block ``first_block``, and the
+// chunk element its quad starts at.
+FASTOPT_HOST_DEVICE int thread_code_block(int first_block, int thread) {
+    return first_block + thread / CODE_THREADS;
+}
+template <typename F>
+FASTOPT_HOST_DEVICE int thread_quad(int first_block, int thread) {
+    const int lane = thread % CODE_THREADS;
+    return thread_code_block(first_block, thread) * CODE_BLOCK + (quad_stride<F>() == 1 ? QUAD * lane : lane);
+}
+
+// What a thread holds of one iteration from its first half to its second.
+struct CodeThread {
+    float param[QUAD];                // NORMS: the params, whose direction waits for the states as stored
+    float state[STATE_SLOTS][QUAD];   // the states' new values (NORMS: a state that is not 8-bit, as stored)
+    uint32 absmax_bits[STATE_SLOTS];  // per 8-bit state, the largest magnitude bits of the thread's new values
+};
+
+// The first half of one thread's iteration of the pass PASS over a chunk with 8-bit states, its streams stored as F
+// (``aligned``: streams_quad_aligned): its quad loaded (codes as they are), decoded and updated by the rule; the param
+// stored (UPDATE, APPLY) or kept (NORMS); the new values of the states kept (8-bit) or stored (the others); the largest
+// magnitude bits of each 8-bit state's new values into ``held``. Absent placeholders as in chunk_loop. Elements of a
+// quad past the chunk are computed on zeros, and neither stored nor counted.
+template <typename Rule, int PASS, typename F>
+FASTOPT_HOST_DEVICE void code_thread_compute(const ChunkStreams<float>& s, const CodeStreams& codes, int length,
+                                             const float* c, ChunkFlags flags, bool aligned, int first_block,
+                                             int thread, CodeThread& held) {
+    constexpr int STRIDE = quad_stride<F>();
+    const bool has_lr_scale = PASS != NORMS && flags.has_lr_scale;
+    const bool live[STATE_SLOTS] = {slot_live<Rule, 0>(flags.live), slot_live<Rule, 1>(flags.live),
+                                    slot_live<Rule, 2>(flags.live)};
+    const int block = thread_code_block(first_block, thread);
+    const int j = thread_quad<F>(first_block, thread);
+    FASTOPT_UNROLL
+    for (int k = 0; k < STATE_SLOTS; ++k) {
+        held.absmax_bits[k] = 0;
+    }
+    if (j >= length) {
+        return;
+    }
+    const bool whole = aligned && j + QUAD <= length;
+    const typename Quad<F::param>::type p = load_quad<F::param>(s.param, s.param_format, j, STRIDE, length, whole);
+    typename Quad<F::grad>::type g = {};
+    if (PASS != APPLY) g = load_quad<F::grad>(s.grad, s.grad_format, j, STRIDE, length, whole);
+    Words4 scale = {};
+    if (has_lr_scale) scale = load_quad<NATIVE>(s.lr_scale, NATIVE, j, STRIDE, length, whole);
+    float old_scale[STATE_SLOTS];  // what the codes were encoded with: one broadcast load per warp
+    uint32 code_words[STATE_SLOTS];
+    typename Quad<F::state>::type state_quads[STATE_SLOTS];
+    FASTOPT_UNROLL
+    for (int k = 0; k < STATE_SLOTS; ++k) {
+        old_scale[k] = 0.0f;
+        code_words[k] = 0;
+        state_quads[k] = {};
+        if (live[k] && slot_coded<Rule>(k)) {
+            old_scale[k] = codes.scales[k][block];
+            code_words[k] = load_codes(state_stream(s, k), j, STRIDE, length, whole);
+        } else if (live[k]) {
+            state_quads[k] = load_quad<F::state>(state_stream(s, k), s.state_format, j, STRIDE, length, whole);
+        }
+    }
+    const float grad_unscale = c[COEFFICIENT_GRAD_UNSCALE];
+    const float grad_clip = c[COEFFICIENT_GRAD_CLIP];
+    FASTOPT_UNROLL
+    for (int i = 0; i < QUAD; ++i) {
+        float param = quad_element<F::param>(p, i, s.param_format);
+        float grad = param;
+        if constexpr (PASS != APPLY) {
+            grad = unscaled_grad(quad_element<F::grad>(g, i, s.grad_format), grad_unscale, grad_clip, flags.maximize);
+        }
+        const float lr_scale = has_lr_scale ? quad_element<NATIVE>(scale, i, NATIVE) : grad;
+        float state[STATE_SLOTS];
+        FASTOPT_UNROLL
+        for (int k = 0; k < STATE_SLOTS; ++k) {
+            state[k] = !live[k]              ? grad
+                       : slot_coded<Rule>(k) ? decode((code_words[k] >> (8 * i)) & 0xFF, old_scale[k],
+                                                      slot_signed<Rule>(k))
+                                             : quad_element<F::state>(state_quads[k], i, s.state_format);
+        }
+        if constexpr (PASS == UPDATE) {
+            Rule::element(param, grad, state[0], state[1], state[2], lr_scale, has_lr_scale, live[0], live[1],
+                          live[2], c);
+        } else if constexpr (PASS == NORMS) {
+            Rule::moments(param, grad, state[0], state[1], state[2], live[0], live[1], live[2], c);
+        } else {
+            const float update = Rule::direction(param, state[0], state[1], state[2], live[0], live[1], live[2], c);
+            param = Rule::apply(param, update, lr_scale, has_lr_scale, c);
+        }
+        held.param[i] = param;
+        FASTOPT_UNROLL
+        for (int k = 0; k < STATE_SLOTS; ++k) {
+            held.state[k][i] = state[k];
+            if (PASS != APPLY && live[k] && slot_coded<Rule>(k) && j + i * STRIDE < length) {
+                const uint32 bits = magnitude_bits(state[k]);
+                held.absmax_bits[k] = bits > held.absmax_bits[k] ? bits : held.absmax_bits[k];
+            }
+        }
+    }
+    if constexpr (PASS != NORMS) {
+        store_param_quad<F>(s, j, STRIDE, length, whole, held.param);
+    }
+    if constexpr (PASS != APPLY) {
+        FASTOPT_UNROLL
+        for (int k = 0; k < STATE_SLOTS; ++k) {
+            if (live[k] && !slot_coded<Rule>(k)) {
+                store_quad<F::state>(state_stream(s, k), s.state_format, j, STRIDE, length, whole, held.state[k],
+                                     s.rounding);
+                if constexpr (PASS == NORMS) {
+                    FASTOPT_UNROLL
+                    for (int i = 0; i < QUAD; ++i) {
+                        held.state[k][i] = as_stored<float, F::state>(held.state[k][i], s.state_format);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The second half of one thread's iteration (UPDATE and NORMS), given ``absmax_bits``, the largest magnitude bits of
+// each 8-bit state's new values over the thread's whole block: each 8-bit state's new values encoded against the
+// block's new scale and stored, and the scale by the block's first thread. NORMS adds the squares of the params and
+// of the rule's direction from the states as stored to ``sums``.
+template <typename Rule, int PASS, typename F>
+FASTOPT_HOST_DEVICE void code_thread_store(const ChunkStreams<float>& s, const CodeStreams& codes, int length,
+                                           const float* c, ChunkFlags flags, bool aligned, int first_block,
+                                           int thread, CodeThread& held, const uint32* absmax_bits, NormSums& sums) {
+    constexpr int STRIDE = quad_stride<F>();
+    const bool live[STATE_SLOTS] = {slot_live<Rule, 0>(flags.live), slot_live<Rule, 1>(flags.live),
+                                    slot_live<Rule, 2>(flags.live)};
+    const int block = thread_code_block(first_block, thread);
+    const int j = thread_quad<F>(first_block, thread);
+    if (j >= length) {
+        return;
+    }
+    const bool whole = aligned && j + QUAD <= length;
+    FASTOPT_UNROLL
+    for (int k = 0; k < STATE_SLOTS; ++k) {
+        if (live[k] && slot_coded<Rule>(k)) {
+            const float scale = block_scale(absmax_bits[k]);
+            const float reciprocal = is_coded_block(absmax_bits[k]) ? scale_reciprocal(scale) : 0.0f;
+            if (thread % CODE_THREADS == 0) {
+                codes.scales[k][block] = scale;
+            }
+            uint32 word = 0;
+            FASTOPT_UNROLL
+            for (int i = 0; i < QUAD; ++i) {
+                const uint32 code = encode_in_block(held.state[k][i], reciprocal, absmax_bits[k], slot_signed<Rule>(k));
+                word |= code << (8 * i);
+                if constexpr (PASS == NORMS) {
+                    held.state[k][i] = decode(code, scale, slot_signed<Rule>(k));
+                }
+            }
+            store_codes(state_stream(s, k), j, STRIDE, length, whole, word);
+        }
+    }
+    if constexpr (PASS == NORMS) {
+        FASTOPT_UNROLL
+        for (int i = 0; i < QUAD; ++i) {
+            if (j + i * STRIDE < length) {
+                const float update = Rule::direction(held.param[i], held.state[0][i], held.state[1][i],
+                                                     held.state[2][i], live[0], live[1], live[2], c);
+                sums.param += double(held.param[i]) * double(held.param[i]);
+                sums.update += double(update) * double(update);
+            }
+        }
+    }
+}
+
+// The formats of the loops of a kernel built for 8-bit states (fused.cu): the plain ones, or (ANY_MIXED) RUNTIME.
+template <bool ANY_MIXED>
+struct CodeLoopFormats {
+    typedef PlainFormats type;
+};
+template <>
+struct CodeLoopFormats<true> {
+    typedef RuntimeFormats type;
+};
 
 // One thread's share of one chunk of the blend p = lerp(p, s, weight) toward the state in address slot ``slot``
 // (Numba: blend_toward_state): through the MASTER copy where there is one (its rounding written to the param),

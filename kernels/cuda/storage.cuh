@@ -433,4 +433,225 @@ FASTOPT_HOST_DEVICE void store_param_access(const ChunkStreams<T>& s, int j, con
     }
 }
 
+// ---------------------------------------------------------------- 8-bit states
+// A state slot stored in 8 bits (fastopt.quantization's format, codes.cuh) has its uint8 codes at its state slot's
+// address and the float32 scales of its blocks at its SCALES slot's; tensor_format's STATE_CODES says which slots are
+// 8-bit (and which of them use the signed map). Only float math has them.
+
+// Whether a tensor has a state stored in 8 bits (its chunks run step_math.cuh's 8-bit loop).
+FASTOPT_HOST_DEVICE bool has_codes(const int64* format_row) { return format_row[STATE_CODES] != 0; }
+
+// The scales of a chunk's 8-bit states, from the chunk's first block on (nullptr: the slot is not 8-bit).
+struct CodeStreams {
+    float* scales[STATE_SLOTS];
+};
+
+// The 8-bit streams of the chunk starting at element ``start`` (a multiple of CODE_BLOCK: the host's chunks are) of
+// the tensor whose address and format rows are given; ``s``, the chunk's ChunkStreams, gets the codes of each 8-bit
+// state as that state's stream (one byte per element).
+FASTOPT_HOST_DEVICE CodeStreams code_streams(ChunkStreams<float>& s, const int64* address_row,
+                                             const int64* format_row, int64 start) {
+    CodeStreams codes;
+    const int64 bits = format_row[STATE_CODES];
+    FASTOPT_UNROLL
+    for (int k = 0; k < STATE_SLOTS; ++k) {
+        const bool coded = ((bits >> k) & CODES_8BIT) != 0;
+        codes.scales[k] = coded ? reinterpret_cast<float*>(address_row[SCALES0 + k]) + start / CODE_BLOCK : nullptr;
+    }
+    s.state0 = codes.scales[0] != nullptr ? reinterpret_cast<void*>(address_row[STATE0] + start) : s.state0;
+    s.state1 = codes.scales[1] != nullptr ? reinterpret_cast<void*>(address_row[STATE1] + start) : s.state1;
+    s.state2 = codes.scales[2] != nullptr ? reinterpret_cast<void*>(address_row[STATE2] + start) : s.state2;
+    return codes;
+}
+
+// State slot ``k``'s stream of a chunk (k a constant once the loops are unrolled).
+template <typename T>
+FASTOPT_HOST_DEVICE void* state_stream(const ChunkStreams<T>& s, int k) {
+    return k == 0 ? s.state0 : k == 1 ? s.state1 : s.state2;
+}
+
+// ---------------------------------------------------------------- a thread's four elements of a code block
+// The 8-bit loop (float math) gives each thread a quad of each stream: QUAD elements ``stride`` apart from element j.
+// Adjacent (stride 1, formats fixed at compile time) they are read and written in one access where the quad lies
+// wholly in the chunk and every stream is aligned to a quad ("whole"): 16 bytes of float32 values, 8 of 16-bit ones,
+// 4 of codes, held packed in registers (codes four to a register) until each element is used. Otherwise (a tensor's
+// last, short quad; a misaligned stream; the RUNTIME formats, whose quads are strided so that each access of a warp
+// reads adjacent elements) element by element, those past the chunk's ``length`` left zero.
+constexpr int QUAD = 4;
+
+// Four float32 values, or the raw bits of four RUNTIME values; four 16-bit values, two to a word, the lower element in
+// the low half.
+struct alignas(16) Words4 {
+    uint32 word[4];
+};
+struct alignas(8) Words2 {
+    uint32 word[2];
+};
+template <int FORMAT>
+struct Quad {
+    typedef Words2 type;  // BFLOAT16, BFLOAT16_STOCHASTIC, FLOAT16
+};
+template <>
+struct Quad<NATIVE> {
+    typedef Words4 type;
+};
+template <>
+struct Quad<RUNTIME> {
+    typedef Words4 type;
+};
+
+// A float-math load of a stream stored as FORMAT as 32 bits (a float's bits, or a 16-bit value's), and back.
+template <int FORMAT>
+FASTOPT_HOST_DEVICE uint32 loaded_bits(typename Loaded<float, FORMAT>::type loaded) {
+    if constexpr (FORMAT == NATIVE || FORMAT == FLOAT32) {
+        return float32_bits(loaded);
+    } else {
+        return uint32(loaded);
+    }
+}
+template <int FORMAT>
+FASTOPT_HOST_DEVICE typename Loaded<float, FORMAT>::type loaded_from_bits(uint32 bits) {
+    if constexpr (FORMAT == NATIVE || FORMAT == FLOAT32) {
+        return float32_from_bits(bits);
+    } else {
+        return typename Loaded<float, FORMAT>::type(bits);
+    }
+}
+
+// The stored bits of element ``i`` of a quad, and setting them (in a quad that starts zeroed).
+template <int FORMAT>
+FASTOPT_HOST_DEVICE uint32 quad_bits(const typename Quad<FORMAT>::type& quad, int i) {
+    if constexpr (FORMAT == NATIVE || FORMAT == RUNTIME) {
+        return quad.word[i];
+    } else {
+        return (quad.word[i / 2] >> (16 * (i % 2))) & 0xFFFF;
+    }
+}
+template <int FORMAT>
+FASTOPT_HOST_DEVICE void set_quad_bits(typename Quad<FORMAT>::type& quad, int i, uint32 bits) {
+    if constexpr (FORMAT == NATIVE || FORMAT == RUNTIME) {
+        quad.word[i] = bits;
+    } else {
+        quad.word[i / 2] |= bits << (16 * (i % 2));
+    }
+}
+
+// The quad of a stream stored as FORMAT at element ``j``: one access where ``whole`` (j a multiple of QUAD, stride 1).
+template <int FORMAT>
+FASTOPT_HOST_DEVICE typename Quad<FORMAT>::type load_quad(const void* stream, int format, int j, int stride,
+                                                         int length, bool whole) {
+    typedef typename Quad<FORMAT>::type Result;
+    if constexpr (FORMAT != RUNTIME) {
+        if (whole) {
+            return static_cast<const Result*>(stream)[j / QUAD];
+        }
+    }
+    Result quad = {};
+    FASTOPT_UNROLL
+    for (int i = 0; i < QUAD; ++i) {
+        if (j + i * stride < length) {
+            set_quad_bits<FORMAT>(quad, i,
+                                  loaded_bits<FORMAT>(load_bits<float, FORMAT>(stream, format, j + i * stride)));
+        }
+    }
+    return quad;
+}
+
+// Element ``i`` of a loaded quad, as float.
+template <int FORMAT>
+FASTOPT_HOST_DEVICE float quad_element(const typename Quad<FORMAT>::type& quad, int i, int format) {
+    return widen<float, FORMAT>(loaded_from_bits<FORMAT>(quad_bits<FORMAT>(quad, i)), format);
+}
+
+// The quad of a stream at element ``j`` set to ``values``, rounded to its format as store_value rounds.
+template <int FORMAT>
+FASTOPT_HOST_DEVICE void store_quad(void* stream, int format, int j, int stride, int length, bool whole,
+                                    const float* values, const Rounding& rounding) {
+    typedef typename Quad<FORMAT>::type Result;
+    if constexpr (FORMAT != RUNTIME) {
+        if (whole) {
+            Result quad = {};
+            FASTOPT_UNROLL
+            for (int i = 0; i < QUAD; ++i) {
+                if constexpr (FORMAT == NATIVE) {
+                    set_quad_bits<FORMAT>(quad, i, float32_bits(values[i]));
+                } else {
+                    set_quad_bits<FORMAT>(quad, i, narrow_bits<float, FORMAT>(values[i], FORMAT, j + i, rounding));
+                }
+            }
+            static_cast<Result*>(stream)[j / QUAD] = quad;
+            return;
+        }
+    }
+    FASTOPT_UNROLL
+    for (int i = 0; i < QUAD; ++i) {
+        if (j + i * stride < length) {
+            store_value<float, FORMAT>(stream, format, j + i * stride, values[i], rounding);
+        }
+    }
+}
+
+// The quad of the updated param (store_param).
+template <typename F>
+FASTOPT_HOST_DEVICE void store_param_quad(const ChunkStreams<float>& s, int j, int stride, int length, bool whole,
+                                          const float* values) {
+    store_quad<F::param>(s.param, s.param_format, j, stride, length, whole, values, s.rounding);
+    if constexpr (F::rounded == RUNTIME) {
+        if (s.rounded_param != nullptr) {
+            store_quad<RUNTIME>(s.rounded_param, s.rounded_format, j, stride, length, whole, values, s.rounding);
+        }
+    } else if constexpr (F::rounded != NO_STREAM) {
+        store_quad<F::rounded>(s.rounded_param, s.rounded_format, j, stride, length, whole, values, s.rounding);
+    }
+}
+
+// The codes of a quad, element i in byte i, and storing them (as load_quad, store_quad).
+FASTOPT_HOST_DEVICE uint32 load_codes(const void* codes, int j, int stride, int length, bool whole) {
+    if (whole) {
+        return static_cast<const uint32*>(codes)[j / QUAD];
+    }
+    uint32 word = 0;
+    FASTOPT_UNROLL
+    for (int i = 0; i < QUAD; ++i) {
+        if (j + i * stride < length) {
+            word |= uint32(static_cast<const unsigned char*>(codes)[j + i * stride]) << (8 * i);
+        }
+    }
+    return word;
+}
+FASTOPT_HOST_DEVICE void store_codes(void* codes, int j, int stride, int length, bool whole, uint32 word) {
+    if (whole) {
+        static_cast<uint32*>(codes)[j / QUAD] = word;
+        return;
+    }
+    FASTOPT_UNROLL
+    for (int i = 0; i < QUAD; ++i) {
+        if (j + i * stride < length) {
+            static_cast<unsigned char*>(codes)[j + i * stride] = (unsigned char)(word >> (8 * i));
+        }
+    }
+}
+
+// Whether a stream (at its chunk's first element) can be accessed a quad at a time, ``bytes`` per element.
+FASTOPT_HOST_DEVICE bool quad_aligned(const void* stream, int bytes) {
+    return (reinterpret_cast<unsigned long long>(stream) & (QUAD * bytes - 1)) == 0;
+}
+
+// Whether every stream of a chunk with 8-bit states (those present; ``codes``: STATE_CODES, where slot k holds codes)
+// can be accessed a quad at a time, for formats F (never under RUNTIME).
+template <typename F>
+FASTOPT_HOST_DEVICE bool streams_quad_aligned(const ChunkStreams<float>& s, int codes) {
+    if constexpr (F::param == RUNTIME) {
+        return false;
+    } else {
+        const int state_bytes = F::state == NATIVE ? 4 : 2;
+        const int bytes0 = (codes & CODES_8BIT) != 0 ? 1 : state_bytes;
+        const int bytes1 = ((codes >> 1) & CODES_8BIT) != 0 ? 1 : state_bytes;
+        const int bytes2 = ((codes >> 2) & CODES_8BIT) != 0 ? 1 : state_bytes;
+        return quad_aligned(s.param, F::param == NATIVE ? 4 : 2) && quad_aligned(s.rounded_param, 2) &&
+               quad_aligned(s.grad, F::grad == NATIVE ? 4 : 2) && quad_aligned(s.lr_scale, 4) &&
+               quad_aligned(s.state0, bytes0) && quad_aligned(s.state1, bytes1) && quad_aligned(s.state2, bytes2);
+    }
+}
+
 }  // namespace fastopt

@@ -18,6 +18,8 @@ struct adagrad {
     static constexpr int H_LR_DECAY = FASTOPT_ADAGRAD_LR_DECAY, H_WEIGHT_DECAY = FASTOPT_ADAGRAD_WEIGHT_DECAY,
                          H_EPS = FASTOPT_ADAGRAD_EPS;
     static constexpr int ALWAYS_LIVE = FASTOPT_ADAGRAD_ALWAYS_LIVE, OPTIONAL_LIVE = FASTOPT_ADAGRAD_OPTIONAL_LIVE;
+    // Its states stored in 8 bits where its tensor's are, and those on the signed map (STATE_CODES' bits).
+    static constexpr int CODES = FASTOPT_ADAGRAD_CODES;
 
     enum { RATE, WEIGHT_DECAY, EPS, USE_WEIGHT_DECAY };
     static_assert(USE_WEIGHT_DECAY < RULE_COEFFICIENTS, "the coefficient row holds the rule's scalars");

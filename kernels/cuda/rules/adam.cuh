@@ -20,6 +20,8 @@ struct adam {
                          H_WEIGHT_DECAY = FASTOPT_ADAM_WEIGHT_DECAY,
                          H_DECOUPLED_WEIGHT_DECAY = FASTOPT_ADAM_DECOUPLED_WEIGHT_DECAY;
     static constexpr int ALWAYS_LIVE = FASTOPT_ADAM_ALWAYS_LIVE, OPTIONAL_LIVE = FASTOPT_ADAM_OPTIONAL_LIVE;
+    // Its states stored in 8 bits where its tensor's are, and those on the signed map (STATE_CODES' bits).
+    static constexpr int CODES = FASTOPT_ADAM_CODES;
 
     enum {
         STEP_RATE, DECAY_FACTOR, RATE_WEIGHT_DECAY, BETA1_COMPLEMENT, BETA2, BETA2_COMPLEMENT, BIAS_CORRECTION2_SQRT,

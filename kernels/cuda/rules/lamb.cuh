@@ -22,6 +22,8 @@ struct lamb {
                          H_WEIGHT_DECAY = FASTOPT_LAMB_WEIGHT_DECAY, H_BIAS_CORRECTION = FASTOPT_LAMB_BIAS_CORRECTION,
                          H_MAX_TRUST_RATIO = FASTOPT_LAMB_MAX_TRUST_RATIO;
     static constexpr int ALWAYS_LIVE = FASTOPT_LAMB_ALWAYS_LIVE, OPTIONAL_LIVE = FASTOPT_LAMB_OPTIONAL_LIVE;
+    // Its states stored in 8 bits where its tensor's are, and those on the signed map (STATE_CODES' bits).
+    static constexpr int CODES = FASTOPT_LAMB_CODES;
     static constexpr bool NORMS = true;  // two passes, with each tensor's norms between them (fused.cu)
 
     enum {

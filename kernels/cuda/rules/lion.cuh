@@ -19,6 +19,8 @@ struct lion {
     static constexpr int H_BETA1 = FASTOPT_LION_BETA1, H_BETA2 = FASTOPT_LION_BETA2,
                          H_WEIGHT_DECAY = FASTOPT_LION_WEIGHT_DECAY;
     static constexpr int ALWAYS_LIVE = FASTOPT_LION_ALWAYS_LIVE, OPTIONAL_LIVE = FASTOPT_LION_OPTIONAL_LIVE;
+    // Its states stored in 8 bits where its tensor's are, and those on the signed map (STATE_CODES' bits).
+    static constexpr int CODES = FASTOPT_LION_CODES;
 
     enum { RATE, DECAY_FACTOR, RATE_WEIGHT_DECAY, BETA1, BETA1_COMPLEMENT, BETA2, BETA2_COMPLEMENT, ONE };
     static_assert(ONE < RULE_COEFFICIENTS, "the coefficient row holds the rule's scalars");

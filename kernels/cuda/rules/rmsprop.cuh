@@ -19,6 +19,8 @@ struct rmsprop {
     static constexpr int H_ALPHA = FASTOPT_RMSPROP_ALPHA, H_EPS = FASTOPT_RMSPROP_EPS,
                          H_WEIGHT_DECAY = FASTOPT_RMSPROP_WEIGHT_DECAY, H_MOMENTUM = FASTOPT_RMSPROP_MOMENTUM;
     static constexpr int ALWAYS_LIVE = FASTOPT_RMSPROP_ALWAYS_LIVE, OPTIONAL_LIVE = FASTOPT_RMSPROP_OPTIONAL_LIVE;
+    // Its states stored in 8 bits where its tensor's are, and those on the signed map (STATE_CODES' bits).
+    static constexpr int CODES = FASTOPT_RMSPROP_CODES;
 
     enum { RATE, ALPHA, ALPHA_COMPLEMENT, EPS, WEIGHT_DECAY, MOMENTUM, ONE, USE_WEIGHT_DECAY };
     static_assert(USE_WEIGHT_DECAY < RULE_COEFFICIENTS, "the coefficient row holds the rule's scalars");

@@ -29,6 +29,8 @@ struct schedule_free {
                          H_WEIGHT_LR_POWER = FASTOPT_SCHEDULE_FREE_WEIGHT_LR_POWER;
     static constexpr int ALWAYS_LIVE = FASTOPT_SCHEDULE_FREE_ALWAYS_LIVE,
                          OPTIONAL_LIVE = FASTOPT_SCHEDULE_FREE_OPTIONAL_LIVE;
+    // Its states stored in 8 bits where its tensor's are, and those on the signed map (STATE_CODES' bits).
+    static constexpr int CODES = FASTOPT_SCHEDULE_FREE_CODES;
 
     enum { WEIGHT_SUM, LR_MAX };  // the tensor's running scalars (AdamWScheduleFree.SCALARS)
     static_assert(LR_MAX < TENSOR_SCALARS, "the tensor_scalars row holds the rule's running scalars");

@@ -18,6 +18,8 @@ struct sgd {
     static constexpr int H_MOMENTUM = FASTOPT_SGD_MOMENTUM, H_DAMPENING = FASTOPT_SGD_DAMPENING,
                          H_WEIGHT_DECAY = FASTOPT_SGD_WEIGHT_DECAY, H_NESTEROV = FASTOPT_SGD_NESTEROV;
     static constexpr int ALWAYS_LIVE = FASTOPT_SGD_ALWAYS_LIVE, OPTIONAL_LIVE = FASTOPT_SGD_OPTIONAL_LIVE;
+    // Its states stored in 8 bits where its tensor's are, and those on the signed map (STATE_CODES' bits).
+    static constexpr int CODES = FASTOPT_SGD_CODES;
 
     enum { RATE, WEIGHT_DECAY, MOMENTUM, DAMPENING_COMPLEMENT, USE_WEIGHT_DECAY, FIRST_MOMENTUM_STEP, NESTEROV };
     static_assert(NESTEROV < RULE_COEFFICIENTS, "the coefficient row holds the rule's scalars");
