@@ -1102,6 +1102,23 @@ def test_8bit_steps_skipped_on_the_device_and_marked_blocks(cp, rng):
     assert np.isnan(cp.asnumpy(gpu_params[1])).tolist() == [256 <= i < 512 for i in range(2000)]
 
 
+def test_8bit_states_of_misaligned_params(cp, rng):
+    """Params and grads one float32 past a 16-byte boundary (views into larger buffers) cannot be read a quad at a
+    time: the 8-bit loop reads and writes them element by element, the same bits."""
+    sizes = (700, 2311)
+    start = [rng.standard_normal(n + 1).astype(np.float32) for n in sizes]
+    grads = [[rng.standard_normal(n + 1).astype(np.float32) for n in sizes] for _ in range(3)]
+    cpu_params = [p[1:] for p in start]
+    gpu_params = [cp.asarray(p)[1:] for p in start]
+    assert all(p.data.ptr % 16 == 4 for p in gpu_params)
+    cpu = fo.AdamW(cpu_params, lr=0.01, betas=(0.5, 0.25), state_dtype="8bit", min_8bit_size=0, backend="cpu")
+    gpu = fo.AdamW(gpu_params, lr=0.01, betas=(0.5, 0.25), state_dtype="8bit", min_8bit_size=0, backend="cuda")
+    for step_grads in grads:
+        cpu.step([g[1:] for g in step_grads])
+        gpu.step([cp.asarray(g)[1:] for g in step_grads])
+    assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
+
+
 def test_8bit_state_dict_round_trip(cp, rng):
     """A GPU run with 8-bit states saved halfway (codes and scales as NumPy arrays) and loaded into a GPU and a CPU
     optimizer: both continue bit for bit."""
