@@ -17,7 +17,6 @@ from .views import window
 
 MANTISSA_SHIFT = np.uint32(20)  # 23 - M
 ROUNDING_BIAS = np.uint32(1 << 19)  # half a code's mantissa step: ties round away from zero
-SIGN_BIT = np.uint32(0x80000000)
 MAGNITUDE_MASK = np.uint32(0x7FFFFFFF)
 SMALLEST_NORMAL_BITS = np.uint32(0x00800000)
 INFINITY_BITS = np.uint32(0x7F800000)
@@ -25,8 +24,8 @@ INFINITY_BITS = np.uint32(0x7F800000)
 # pattern of half the smallest, below which a value encodes as 0.
 SIGNED_OFFSET, SIGNED_LARGEST = 889, 127
 UNSIGNED_OFFSET, UNSIGNED_LARGEST = 761, 255
-SIGNED_HALF = np.uint32(((1 + 889) << 20) - (1 << 23))
-UNSIGNED_HALF = np.uint32(((1 + 761) << 20) - (1 << 23))
+SIGNED_HALF = np.uint32(((1 + SIGNED_OFFSET) << 20) - (1 << 23))  # halving a normal float takes 1 off its exponent
+UNSIGNED_HALF = np.uint32(((1 + UNSIGNED_OFFSET) << 20) - (1 << 23))
 MARKED_SCALE = np.float32(np.nan)
 
 
