@@ -59,7 +59,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
@@ -75,6 +74,7 @@ import fastopt as fo  # noqa: E402
 from fastopt import benchmark  # noqa: E402
 from fastopt.kernels.cpu.codes import decode, encode_block  # noqa: E402
 from fastopt.kernels.cpu.jit import jit, parallel_jit, serial_twin  # noqa: E402
+from self_tuning import finite_or_none, source_tree  # noqa: E402  (the run's commit; JSON without inf)
 from fastopt.kernels.cpu.views import window  # noqa: E402
 
 PAGE = 4096
@@ -1108,16 +1108,6 @@ def markdown(results):
 
 
 # ---------------------------------------------------------------------------------------------- main
-def source_tree():
-    def git(*command):
-        return subprocess.run(["git", *command], cwd=BENCH, capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        changed = git("status", "--porcelain", "--", "../fastopt", "../kernels")
-        return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes to fastopt" if changed else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def machine():
     from importlib.metadata import PackageNotFoundError, version
 
@@ -1130,16 +1120,6 @@ def machine():
                 cpus=os.cpu_count(), python=platform.python_version(), numpy=np.__version__,
                 numba=numba.__version__, torch=torch.__version__, bitsandbytes=package("bitsandbytes"),
                 torchao=package("torchao"), tree=source_tree())
-
-
-def finite_or_none(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(item) for item in value]
-    return value
 
 
 def main():
