@@ -835,7 +835,7 @@ class Optimizer:
                 raise ValueError(f"{where}: {name!r} is never stored in 8 bits")
             if self.coded(index, name) == signed:
                 return {name: value.reshape(param.shape), name + SCALES_SUFFIX: scales}
-            value = quantization.dequantize(value.reshape(-1), scales, signed).reshape(param.shape)
+            value = quantization.dequantize(value, scales, signed)
         elif dtypes.storage_name(value.dtype) is None:
             raise TypeError(f"{where}: {name!r} has dtype {value.dtype}; state is float64, float32, bfloat16 or "
                             f"float16 (or uint8 codes with their {name + SCALES_SUFFIX!r})")
@@ -854,8 +854,7 @@ class Optimizer:
             for name in self.STATE_SLOTS:
                 scales = entry.pop(name + SCALES_SUFFIX, None)
                 if scales is not None:
-                    entry[name] = quantization.dequantize(entry[name].reshape(-1), scales,
-                                                          quantization.STATE_SIGNED[name]).reshape(entry[name].shape)
+                    entry[name] = quantization.dequantize(entry[name], scales, quantization.STATE_SIGNED[name])
         return state_dict
 
     # ---------------------------------------------------------------- copies

@@ -218,7 +218,8 @@ def quantize(values, signed, block=BLOCK, code_map=None):
 
 
 def dequantize(codes, scales, signed, block=BLOCK, code_map=None):
-    """float32 values [size] of ``codes`` and ``scales``: ``map[code] * scale``, one float32 multiplication."""
+    """float32 values of ``codes`` (any shape, blocks in flat order: a state's codes as stored, shaped like its param)
+    and ``scales``, shaped like ``codes``: ``map[code] * scale``, one float32 multiplication."""
     codes = np.asarray(codes)
     scales = np.asarray(scales)
     if codes.dtype != np.uint8 or scales.dtype != np.float32:
@@ -228,7 +229,7 @@ def dequantize(codes, scales, signed, block=BLOCK, code_map=None):
                          f"got shape {scales.shape}")
     table = code_map_of(signed) if code_map is None else np.asarray(code_map, dtype=np.float32)
     per_element = np.repeat(scales, block)[:codes.size]
-    return table[codes.reshape(-1)] * per_element
+    return (table[codes.reshape(-1)] * per_element).reshape(codes.shape)
 
 
 def round_trip(values, signed, block=BLOCK, code_map=None):

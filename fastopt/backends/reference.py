@@ -88,7 +88,7 @@ class ReferenceBackend(HostArrays):
         if coded is None:
             return buffer.astype(np.float64)
         scales, signed = coded
-        return quantization.dequantize(buffer.reshape(-1), scales, signed).reshape(buffer.shape).astype(np.float64)
+        return quantization.dequantize(buffer, scales, signed).astype(np.float64)
 
     def _store_param(self, layout, index, work, stochastic):
         """Param ``index`` (and its master) from its float64 update ``work``: the master rounded to float32 and the

@@ -562,9 +562,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             entry = state_dict["state"][key] = dict(entry)  # torch's state_dict shares the entries of self.state
             for name in [name for name in entry if name + SCALES_SUFFIX in entry]:
                 codes, scales = entry.pop(name), entry.pop(name + SCALES_SUFFIX)
-                values = quantization.dequantize(codes.detach().cpu().numpy().reshape(-1),
-                                                 scales.detach().cpu().numpy(), quantization.STATE_SIGNED[name])
-                entry[name] = torch.from_numpy(values.reshape(tuple(codes.shape))).to(codes.device)
+                values = quantization.dequantize(codes.detach().cpu().numpy(), scales.detach().cpu().numpy(),
+                                                 quantization.STATE_SIGNED[name])
+                entry[name] = torch.from_numpy(values).to(codes.device)
         return state_dict
 
     def load_state_dict(self, state_dict):
