@@ -9,6 +9,7 @@ import contextlib
 import math
 import numbers
 import threading
+import types
 
 import numpy as np
 
@@ -76,6 +77,11 @@ class Optimizer:
     clipping and the non-finite skip from the totals, so that every process decides the same. It is called in every
     step that has grad control (``grad_scale``, ``max_grad_norm`` or a guard), on every process together. The
     statistics are read on the host: the CPU engine only. Copies and pickles drop it.
+
+    ``whole_sizes`` (an attribute, empty by default): param index -> the element count of the whole tensor that param
+    is a shard of (``fastopt.torch`` over FSDP2's DTensors or a ``ShardedOptimizer``'s pieces). ``min_8bit_size`` is
+    judged on it, so that every shard of a tensor stores its states alike, as one process would. Set it before the
+    first step; copies and pickles keep it.
     """
 
     KERNEL: str = None
@@ -87,6 +93,7 @@ class Optimizer:
     REFERENCE = None
     ELEMENTWISE = True  # each element's update reads only that element (a slice of a tensor steps as the tensor)
     grad_reduction = None  # see the class docstring
+    whole_sizes = types.MappingProxyType({})  # see the class docstring
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -264,10 +271,10 @@ class Optimizer:
     def coded(self, index, name):
         """None if param ``index``'s state ``name`` is not stored in 8 bits, else whether its code map is signed: with
         ``state_dtype='8bit'``, the moments (``quantization.STATE_SIGNED``) of params of at most float32 with at least
-        ``min_8bit_size`` elements."""
+        ``min_8bit_size`` elements (in their whole tensor: ``whole_sizes``)."""
         signed = quantization.STATE_SIGNED.get(name)
         if (self.state_dtype != "8bit" or signed is None or self.param_storage(index) == "float64"
-                or self._params[index].size < self.min_8bit_size):
+                or self.whole_sizes.get(index, self._params[index].size) < self.min_8bit_size):
             return None
         return signed
 

@@ -30,6 +30,21 @@ from . import dtensor
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Keyword options of the fastopt core that the torch classes take beyond torch's signature (mixed precision).
+# The attribute by which a ShardedOptimizer marks its pieces (1-D slices of params) with their whole param's size.
+_WHOLE_SIZE = "_fastopt_whole_size"
+
+
+def mark_shard(tensor, size):
+    """Mark ``tensor`` as a shard of a tensor of ``size`` elements, for :func:`whole_size`."""
+    setattr(tensor, _WHOLE_SIZE, int(size))
+
+
+def whole_size(param):
+    """The element count of the whole tensor ``param`` is a shard of, on which ``min_8bit_size`` is judged: a
+    DTensor's global size, a marked shard's (:func:`mark_shard`), else the param's own."""
+    return getattr(param, _WHOLE_SIZE, param.numel())
+
+
 CORE_OPTIONS = ("master_weights", "state_dtype", "rounding", "seed", "max_grad_norm", "min_8bit_size")
 
 
@@ -343,6 +358,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             core = core_class([self._core_group(group, views, f"param_groups[{index}]")
                                for index, group in enumerate(self.param_groups)], **self._core_options)
         core.grad_reduction = getattr(views, "grad_reduction", None)  # DTensors: clip and skip on global grads
+        # Shards (DTensors, a ShardedOptimizer's pieces) store their states as their whole tensors do.
+        core.whole_sizes = {index: whole_size(param) for index, (param, array) in enumerate(zip(params, core.params))
+                            if whole_size(param) != array.size}
         if core.grad_reduction is not None and core.state_dtype == "8bit":
             raise NotImplementedError(f"{type(self).__name__}(state_dtype='8bit') over sharded DTensor params: the "
                                       "block scales of a shard's 8-bit states are not laid out as DTensors yet; use "
