@@ -45,6 +45,20 @@ def whole_size(param):
     return getattr(param, _WHOLE_SIZE, param.numel())
 
 
+def decoded_states(state_dict):
+    """``state_dict`` (torch's format) with every 8-bit state decoded into a float32 tensor on its codes' device and
+    its ``_absmax`` scales dropped; the entries are new dicts, the other values shared."""
+    state_dict = dict(state_dict, state=dict(state_dict["state"]))
+    for key, entry in state_dict["state"].items():
+        entry = state_dict["state"][key] = dict(entry)  # torch's state_dict shares the entries of self.state
+        for name in [name for name in entry if name + SCALES_SUFFIX in entry]:
+            codes, scales = entry.pop(name), entry.pop(name + SCALES_SUFFIX)
+            values = quantization.dequantize(codes.detach().cpu().numpy(), scales.detach().cpu().numpy(),
+                                             quantization.STATE_SIGNED[name])
+            entry[name] = torch.from_numpy(values).to(codes.device)
+    return state_dict
+
+
 CORE_OPTIONS = ("master_weights", "state_dtype", "rounding", "seed", "max_grad_norm", "min_8bit_size")
 
 
@@ -575,15 +589,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     def float32_state_dict(self):
         """:meth:`state_dict` with every 8-bit state decoded into a float32 tensor on its param's device and its
         ``_absmax`` scales dropped: the checkpoint of the ``torch.optim`` class of the same name, which loads it."""
-        state_dict = self.state_dict()
-        for key, entry in state_dict["state"].items():
-            entry = state_dict["state"][key] = dict(entry)  # torch's state_dict shares the entries of self.state
-            for name in [name for name in entry if name + SCALES_SUFFIX in entry]:
-                codes, scales = entry.pop(name), entry.pop(name + SCALES_SUFFIX)
-                values = quantization.dequantize(codes.detach().cpu().numpy(), scales.detach().cpu().numpy(),
-                                                 quantization.STATE_SIGNED[name])
-                entry[name] = torch.from_numpy(values).to(codes.device)
-        return state_dict
+        return decoded_states(self.state_dict())
 
     def load_state_dict(self, state_dict):
         """torch's ``load_state_dict`` (from this class or from the ``torch.optim`` class of the same name): the
