@@ -165,8 +165,7 @@ def compare(ctx, label, sharded, params, reference, reference_params, steps, to=
             if name not in mine:
                 continue
             if exact or name == "step":
-                ctx.check(torch.equal(torch.as_tensor(mine[name]), torch.as_tensor(value)),
-                          f"{label}: param {index} {name} differs")
+                ctx.check(same_tensor(mine[name], value), f"{label}: param {index} {name} differs")
             else:
                 ctx.close(mine[name], value, rtol, f"{label}: param {index} state {name}")
     for number, (mine, group) in enumerate(zip(ours["param_groups"], theirs["param_groups"])):
@@ -174,6 +173,12 @@ def compare(ctx, label, sharded, params, reference, reference_params, steps, to=
             if key not in ("lr_scale", "params"):
                 ctx.check(mine.get(key) == value, f"{label}: group {number} {key}: {mine.get(key)!r} != {value!r}")
     return ours
+
+
+def same_tensor(first, second):
+    """Equal values of the same dtype (torch.equal alone compares uint8 codes equal to floats of their values)."""
+    first, second = torch.as_tensor(first), torch.as_tensor(second)
+    return first.dtype == second.dtype and torch.equal(first, second)
 
 
 def scenario_fastopt_parity(ctx, exchange="p2p"):
@@ -248,7 +253,7 @@ def scenario_torch_optim_parity(ctx):
 def scenario_schedule_free(ctx):
     """fastopt.torch's schedule-free AdamW and SGD sharded, with warmup and two groups, through eval()/train() switches,
     against the schedulefree package on the averaged grads (the params, at the evaluation point); LAMB, whose trust
-    ratio needs the norms of whole tensors, is refused, and so are 8-bit states (not sharded yet)."""
+    ratio needs the norms of whole tensors, is refused."""
     import fastopt.torch as ft
     from fastopt.torch.distributed import ShardedOptimizer
 
@@ -276,11 +281,107 @@ def scenario_schedule_free(ctx):
         ctx.check(False, "ShardedOptimizer took LAMB")
     except TypeError as error:
         ctx.check("norms of whole tensors" in str(error), f"LAMB refused with: {error}")
-    try:
-        ShardedOptimizer(make_params(), ft.AdamW, state_dtype="8bit")
-        ctx.check(False, "ShardedOptimizer took 8-bit states")
-    except NotImplementedError as error:
-        ctx.check("state_dtype='8bit'" in str(error), f"8-bit states refused with: {error}")
+
+
+# 8-bit states of the tensors of at least MIN_8BIT (the float64 one excepted): in the float32 space they start on
+# 256-element boundaries (0, 768, 2048), and the shard cuts (1280 on 2 ranks; 1024 and 2048 on 3) cut the (29, 41)
+# tensor, on 3 ranks into pieces of 256 and 933 elements: the first is below MIN_8BIT and 8-bit all the same.
+MIN_8BIT = 300
+PARAMS_8BIT = [((700,), torch.float32, "all"), ((13,), torch.float32, "all"), ((29, 41), torch.float32, "all"),
+               ((5, 7), torch.float32, "aux"), ((37, 11), torch.float32, "all"), ((29,), torch.float64, "all"),
+               ((3, 3), torch.float32, "frozen")]
+
+
+def scenario_8bit_states(ctx):
+    """state_dtype='8bit' with a schedule, a changing rate, lr_scale and AMSGrad: params, codes and block scales
+    bit for bit those of fastopt.torch.AdamW in one process (the blocks never straddle a cut); the consolidated
+    state dict resumes a fresh ShardedOptimizer bit for bit, loads decoded into a float32 one, exports to
+    torch.optim; block scales of the wrong length are refused on every rank, the state untouched."""
+    import fastopt.torch as ft
+    from fastopt.torch.adapter import decoded_states
+    from fastopt.torch.distributed import ShardedOptimizer
+
+    kinds = PARAMS_8BIT
+
+    def groups(params):
+        generator = torch.Generator().manual_seed(5)
+        scales = [torch.rand(p.shape, generator=generator, dtype=p.dtype) * 2 for p in params[2:5]]
+        return [{"params": params[0:2], "lr": fo.schedules.warmup(fo.schedules.cosine(0.01, t_max=8), warmup_steps=2)},
+                {"params": params[2:5], "lr": 0.02, "betas": (0.8, 0.99), "weight_decay": 0.1, "lr_scale": scales,
+                 "amsgrad": True},
+                {"params": params[5:], "lr": 0.005}]
+
+    options = dict(state_dtype="8bit", min_8bit_size=MIN_8BIT)
+    params, reference_params = make_params(kinds), make_params(kinds)
+    sharded = ShardedOptimizer(groups(params), ft.AdamW, **options)
+    reference = ft.AdamW(groups(reference_params), **options)
+    train(ctx, sharded, params, 4, on_step=lower_lr, kinds=kinds)
+    train(ctx, reference, reference_params, 4, averaged=True, on_step=lower_lr, kinds=kinds)
+    # Every piece of a tensor of at least MIN_8BIT elements is 8-bit, however small; the others are float32.
+    small = 0
+    for piece in sharded._pieces:
+        entry = sharded.optim.state.get(piece.tensor) if piece.index is not None else None
+        if entry:
+            whole = sharded._params[piece.index]
+            coded = whole.numel() >= MIN_8BIT and whole.dtype != torch.float64
+            ctx.check(("exp_avg_absmax" in entry) == coded and (entry["exp_avg"].dtype == torch.uint8) == coded,
+                      f"param {piece.index}'s piece [{piece.start}, {piece.stop}): 8-bit {not coded}")
+            small += coded and piece.stop - piece.start < MIN_8BIT
+    everyone = [None] * ctx.world
+    dist.all_gather_object(everyone, small)
+    ctx.check(ctx.world != 3 or sum(everyone) > 0, "no 8-bit piece below MIN_8BIT: the layout changed")
+    full = compare(ctx, "8bit", sharded, params, reference, reference_params, 4, exact=True)
+    checkpoint = [full]
+    dist.broadcast_object_list(checkpoint, src=0)
+    checkpoint = checkpoint[0]
+    ctx.check(checkpoint["state"][2]["exp_avg"].dtype == torch.uint8 and
+              checkpoint["state"][2]["exp_avg_absmax"].shape == (5,), "the consolidated state is not 8-bit")
+    if ctx.rank == 0:
+        exported, expected = sharded.float32_state_dict(), reference.float32_state_dict()
+        for index, entry in expected["state"].items():
+            for name, value in entry.items():
+                ctx.check(same_tensor(exported["state"][index][name], value),
+                          f"float32_state_dict: param {index} {name} differs")
+        single = make_params(kinds)
+        torch.optim.AdamW(groups(single), lr=0.5).load_state_dict(exported)  # torch's own checks
+
+    fresh = make_params(kinds, seed=3)
+    with torch.no_grad():
+        for param, theirs in zip(fresh, params):
+            param.copy_(theirs)
+    resumed = ShardedOptimizer(groups(fresh), ft.AdamW, lr=0.5, **options)
+    bad = dict(checkpoint, state={index: dict(entry) for index, entry in checkpoint["state"].items()})
+    bad["state"][4]["exp_avg_sq_absmax"] = bad["state"][4]["exp_avg_sq_absmax"][:-1]
+    before = resumed.optim.state_dict()
+    ctx.raises(ValueError, "'exp_avg_sq_absmax' of shape (1,)", lambda: resumed.load_state_dict(bad),
+               "block scales of the wrong length")
+    ctx.check(resumed.optim.state_dict()["state"] == before["state"], "refused scales changed the state")
+    resumed.load_state_dict(checkpoint)
+    train(ctx, resumed, fresh, 2, first=4, on_step=lower_lr, kinds=kinds)
+    train(ctx, reference, reference_params, 2, first=4, averaged=True, on_step=lower_lr, kinds=kinds)
+    compare(ctx, "8bit resumed", resumed, fresh, reference, reference_params, 6, exact=True)
+
+    wide = ShardedOptimizer(groups(make_params(kinds)), ft.AdamW)  # float32 states: the codes decoded
+    wide.load_state_dict(checkpoint)
+    wide.consolidate_state_dict()
+    if ctx.rank == 0:
+        decoded = decoded_states(checkpoint)
+        for index, entry in decoded["state"].items():
+            for name, value in entry.items():
+                ctx.check(same_tensor(wide.state_dict()["state"][index][name], value),
+                          f"loaded into float32 states: param {index} {name} differs from the decoded codes")
+    # Into fewer ranks (other cuts, one rank for 2): the codes and scales move to the new pieces unchanged.
+    members = list(range(max(1, ctx.world - 1)))
+    fewer = dist.new_group(ranks=members)
+    if ctx.rank in members:
+        resharded = ShardedOptimizer(groups(make_params(kinds)), ft.AdamW, process_group=fewer, **options)
+        resharded.load_state_dict(checkpoint)
+        resharded.consolidate_state_dict(to=0)
+        if ctx.rank == 0:
+            again = resharded.state_dict()
+            ctx.check(all(same_tensor(value, again["state"][index][name]) for index, entry in
+                          checkpoint["state"].items() for name, value in entry.items()),
+                      f"the 8-bit state differs after loading into {len(members)} rank(s)")
 
 
 def scenario_grads_averaged_and_clipping(ctx):
@@ -800,6 +901,10 @@ def test_torch_optim_parity(ranks):
 
 def test_schedule_free(ranks):
     check(ranks, "schedule_free")
+
+
+def test_8bit_states(ranks):
+    check(ranks, "8bit_states")
 
 
 def test_grads_averaged_and_clipping(ranks):

@@ -48,15 +48,19 @@ def whole_size(param):
 def decoded_states(state_dict):
     """``state_dict`` (torch's format) with every 8-bit state decoded into a float32 tensor on its codes' device and
     its ``_absmax`` scales dropped; the entries are new dicts, the other values shared."""
-    state_dict = dict(state_dict, state=dict(state_dict["state"]))
-    for key, entry in state_dict["state"].items():
-        entry = state_dict["state"][key] = dict(entry)  # torch's state_dict shares the entries of self.state
-        for name in [name for name in entry if name + SCALES_SUFFIX in entry]:
-            codes, scales = entry.pop(name), entry.pop(name + SCALES_SUFFIX)
-            values = quantization.dequantize(codes.detach().cpu().numpy(), scales.detach().cpu().numpy(),
-                                             quantization.STATE_SIGNED[name])
-            entry[name] = torch.from_numpy(values).to(codes.device)
-    return state_dict
+    # New dicts: torch's state_dict shares the entries of self.state.
+    return dict(state_dict, state={key: decoded_entry(entry) for key, entry in state_dict["state"].items()})
+
+
+def decoded_entry(entry):
+    """One param's state entry (a new dict) with its 8-bit states decoded, as :func:`decoded_states`."""
+    entry = dict(entry)
+    for name in [name for name in entry if name + SCALES_SUFFIX in entry]:
+        codes, scales = entry.pop(name), entry.pop(name + SCALES_SUFFIX)
+        values = quantization.dequantize(codes.detach().cpu().numpy(), scales.detach().cpu().numpy(),
+                                         quantization.STATE_SIGNED[name])
+        entry[name] = torch.from_numpy(values).to(codes.device)
+    return entry
 
 
 CORE_OPTIONS = ("master_weights", "state_dtype", "rounding", "seed", "max_grad_norm", "min_8bit_size")

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .. import schedules
+from .. import quantization, schedules
 from ..backends import GradControl
+from ..backends.layout import SCALES_SUFFIX
 from ..guard import Guard
 from ..serialization import encode
-from .adapter import TorchOptimizer, _plain
+from .adapter import TorchOptimizer, _plain, decoded_entry, decoded_states, mark_shard
 from .optimizers import AdamW
 
 # torch 2.13 names the single-tensor collectives *_single and keeps the older names as deprecated aliases.
@@ -82,11 +83,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     **Layout.** The params of each dtype lie end to end in one flat buffer and each param's ``.data`` becomes a
     view of it, so the gather writes straight into the params. The ``n`` elements are split into ``W`` (world size)
-    contiguous shards of ``S = A * ceil(n / (A * W))`` elements (``A = ALIGNMENT``); the buffer is padded to
-    ``W * S`` because the collectives need equal sizes, so only the last shards hold padding (fewer than ``W * A``
-    elements in all). A tensor may span shards. Rank r runs ``optimizer_class(local_groups, **defaults)`` over 1-D
-    views of its pieces (tensor ∩ shard r), each in its tensor's group with the matching slice of the group's
-    ``lr_scale``, so it holds state for ``S`` elements per dtype.
+    contiguous shards of ``S = A * ceil(n / (A * W))`` elements (``A = alignment``: ``ALIGNMENT``, or 256 with
+    8-bit states); the buffer is padded to ``W * S`` because the collectives need equal sizes, so only the last
+    shards hold padding (fewer than ``W * A`` elements in all). A tensor may span shards. Rank r runs
+    ``optimizer_class(local_groups, **defaults)`` over 1-D views of its pieces (tensor ∩ shard r), each in its
+    tensor's group with the matching slice of the group's ``lr_scale``, so it holds state for ``S`` elements per
+    dtype.
+
+    **8-bit states** (``state_dtype="8bit"``) are stored as one process stores them: a tensor's states are 8-bit
+    when the whole tensor has at least ``min_8bit_size`` elements, on every rank that holds a piece of it, and such
+    a tensor starts on a 256-element boundary of its buffer (the padding between tensors is under 256 elements
+    each), so that every shard cut falls between two of its blocks of 256: each rank codes whole blocks, the ones
+    one process codes. The step, the consolidated state dict and a resumed run are bit for bit one process's.
 
     **Step.** With :math:`g^{(r)}_i` the grad of param i on rank r (zero where it has none):
 
@@ -117,7 +125,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     **Checkpoints.** :meth:`sharded_state_dict` / :meth:`load_sharded_state_dict`: each rank saves and loads its
     own shard (same world size; resumes bit for bit). :meth:`consolidate_state_dict` then :meth:`state_dict` on
     the target rank: one torch-format state dict, as a non-sharded ``optimizer_class`` saves it, that loads into
-    one, into ``torch.optim``, and into a ShardedOptimizer of any world size (:meth:`load_state_dict`).
+    one, into ``torch.optim``, and into a ShardedOptimizer of any world size (:meth:`load_state_dict`). With
+    8-bit states it holds codes and block scales, as one process's does; :meth:`float32_state_dict` decodes them
+    for ``torch.optim``.
 
     **Grads.** ``p.grad`` keeps the rank's own grads. The reduction reads them from a flat grad buffer: a grad
     that is not its view there already (backward allocates new ones after ``zero_grad(set_to_none=True)``) is
@@ -142,10 +152,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if core is not None and not core.ELEMENTWISE:
             raise TypeError(f"ShardedOptimizer cannot shard {optimizer_class.__name__}: its update needs the norms of "
                             "whole tensors, and the shards cut tensors between ranks")
-        if defaults.get("state_dtype") == "8bit":
-            raise NotImplementedError("ShardedOptimizer with state_dtype='8bit': the 8-bit blocks and the size "
-                                      "threshold would have to follow whole tensors across the shard cuts; use "
-                                      "state_dtype='float32' or 'bfloat16' when sharding")
         if guard is not None and not isinstance(guard, Guard):
             raise TypeError(f"guard must be a fastopt.Guard or None, got {type(guard).__name__}")
         if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
@@ -159,6 +165,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if exchange not in ("p2p", "collective"):
             raise ValueError(f"exchange must be 'auto', 'p2p' or 'collective', got {exchange!r}")
         self.optimizer_class, self.exchange = optimizer_class, exchange
+        # 8-bit states are coded in blocks of BLOCK elements from each tensor's start: shard cuts fall between blocks.
+        self._block = quantization.BLOCK if defaults.get("state_dtype") == "8bit" else 1
+        self._min_8bit_size = defaults.get("min_8bit_size", quantization.MIN_8BIT_SIZE)
+        self.alignment = math.lcm(self.ALIGNMENT, self._block)
         self.grads_averaged, self.guard, self.max_grad_norm = bool(grads_averaged), guard, max_grad_norm
         self.last_grad_norm, self.skipped_steps = None, 0
         self.optim = None  # also the marker for "in torch's __init__" in add_param_group
@@ -285,9 +295,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for dtype, indices in by_dtype.items():
             offsets, numel = [], 0
             for index in indices:
+                if self._coded(params[index - first]):
+                    numel = self._block * -(-numel // self._block)
                 offsets.append(numel)
                 numel += params[index - first].numel()
-            shard = self.ALIGNMENT * -(-numel // (self.ALIGNMENT * world))
+            shard = self.alignment * -(-numel // (self.alignment * world))
             buffer = torch.zeros(world * shard, dtype=dtype, device=params[0].device)
             space = _Space(indices, offsets, shard, buffer)
             if not self.grads_averaged:
@@ -307,7 +319,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 elif start >= stop:
                     continue
                 reduced = None if space.reduced is None else space.reduced[start - low:stop - low]
-                pieces[index] = _Piece(index, None, start - offset, stop - offset, buffer[start:stop], reduced)
+                piece = _Piece(index, None, start - offset, stop - offset, buffer[start:stop], reduced)
+                mark_shard(piece.tensor, size)  # the inner optimizer judges min_8bit_size on the whole tensor
+                pieces[index] = piece
         position = first
         for number, group in enumerate(groups, first_group):
             mine = []
@@ -327,6 +341,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 inner["lr_scale"] = _scale_slices(group["lr_scale"], mine)
             layout.groups.append((inner, mine))
         return layout
+
+    def _coded(self, param):
+        """Whether ``param``'s moments may be stored in 8 bits (the inner optimizer decides per state; a tensor
+        that may is laid out on block boundaries either way)."""
+        size = self._min_8bit_size
+        return (self._block > 1 and param.dtype != torch.float64 and isinstance(size, numbers.Integral)
+                and param.numel() >= size)
 
     def _adopt(self, layout):
         """Copy the new params into their flat buffers and make each param's ``.data`` a view of its buffer (once
@@ -704,17 +725,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def consolidate_state_dict(self, to=0):
         """Gather every rank's shard of the state on rank ``to`` (every rank calls it), where :meth:`state_dict` then
         returns it in torch's format. Moves one flat tensor per dtype and state buffer (``gather``), not one per
-        tensor."""
+        tensor. 8-bit states' block scales are gathered by block: each piece's scales are its tensor's blocks."""
         if isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < self.world_size:
             raise ValueError(f"to must be a rank in [0, {self.world_size}), got {to!r}")
-        # What each rank holds per param: step and other scalars by value, buffers by name and dtype.
+        # What each rank holds per param: step and other scalars by value, buffers and block scales by name and
+        # dtype.
         mine = {}
         for piece in self._pieces:
             entry = self.optim.state.get(piece.tensor) if piece.index is not None else None
             if not entry or piece.index in mine:
                 continue
-            mine[piece.index] = {name: (("buffer", str(value.dtype)) if _is_sharded(name, value, piece)
-                                        else ("value", value)) for name, value in entry.items()}
+            mine[piece.index] = {name: (kind, str(value.dtype)) if (kind := _sharded_kind(name, value, piece))
+                                 else ("value", value) for name, value in entry.items()}
         everyone = [None] * self.world_size
         with self._collective("exchange of the state's layout in consolidate_state_dict"):
             dist.all_gather_object(everyone, mine, group=self.process_group)
@@ -725,17 +747,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         state = {index: {} for index in sorted(entries)}
         with self._collective("gather of the state in consolidate_state_dict"), torch.no_grad():
             for space in self._spaces:
-                names = []  # (name, dtype) of the buffers of this space's params, in the same order on every rank
+                names = []  # (name, kind, dtype) of this space's params' buffers, in the same order on every rank
                 for index in space.params:
                     for name, (kind, detail) in entries.get(index, {}).items():
-                        if kind == "buffer" and (name, detail) not in names:
-                            names.append((name, detail))
-                for name, dtype in names:
-                    full = self._gather_state(space, name, getattr(torch, dtype.removeprefix("torch.")), to)
+                        if kind != "value" and (name, kind, detail) not in names:
+                            names.append((name, kind, detail))
+                for name, kind, dtype in names:
+                    unit = 1 if kind == "buffer" else self._block
+                    full = self._gather_state(space, name, getattr(torch, dtype.removeprefix("torch.")), to, unit)
                     for index, offset in zip(space.params, space.offsets):
-                        if full is not None and entries.get(index, {}).get(name, (None,))[0] == "buffer":
+                        if full is not None and entries.get(index, {}).get(name) == (kind, dtype):
                             param = self._params[index]
-                            state[index][name] = full[offset:offset + param.numel()].view(param.shape)
+                            start, length = offset // unit, quantization.block_count(param.numel(), unit)
+                            state[index][name] = full[start:start + length].view(
+                                param.shape if kind == "buffer" else (length,))
         state_dict = None
         if self.rank == to:  # the scalars (step), and every entry's names in the inner optimizer's order
             state = {index: {name: detail if kind == "value" else state[index][name]
@@ -745,9 +770,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 state_dict["guard"] = self.guard.state_dict()
         self._consolidated = (to, self._version, state_dict)
 
-    def _gather_state(self, space, name, dtype, to):
-        """Buffer ``name`` of the params of ``space`` from every rank, flat, on rank ``to`` (None elsewhere)."""
-        shard = space.shard
+    def _gather_state(self, space, name, dtype, to, unit=1):
+        """Buffer ``name`` of the params of ``space`` from every rank, flat, on rank ``to`` (None elsewhere); one
+        entry per ``unit`` elements of the space (block scales: one per block)."""
+        shard = space.shard // unit
         local = torch.zeros(shard, dtype=dtype, device=space.param_buffer.device)
         low = self.rank * shard
         for piece in self._pieces:
@@ -755,8 +781,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 continue
             buffer = self.optim.state.get(piece.tensor, {}).get(name)
             if buffer is not None:
-                offset = self._slots[piece.index][1]
-                local[offset + piece.start - low:offset + piece.stop - low] = buffer
+                start = (self._slots[piece.index][1] + piece.start) // unit - low
+                local[start:start + buffer.numel()] = buffer
         full = torch.empty(self.world_size * shard, dtype=dtype, device=local.device) if self.rank == to else None
         if shard:
             chunks = list(full.split(shard)) if full is not None else None
@@ -776,6 +802,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise RuntimeError("ShardedOptimizer.state_dict(): the state changed since consolidate_state_dict(); "
                                "consolidate again")
         return self._consolidated[2]
+
+    def float32_state_dict(self):
+        """:meth:`state_dict` with every 8-bit state decoded into float32 and its block scales dropped (on the rank
+        it was consolidated on): the checkpoint of the ``torch.optim`` class of the inner optimizer's name."""
+        return decoded_states(self.state_dict())
 
     def load_state_dict(self, state_dict):
         """Load a full state dict (from :meth:`state_dict`, a non-sharded ``optimizer_class`` or the ``torch.optim``
@@ -817,9 +848,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for index, (saved_index, param) in enumerate(zip(order, self._params)):
             entry = saved_state.get(saved_index, saved_state.get(str(saved_index))) or {}
             for name, value in entry.items():
-                if name != "step" and isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                if name.endswith(SCALES_SUFFIX):
+                    self._check_scales(entry, name, value, param, self._names[index])
+                elif name != "step" and isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
                     raise ValueError(f"the state of {self._names[index]} has {name!r} of shape {tuple(value.shape)}, "
                                      f"the param has shape {tuple(param.shape)}")
+            if not self._coded(param) and any(name.endswith(SCALES_SUFFIX) for name in entry):
+                entry = decoded_entry(entry)  # kept in float32 here: its pieces need not start on block boundaries
             entries.append(entry)
         local_state, local_groups, position = {}, [], 0
         for number, (saved, inner) in enumerate(zip(groups, self.optim.param_groups)):
@@ -836,6 +871,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # Other entries (fastopt_step_count: the count schedules and stochastic rounding are keyed by) as they are.
         extra = {key: value for key, value in state_dict.items() if key not in ("state", "param_groups", "guard")}
         return dict(extra, state=local_state, param_groups=local_groups), scales
+
+    @staticmethod
+    def _check_scales(entry, name, value, param, where):
+        """An 8-bit state's block scales in a full state dict: beside their codes, one per block of the param."""
+        blocks = quantization.block_count(param.numel())
+        if name.removesuffix(SCALES_SUFFIX) not in entry:
+            raise ValueError(f"the state of {where} has {name!r} without the codes "
+                             f"{name.removesuffix(SCALES_SUFFIX)!r} they scale")
+        if not isinstance(value, torch.Tensor) or value.shape != (blocks,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"the state of {where} has {name!r} of shape {shape}; the block scales of a param of "
+                             f"{param.numel()} elements are {blocks} (one per {quantization.BLOCK})")
 
     def _finish_load(self, what, error, previous, guard_state, saved_scales):
         """Agree with every rank on the load; undo it here if another rank failed; otherwise take the loaded
@@ -857,8 +904,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._version += 1
 
     def _layout_signature(self):
-        return {"world_size": self.world_size, "alignment": self.ALIGNMENT, "params": self._signature(self.param_groups),
-                "spaces": [(space.params, space.shard) for space in self._spaces]}
+        signature = {"world_size": self.world_size, "alignment": self.alignment,
+                     "params": self._signature(self.param_groups),
+                     "spaces": [(space.params, space.shard) for space in self._spaces]}
+        if self._block > 1:  # where tensors start depends on min_8bit_size too
+            signature["offsets"] = [space.offsets for space in self._spaces]
+        return signature
 
     def sharded_state_dict(self):
         """This rank's shard of the state (no communication): save it per rank, e.g.
@@ -915,14 +966,23 @@ def _scale_slices(scales, pieces):
             else scales[piece.position].view(-1)[piece.start:piece.stop] for piece in pieces]
 
 
-def _is_sharded(name, value, piece):
-    """Whether state ``value`` is a buffer shaped like the piece (sliced with it), not a per-param scalar."""
-    return (name != "step" and isinstance(value, torch.Tensor) and value.dim() == 1
-            and value.numel() == piece.stop - piece.start)
+def _sharded_kind(name, value, piece):
+    """How state ``value`` of a piece is cut with it: "buffer" (shaped like the piece, sliced with it), "blocks" (an
+    8-bit state's block scales, one per block of the piece), or None (a per-param scalar)."""
+    if name == "step" or not isinstance(value, torch.Tensor) or value.dim() != 1:
+        return None
+    size = piece.stop - piece.start
+    if name.endswith(SCALES_SUFFIX):  # before the size test: a piece of one block has one element and one scale
+        return "blocks" if value.numel() == quantization.block_count(size) else None
+    return "buffer" if value.numel() == size else None
 
 
 def _slice(name, value, piece, param):
-    """A piece's part of state ``value`` of its param (buffers shaped like the param; scalars as they are)."""
+    """A piece's part of state ``value`` of its param (buffers shaped like the param, 8-bit states' block scales by
+    block: the piece starts on a block boundary; scalars as they are)."""
+    if name.endswith(SCALES_SUFFIX):
+        first = piece.start // quantization.BLOCK
+        return value[first:first + quantization.block_count(piece.stop - piece.start)]
     if name != "step" and isinstance(value, torch.Tensor) and value.shape == param.shape:
         return value.reshape(-1)[piece.start:piece.stop]
     return value
