@@ -114,15 +114,31 @@ def float_code_map(signed, mantissa_bits=MANTISSA_BITS):
     return bits.astype(np.uint32).view(np.float32)
 
 
-def encode_float_codes(x, signed, mantissa_bits=MANTISSA_BITS):
+def encode_float_codes(x, signed, mantissa_bits=MANTISSA_BITS, noise=None):
     """Codes of float32 ``x`` in the float code map: the closed form on the bits of x (module docstring, step 2), in
     int64 NumPy arithmetic, as the kernels do it in int32. ``|x|`` is at most 1 and an ulp (larger values take the
-    top code); NaN never gets here (its block is marked)."""
+    top code); NaN never gets here (its block is marked).
+
+    ``noise`` (uint32 per element, uniform): stochastic rounding instead, to one of the two map values around
+    ``|x|`` with probabilities that make the code's expected value ``x`` (exactly; below the smallest nonzero
+    magnitude ``c1``, to ``c1 * 2^-20``). With the top ``S = 23 - M`` bits of the noise as ``r`` (a larger ``r``
+    rounds up more often): from ``c1`` up, ``k = ((a + r) >> S) - OFFSET``, clamped to K (the values between two
+    codes are linear in their bits); below it, ``k = 1`` if ``|x| >= (2^S - r) * 2^-S * c1`` (float32 products,
+    exact), else 0. A value on a code keeps it, so zero stays zero and the absmax element stays exact."""
     largest, offset, shift, half = _float_map_constants(signed, mantissa_bits)
     bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.int64)
     magnitude_bits = bits & 0x7FFFFFFF
-    magnitude = ((magnitude_bits + (1 << (shift - 1))) >> shift) - offset
-    magnitude = np.where(magnitude_bits < half, 0, np.clip(magnitude, 1, largest))
+    if noise is None:
+        magnitude = ((magnitude_bits + (1 << (shift - 1))) >> shift) - offset
+        magnitude = np.where(magnitude_bits < half, 0, np.clip(magnitude, 1, largest))
+    else:
+        r = np.asarray(noise, dtype=np.uint32).astype(np.int64) >> (32 - shift)
+        smallest = (1 + offset) << shift  # the bits of c1
+        threshold = ((1 << shift) - r).astype(np.float32) * np.float32(2.0 ** -shift) * np.uint32(smallest).view(
+            np.float32)
+        below = np.where(np.abs(np.asarray(x, dtype=np.float32)) >= threshold, 1, 0)
+        magnitude = np.where(magnitude_bits < smallest, below,
+                             np.clip(((magnitude_bits + r) >> shift) - offset, 1, largest))
     negative = bits >> 31
     codes = (negative << 7) | magnitude if signed else np.where(negative == 1, 0, magnitude)
     return codes.astype(np.uint8)
@@ -193,11 +209,14 @@ def stores_8bit(size, min_8bit_size=MIN_8BIT_SIZE):
     return int(size) >= min_8bit_size
 
 
-def quantize(values, signed, block=BLOCK, code_map=None):
+def quantize(values, signed, block=BLOCK, code_map=None, noise=None):
     """``values`` (any shape; float64 is rounded to float32 first, as a kernel's results are) as
     ``(codes uint8 [size], scales float32 [ceil(size / block)])``, by the module docstring's arithmetic.
     ``code_map`` None: the format's map (closed-form encode); else any 256-value map, encoded by
-    :func:`nearest_codes` (the benchmark's candidates)."""
+    :func:`nearest_codes` (the benchmark's candidates). ``noise`` (uint32, one per value; format's map only):
+    stochastic rounding of the codes (:func:`encode_float_codes`); the scales are the same."""
+    if noise is not None and code_map is not None:
+        raise ValueError("stochastic rounding (noise) is defined for the format's map only")
     flat = np.asarray(values).astype(np.float32).reshape(-1)
     count = block_count(flat.size, block)
     padded = np.zeros(count * block, dtype=np.float32)
@@ -212,7 +231,11 @@ def quantize(values, signed, block=BLOCK, code_map=None):
     reciprocal = np.float32(1) / scales[live]  # float32: correctly rounded
     x = np.zeros_like(blocks)
     x[live] = blocks[live] * reciprocal[:, None]  # float32: correctly rounded
-    codes = encode_float_codes(x, signed) if code_map is None else nearest_codes(x, code_map)
+    if noise is not None:
+        padded_noise = np.zeros(count * block, dtype=np.uint32)
+        padded_noise[:flat.size] = np.asarray(noise, dtype=np.uint32).reshape(-1)
+        noise = padded_noise.reshape(count, block)
+    codes = encode_float_codes(x, signed, noise=noise) if code_map is None else nearest_codes(x, code_map)
     codes[~live] = 0
     return codes.reshape(-1)[:flat.size].copy(), scales.astype(np.float32)
 

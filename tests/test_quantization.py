@@ -132,6 +132,78 @@ def test_search_is_the_nearest_code_for_any_map(code_map):
 
 
 # ---------------------------------------------------------------------------------------------- blocks and scales
+# ------------------------------------------------------------------------------------ stochastic rounding of codes
+NOISE_LEVELS = 1 << 20  # the noise bits the encode uses (23 - M): every level, in the exact tests
+
+
+def bracketing_values(x, code_map):
+    """The map values just below and just above |x| (equal when |x| is one), as float64 magnitudes."""
+    magnitudes = np.unique(np.abs(code_map.astype(np.float64)))
+    x = np.abs(np.asarray(x, dtype=np.float32).astype(np.float64))
+    low = magnitudes[np.searchsorted(magnitudes, x, side="right") - 1]
+    high = magnitudes[np.minimum(np.searchsorted(magnitudes, x, side="left"), magnitudes.size - 1)]
+    return low, high
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_stochastic_codes_round_to_a_bracketing_value_and_keep_the_sign(signed):
+    code_map = q.code_map_of(signed)
+    rng = np.random.default_rng(4)
+    x = awkward_values(code_map, rng)
+    noise = rng.integers(0, 2 ** 32, x.size, dtype=np.uint32)
+    codes = q.encode_float_codes(x, signed, noise=noise)
+    decoded = code_map[codes].astype(np.float64)
+    low, high = bracketing_values(x, code_map)
+    positive = ~np.signbit(x)
+    assert np.all((np.abs(decoded) == low) | (np.abs(decoded) == high) | (~positive & ~np.bool_(signed)))
+    assert np.all(code_map[codes][np.abs(x) == high] == code_map[q.encode_float_codes(x, signed)][np.abs(x) == high])
+    if signed:
+        assert np.array_equal(codes >> 7, np.signbit(x).astype(np.uint8))
+    else:
+        assert np.all(codes[~positive] == 0)
+    # Noise 0 rounds every magnitude down, the largest noise up (unless |x| is a map value, or below 2^-20 of the
+    # smallest nonzero one: the resolution of the noise).
+    down = q.encode_float_codes(x, signed, noise=np.zeros(x.size, np.uint32))
+    up = q.encode_float_codes(x, signed, noise=np.full(x.size, 2 ** 32 - 1, np.uint32))
+    resolved = positive & (np.abs(x) >= np.min(np.abs(code_map[code_map != 0])) / NOISE_LEVELS)
+    assert np.array_equal(np.abs(code_map[down][positive]), low[positive].astype(np.float32))
+    assert np.array_equal(np.abs(code_map[up][resolved]), high[resolved].astype(np.float32))
+    assert np.all(up[positive & ~resolved] == 0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_stochastic_codes_are_unbiased_over_every_noise_level(signed):
+    """Over all 2^20 noise levels the mean decoded value is x: exactly (in float64) between two normal codes, to
+    2^-20 of the smallest code below it."""
+    code_map = q.code_map_of(signed)
+    smallest = np.float64(np.min(np.abs(code_map[code_map != 0])))
+    x = np.array([0.7, 0.3337, 1e-3, 5.1e-5, 0.999, smallest * 1.37, smallest * 0.4, smallest * 1e-3], np.float32)
+    levels = (np.arange(NOISE_LEVELS, dtype=np.uint64) << 12).astype(np.uint32)  # the bits the encode reads
+    for value in np.concatenate([x, -x]) if signed else x:
+        codes = q.encode_float_codes(np.full(NOISE_LEVELS, value, np.float32), signed, noise=levels)
+        mean = code_map[codes].astype(np.float64).mean()
+        atol = smallest / NOISE_LEVELS if abs(value) < smallest else 0.0
+        assert abs(mean - np.float64(value)) <= atol + 4 * np.finfo(np.float64).eps * abs(value), (value, mean)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("signed", [True, False])
+def test_stochastic_quantize_keeps_the_scales_and_the_absmax_code(size, signed):
+    values = states(size, signed, seed=size + 1)
+    noise = np.random.default_rng(size).integers(0, 2 ** 32, size, dtype=np.uint32)
+    codes, scales = q.quantize(values, signed, noise=noise)
+    nearest_codes, nearest_scales = q.quantize(values, signed)
+    assert np.array_equal(scales, nearest_scales) and codes.shape == (size,)
+    decoded = q.dequantize(codes, scales, signed)
+    top = np.abs(values) == np.repeat(scales, 256)[:size]
+    assert np.array_equal(decoded[top], values[top])  # the absmax element is exact, as with rounding to nearest
+    # Each value within one code spacing (1/8 relative above the smallest code) of its nearest rounding.
+    assert np.all(np.abs(decoded - q.dequantize(nearest_codes, scales, signed))
+                  <= np.abs(values) / 4 + np.repeat(scales, 256)[:size] * 2.0 ** (-15 if signed else -31))
+    with pytest.raises(ValueError, match="format's map"):
+        q.quantize(values, signed, code_map=q.dynamic_code_map(signed), noise=noise)
+
+
 def states(size, signed, seed=0):
     """Heavy-tailed values spread over many decades, like optimizer moments."""
     rng = np.random.default_rng(seed)
