@@ -4,7 +4,9 @@ torch's side is inherited unchanged: ``param_groups`` (the source of truth for h
 schedulers write), ``state`` keyed by param, step hooks, ``zero_grad``, and the ``state_dict`` layout. The
 arithmetic is one fastopt core optimizer over zero-copy views of the params: NumPy views for CPU tensors,
 CuPy views through DLPack for CUDA tensors. The core's state buffers are shown to torch as tensors sharing
-their memory, under torch's names, so ``optimizer.state[p]["exp_avg"]`` is the live buffer.
+their memory, under torch's names, so ``optimizer.state[p]["exp_avg"]`` is the live buffer. For DTensor params
+(FSDP2) the core steps the local shards and the buffers are shown as DTensors (8-bit block scales as one row per
+rank, with an ``absmax_layout`` fingerprint): see :mod:`fastopt.torch.dtensor`.
 
 Per step the adapter does work proportional to the number of tensors, never to their size: it checks that the
 params are still the ones the views were made of, copies each group's hyperparameters into the core's group
@@ -379,10 +381,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         # Shards (DTensors, a ShardedOptimizer's pieces) store their states as their whole tensors do.
         core.whole_sizes = {index: whole_size(param) for index, (param, array) in enumerate(zip(params, core.params))
                             if whole_size(param) != array.size}
-        if core.grad_reduction is not None and core.state_dtype == "8bit":
-            raise NotImplementedError(f"{type(self).__name__}(state_dtype='8bit') over sharded DTensor params: the "
-                                      "block scales of a shard's 8-bit states are not laid out as DTensors yet; use "
-                                      "state_dtype='float32' or 'bfloat16' with FSDP2")
         if core.grad_reduction is not None and not core.ELEMENTWISE:
             raise NotImplementedError(f"{type(self).__name__} over sharded DTensor params: its update needs the norms of "
                                       "whole tensors, and each rank holds shards of them")
@@ -392,6 +390,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             saved = self.state.get(param)
             if not saved:
                 continue
+            # A DTensor param's 8-bit scales: this rank's row, checked to belong to its shards (refused otherwise).
+            saved = dtensor.saved_entry(param, saved, f"state of param {index}")
             entry = {name: views.to_host(value) for name, value in saved.items()
                      if name != "step" and value is not None}
             # An optimizer that keeps no step (torch's SGD) has buffers from the first step that counts on (for
@@ -451,7 +451,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         for name, buffer in self._core.state[index].items():
             entry[name] = self._views.expose(buffer)
         param = self._params[index]
-        self.state[param] = dtensor.state_entry(param, entry)  # a DTensor param's buffers as DTensors like it
+        if dtensor.is_dtensor(param):  # its buffers as DTensors like it; 8-bit block scales as one row per rank
+            entry = self._views.state_entry(param, entry, self._core, index)
+        self.state[param] = entry
         self._exposed[index] = True
 
     # ---------------------------------------------------------------- the step
@@ -580,6 +582,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         current value and the schedule as plain data under ``"fastopt_schedule"``, so the checkpoint loads with
         ``torch.load(weights_only=True)`` and, into ``torch.optim``, continues at a constant lr."""
         state_dict = super().state_dict()
+        for key, entry in state_dict["state"].items():
+            if dtensor.LAYOUT_KEY in entry:  # a new dict: a DCP load writes the checkpoint's layout into it, not here
+                state_dict["state"][key] = dict(entry)
         step_count = self._step_count()
         # The core's step count (schedules and stochastic rounding are keyed by it); torch's loaders ignore it.
         state_dict["fastopt_step_count"] = step_count
@@ -592,16 +597,20 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def float32_state_dict(self):
         """:meth:`state_dict` with every 8-bit state decoded into a float32 tensor on its param's device and its
-        ``_absmax`` scales dropped: the checkpoint of the ``torch.optim`` class of the same name, which loads it."""
-        return decoded_states(self.state_dict())
+        ``_absmax`` scales dropped: the checkpoint of the ``torch.optim`` class of the same name, which loads it. A
+        DTensor param's states are decoded on each rank from its own shard and row of scales, into DTensors like the
+        param (its ``absmax_layout`` dropped): ``full_tensor()`` of each gathers them for one process, and
+        ``torch.distributed.checkpoint`` reshards them to any mesh."""
+        return decoded_states(dtensor.decoded_states(self.state_dict()))
 
     def load_state_dict(self, state_dict):
         """torch's ``load_state_dict`` (from this class or from the ``torch.optim`` class of the same name): the
         checkpoint's hyperparameters replace the groups' (keys it lacks take torch's historical defaults, as torch's
         ``__setstate__`` fills them in), its state is copied into fastopt's buffers. Kept from this optimizer:
         ``capturable`` and ``differentiable`` (fastopt runs neither) and a group's ``lr_scale`` where the checkpoint
-        has none. A checkpoint that does not fit (state shapes, unknown buffers, invalid hyperparameters) raises and
-        leaves the optimizer as it was. Post-hooks run once fastopt's state is built: what they add stays."""
+        has none. A checkpoint that does not fit (state shapes, unknown buffers, invalid hyperparameters, a DTensor
+        param's 8-bit block scales from other shards) raises and leaves the optimizer as it was. Post-hooks run once
+        fastopt's state is built: what they add stays."""
         previous = self.state, self.param_groups
         step_count = self._step_count()
         post_hooks = self._optimizer_load_state_dict_post_hooks
