@@ -356,6 +356,19 @@ class Optimizer:
             self._frozen_layout = None
         return check
 
+    def adopt_buffer(self, index, name, array):
+        """Make ``array`` param ``index``'s buffer ``name``, for ``fastopt.torch``, which moves buffers into memory it
+        shows torch. ``array`` gets the checks of ``state[index][name] = array`` on itself (writable, shape, dtype);
+        the check against the other buffers waits for the layout's rebuild before the next step, once for any
+        number of adoptions (each replacement rebuilds it)."""
+        where = f"adopted buffer {name!r} of param {index}"
+        self._engine.check_array(array, where, writable=True)
+        shape, dtype = self._buffer_spec(index, name)
+        if name not in self.state[index] or array.shape != shape or np.dtype(array.dtype) != dtype:
+            raise ValueError(f"{where}: {array.dtype} {array.shape}; the buffer is {dtype} {shape}")
+        self.state[index].adopt(name, array)
+        self._frozen_layout = None
+
     def _buffer_spec(self, index, name):
         """(shape, NumPy dtype as the engine holds it) of param ``index``'s buffer ``name``: a state in its storage
         (8-bit codes: uint8), the block scales of an 8-bit state, or the float32 master copy."""

@@ -137,3 +137,28 @@ def test_params_without_grads_get_no_state():
     assert set(optimizer.state[0]) == {"exp_avg", "exp_avg_sq"}
     assert optimizer.state_dict()["state"][0]["step"] == 1
     np.testing.assert_allclose(frozen, 0.9)  # Adam's first step moves every element by lr
+
+
+def test_adopt_buffer_checks_the_array_and_the_next_step_writes_it():
+    """Optimizer.adopt_buffer (fastopt.torch moves 8-bit scales into rows it shows torch): a buffer of the wrong shape
+    or dtype, or one the param does not keep, is refused and the state kept; an adopted one is the buffer the next
+    step updates, and one that shares memory with another buffer is refused by that step."""
+    rng = np.random.default_rng(3)
+    param = rng.standard_normal(600).astype(np.float32)
+    optimizer = fo.AdamW([param], lr=0.01, state_dtype="8bit", min_8bit_size=0)
+    optimizer.step(rng.standard_normal(600).astype(np.float32))
+    kept = optimizer.state[0]["exp_avg_absmax"]
+    for bad, name in [(np.zeros(2, np.float32), "exp_avg_absmax"), (np.zeros(3, np.float64), "exp_avg_absmax"),
+                      (np.zeros(3, np.float32), "momentum_buffer")]:
+        with pytest.raises(ValueError, match="adopted buffer"):
+            optimizer.adopt_buffer(0, name, bad)
+        assert optimizer.state[0]["exp_avg_absmax"] is kept
+    row = np.zeros(8, np.float32)
+    row[:3] = kept
+    optimizer.adopt_buffer(0, "exp_avg_absmax", row[:3])
+    optimizer.step(rng.standard_normal(600).astype(np.float32))
+    assert optimizer.state[0]["exp_avg_absmax"].base is row and np.all(row[:3] > 0) and np.all(row[3:] == 0)
+    assert not np.array_equal(row[:3], kept)  # the step wrote the adopted row, not the old buffer
+    optimizer.adopt_buffer(0, "exp_avg_sq_absmax", row[:3])  # the same memory as exp_avg's scales
+    with pytest.raises(ValueError, match="share"):
+        optimizer.step(rng.standard_normal(600).astype(np.float32))

@@ -290,10 +290,8 @@ class DTensorViews:
         """:func:`state_entry` of param ``index`` of ``core``, and each 8-bit state's block scales (``entry[name]``,
         the core's buffer as a tensor) as this rank's row of a DTensor (module docstring). The row is the core's buffer
         where it needs no padding; else a padded row is allocated once, the buffer's values copied in, and its first
-        ``block_count`` entries become the core's buffer, so that the row is live as every other state tensor is.
-        (Adopted without the O(params) check of a user's replacement, which a model's worth of them would make
-        quadratic: the array is new and right by construction, and the core rebuilds and checks its layout of
-        buffers before the next step.)"""
+        ``block_count`` entries become the core's buffer (``core.adopt_buffer``: a user's replacement would rebuild
+        the core's layout once per row), so that the row is live as every other state tensor is."""
         scales = [name for name in entry if name.endswith(SCALES_SUFFIX)]
         if not is_dtensor(param) or not scales:
             return state_entry(param, entry)
@@ -315,8 +313,7 @@ class DTensorViews:
                     start = row.view(-1)[:blocks]
                     start.copy_(exposed)
                     buffer = self._views.view(start)
-                    core.state[index].adopt(name, buffer)
-                    core._frozen_layout = None  # the kernels' addresses: rebuilt (and checked) before the next step
+                    core.adopt_buffer(index, name, buffer)
                     self._rows[(index, name)] = (buffer, row)
             shown[name] = DTensor.from_local(row, param.device_mesh, placements, run_check=False, shape=rows_shape,
                                              stride=rows_stride)
