@@ -6,6 +6,7 @@ mantissa bits, built from the bits rather than looked up. The kernels see a slot
 signed and ``uint8`` where it is unsigned (the same bytes; the element type picks the map when compiled, as uint16
 picks bfloat16 in conversions.load).
 """
+import numba
 import numpy as np
 from numba import types
 from numba.extending import overload
@@ -14,6 +15,12 @@ from .conversions import float32_bits, float32_from_bits, load, store
 from .jit import jit
 from .layout import CODE_BLOCK
 from .views import window
+
+# jit.py's options plus inlining into the caller's Numba IR, for the per-block encoding the fused loops run: left to
+# LLVM, it stayed two levels of out-of-line calls per block (the views passed on the stack, some 50 reference-count
+# calls, the loop's vector registers reloaded after each block), and the 8-bit AdamW step took 1.72 ns per element
+# instead of 1.31 (one thread, in L2; bench/RESULTS_8BIT.md).
+block_jit = numba.njit(cache=True, error_model="numpy", nogil=True, inline="always")
 
 MANTISSA_SHIFT = np.uint32(20)  # 23 - M
 ROUNDING_BIAS = np.uint32(1 << 19)  # half a code's mantissa step: ties round away from zero
@@ -92,7 +99,7 @@ def absmax_bits(values):
     return largest
 
 
-@jit
+@block_jit
 def encode_block(values, codes):
     """Encode float32 ``values`` (one block) into ``codes`` (int8/uint8, as long) and return the block's scale: NaN
     for a marked block (a NaN or infinity among the values; codes 0), 0 for a zero block (absmax below 2^-126; codes
@@ -115,7 +122,8 @@ def encode_block(values, codes):
 # conversions.load/store) or, stored in 8 bits, the tuple (codes, scales, strip): the chunk's codes, the scales of its
 # blocks and a float32 strip of one block, where the loop writes the block's new values before they are encoded. The
 # loops walk a chunk in blocks (one block for plain states) and see each block of a stream through a *view*: a window
-# of the buffer, or (codes window, the block's scale, strip window). The functions below are resolved per type when
+# of the buffer, or (codes window, the block's scale, strip window, the one-element window of the scales where the
+# block's new scale goes): finishing a block needs only its view. The functions below are resolved per type when
 # compiled: the loops have no per-element branch on the format. (The helpers at the end live here, with what they call,
 # rather than in fused.py: Numba's cache checks only the time stamp of a function's own file.) Decoding each block into
 # the strip before the element loop instead, so that the loop is exactly the float32 states' one, was slower: 2.2-2.4
@@ -146,7 +154,8 @@ def _state_view(state, offset, length):
     if is_coded(state):
         def coded_view(state, offset, length):
             codes, scales, strip = state
-            return window(codes, offset, length), scales[offset // CODE_BLOCK], window(strip, 0, length)
+            block = offset // CODE_BLOCK
+            return window(codes, offset, length), scales[block], window(strip, 0, length), window(scales, block, 1)
         return coded_view
     return lambda state, offset, length: window(state, offset, length)
 
@@ -178,19 +187,19 @@ def _store_state(view, i, value):
     return lambda view, i, value: store(view, i, value)
 
 
-def finish_state(state, view, offset):
+def finish_state(view):
     """After a block's new values are stored: an 8-bit state's block encoded against its new absmax (codes and scale
     written once); nothing for other storage."""
     raise NotImplementedError("compiled only")
 
 
-@overload(finish_state, jit_options=dict(cache=True))
-def _finish_state(state, view, offset):
-    if is_coded(state):
-        def finish_coded(state, view, offset):
-            state[1][offset // CODE_BLOCK] = encode_block(view[2], view[0])
+@overload(finish_state, jit_options=dict(cache=True), inline="always")
+def _finish_state(view):
+    if is_coded(view):
+        def finish_coded(view):
+            view[3][0] = encode_block(view[2], view[0])
         return finish_coded
-    return lambda state, view, offset: None
+    return lambda view: None
 
 
 @jit
@@ -199,12 +208,12 @@ def block_views(state0, state1, state2, offset, length):
     return state_view(state0, offset, length), state_view(state1, offset, length), state_view(state2, offset, length)
 
 
-@jit
-def finish_states(state0, state1, state2, view0, view1, view2, live0, live1, live2, offset):
+@block_jit
+def finish_states(view0, view1, view2, live0, live1, live2):
     """After a block's loop: each live state's block finished (codes.finish_state: 8-bit blocks encoded)."""
     if live0:
-        finish_state(state0, view0, offset)
+        finish_state(view0)
     if live1:
-        finish_state(state1, view1, offset)
+        finish_state(view1)
     if live2:
-        finish_state(state2, view2, offset)
+        finish_state(view2)

@@ -321,7 +321,7 @@ def update_loop(has_lr_scale, live0, live1, live2, streams):
                 store_state(view1, i, s1)
             if live2:
                 store_state(view2, i, s2)
-        finish_states(state0, state1, state2, view0, view1, view2, live0, live1, live2, offset)
+        finish_states(view0, view1, view2, live0, live1, live2)
     return 0.0, 0.0
 
 
@@ -359,7 +359,7 @@ def norm_loop(has_lr_scale, live0, live1, live2, streams):
                 store_state(view1, i, s1)
             if live2:
                 store_state(view2, i, s2)
-        finish_states(state0, state1, state2, view0, view1, view2, live0, live1, live2, offset)
+        finish_states(view0, view1, view2, live0, live1, live2)
         view0, view1, view2 = block_views(state0, state1, state2, offset, length)  # as stored: 8-bit blocks' new scales
         for i in range(length):
             p = load(param_part, i)
