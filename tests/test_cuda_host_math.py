@@ -265,6 +265,15 @@ extern "C" void host_dequantize(const unsigned char* codes, const float* scales,
 extern "C" void host_encode(const float* x, int64 size, int64 is_signed, unsigned char* codes) {
     for (int64 i = 0; i < size; ++i) codes[i] = (unsigned char)encode(x[i], is_signed != 0);
 }
+extern "C" void host_encode_stochastic(const float* x, int64 size, int64 is_signed, const uint32* noise,
+                                       unsigned char* codes) {
+    for (int64 i = 0; i < size; ++i) codes[i] = (unsigned char)encode_stochastic(x[i], is_signed != 0, noise[i]);
+}
+extern "C" void host_stochastic_noise(int64 seed, int64 step, int64 slot, int64 first_element, int64 size,
+                                      uint32* noise) {
+    const uint64 key = counter_key(seed, step);
+    for (int64 i = 0; i < size; ++i) noise[i] = counter_hash_keyed(key, stochastic_code_key(int(slot), first_element + i));
+}
 extern "C" void host_widen_double(const void* stream, int64 format, int64 size, double* out) {
     for (int i = 0; i < int(size); ++i) {
         out[i] = widen<double, RUNTIME>(load_bits<double, RUNTIME>(stream, int(format), i), int(format));
@@ -347,6 +356,10 @@ def shim(tmp_path_factory):
     loaded.host_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong,
                                        ctypes.c_void_p]
     loaded.host_encode.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
+    loaded.host_encode_stochastic.restype = loaded.host_stochastic_noise.restype = None
+    loaded.host_encode_stochastic.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p,
+                                              ctypes.c_void_p]
+    loaded.host_stochastic_noise.argtypes = [ctypes.c_longlong] * 5 + [ctypes.c_void_p]
     loaded.host_store_float.restype = None
     loaded.host_store_float.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p] + \
         [ctypes.c_longlong] * 4
@@ -732,6 +745,35 @@ def test_encode_is_the_reference_closed_form(shim, signed):
     codes = np.empty(x.size, np.uint8)
     shim.host_encode(pointer(x), x.size, signed, pointer(codes))
     np.testing.assert_array_equal(codes, quantization.encode_float_codes(x, signed))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_stochastic_encode_is_the_reference(shim, signed):
+    """encode_stochastic over test_encode_is_the_reference's values with random noise, noise 0 and all ones, and every
+    value below the smallest code against its 2^20 thresholds' ends: encode_float_codes(noise=)'s codes."""
+    from test_quantization import awkward_values
+
+    rng = np.random.default_rng(2)
+    sweep = np.arange(0, 0x3F800001, 4099, dtype=np.uint32).view(np.float32)
+    x = np.concatenate([awkward_values(quantization.code_map_of(signed), rng), sweep, -sweep,
+                        [np.nextafter(np.float32(1), np.float32(2))]]).astype(np.float32)
+    for noise in (rng.integers(0, 2 ** 32, x.size, dtype=np.uint32), np.zeros(x.size, np.uint32),
+                  np.full(x.size, 2 ** 32 - 1, np.uint32), rng.integers(0, 2 ** 12, x.size, dtype=np.uint32)):
+        codes = np.empty(x.size, np.uint8)
+        shim.host_encode_stochastic(pointer(x), x.size, signed, pointer(noise), pointer(codes))
+        np.testing.assert_array_equal(codes, quantization.encode_float_codes(x, signed, noise=noise))
+
+
+@pytest.mark.parametrize("seed,step,slot,first_element", [(0, 0, 0, 0), (7, 3, 2, (2 << 40) + 4096)])
+def test_stochastic_code_noise_is_the_reference_key(shim, seed, step, slot, first_element):
+    """The random bits of a state slot's codes: counter_hash(seed, step, Layout.stochastic_code_key(...))."""
+    from fastopt import reference
+    from fastopt.backends.layout import Layout
+
+    noise = np.empty(1000, np.uint32)
+    shim.host_stochastic_noise(seed, step, slot, first_element, noise.size, pointer(noise))
+    key = Layout.stochastic_code_key(slot, first_element >> 40, (first_element & ((1 << 40) - 1)) + np.arange(1000))
+    np.testing.assert_array_equal(noise, reference.counter_hash(seed, step, key))
 
 
 @pytest.mark.parametrize("size", [1, 255, 256, 257, 509, 2311, 4099])

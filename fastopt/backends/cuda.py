@@ -134,7 +134,7 @@ def compile_defines():
     for name in ("NATIVE", "FLOAT32", "BFLOAT16", "FLOAT16", "BFLOAT16_STOCHASTIC"):
         defines[f"FASTOPT_FORMAT_{name}"] = getattr(kernel_layout, name)
     for name in ("PARAM_FORMAT", "GRAD_FORMAT", "STATE_FORMAT", "STATE_CODES", "FORMAT_COLUMNS", "CODES_8BIT",
-                 "SIGNED_CODES", "CODE_BLOCK", "GRAD_UNSCALE", "GRAD_CLIP", "SKIP",
+                 "SIGNED_CODES", "STOCHASTIC_CODES", "CODE_BLOCK", "GRAD_UNSCALE", "GRAD_CLIP", "SKIP",
                  "GRAD_CONTROLS", "COUNTS_STEP", "LIVE_STATES", "MAXIMIZE", "GROUP_COLUMNS", "STATE_SLOTS",
                  "RULE_COEFFICIENTS", "COEFFICIENTS", "COEFFICIENT_GRAD_UNSCALE", "COEFFICIENT_GRAD_CLIP",
                  "TENSOR_SCALARS", "NORM_PARAM", "NORM_UPDATE", "NORM_SUMS"):
@@ -502,10 +502,12 @@ class _DtypeBucket:
 
     def check_codes(self, layout):
         """ValueError unless each tensor's 8-bit states (STATE_CODES, as filled from ``layout``) are none, or those
-        fused.cu is compiled for (:func:`rule_codes`, less the state slots the tensor lacks) under float math."""
+        fused.cu is compiled for (:func:`rule_codes`, less the state slots the tensor lacks) under float math. Which
+        of them round stochastically (STOCHASTIC_CODES) is read per tensor, at run time."""
         expected = rule_codes(layout.rule)
+        stochastic = sum(kernel_layout.STOCHASTIC_CODES << slot for slot in range(kernel_layout.STATE_SLOTS))
         for position, index in enumerate(self.indices):
-            codes = int(self.tensor_format[position, kernel_layout.STATE_CODES])
+            codes = int(self.tensor_format[position, kernel_layout.STATE_CODES]) & ~stochastic
             present = sum((kernel_layout.CODES_8BIT | kernel_layout.SIGNED_CODES) << slot
                           for slot, buffer in enumerate(layout.states[index]) if buffer is not None)
             if codes and (self.ctype != "float" or codes != expected & present):

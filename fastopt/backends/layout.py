@@ -33,20 +33,22 @@ class Layout:
       (:mod:`fastopt.quantization`), its block scales; its ``states`` entry then holds its uint8 codes, in the signed
       or unsigned map as ``quantization.STATE_SIGNED`` says of its name.
     - ``stochastic``: bfloat16 params without a master are rounded stochastically, keyed by ``seed``.
+    - ``stochastic_codes``: the names of the states whose 8-bit codes are rounded stochastically, keyed by ``seed``
+      (:meth:`stochastic_code_key`).
     """
 
     __slots__ = ("rule", "state_slots", "params", "tensor_group", "lr_scale", "states", "master", "param_storage",
-                 "state_storage", "scales", "stochastic", "seed", "written")
+                 "state_storage", "scales", "stochastic", "seed", "stochastic_codes", "written")
 
     def __init__(self, *, rule, params, tensor_group, lr_scale, states, master, param_storage, state_storage,
-                 stochastic, seed, address_of, scales=None):
+                 stochastic, seed, address_of, scales=None, stochastic_codes=()):
         states = tuple(tuple(row) for row in states)
         values = dict(rule=rule, state_slots=tuple(rule.STATE_SLOTS), params=tuple(params),
                       tensor_group=tuple(tensor_group), lr_scale=tuple(lr_scale), states=states,
                       scales=tuple((None,) * len(row) for row in states) if scales is None else
                       tuple(tuple(row) for row in scales), master=tuple(master),
                       param_storage=tuple(param_storage), state_storage=tuple(state_storage),
-                      stochastic=bool(stochastic), seed=int(seed))
+                      stochastic=bool(stochastic), seed=int(seed), stochastic_codes=frozenset(stochastic_codes))
         for name, value in values.items():
             object.__setattr__(self, name, value)
         written = [(f"param {index}", param) for index, param in enumerate(self.params)]
@@ -83,6 +85,18 @@ class Layout:
         if slot >= len(self.state_slots) or self.scales[index][slot] is None:
             return None
         return quantization.STATE_SIGNED[self.state_slots[slot]]
+
+    def rounds_codes_stochastically(self, index, slot):
+        """Whether state slot ``slot`` of param ``index`` is stored in 8 bits with stochastically rounded codes."""
+        return self.coded(index, slot) is not None and self.state_slots[slot] in self.stochastic_codes
+
+    @staticmethod
+    def stochastic_code_key(slot, position, elements):
+        """The ``element`` of the random key of stochastically rounded codes (uint64): state slot ``slot``'s
+        elements ``elements`` of the tensor at ``position`` in its kernel bucket. A param's stochastic rounding uses
+        ``(position << 40) + element``; a state slot's adds ``(slot + 1) << 62``, so the streams never meet."""
+        return (np.uint64(slot + 1) << np.uint64(62)) | ((np.uint64(position) << np.uint64(40))
+                                                         + np.asarray(elements, dtype=np.uint64))
 
     def kernel_formats(self, index, math):
         """(param format, state format) codes of param ``index`` under the bucket's ``math`` dtype."""
@@ -184,6 +198,8 @@ def fill_tensor_tables(layout, indices, addresses, tensor_group, tensor_format, 
             signed = layout.coded(index, slot)
             if signed is not None:
                 codes |= (kernel_layout.CODES_8BIT | (kernel_layout.SIGNED_CODES if signed else 0)) << slot
+            if layout.rounds_codes_stochastically(index, slot):
+                codes |= kernel_layout.STOCHASTIC_CODES << slot
         tensor_format[position, kernel_layout.STATE_CODES] = codes
         master = layout.master[index]
         # An empty master has no address; -1 marks it present, as for grads (it has no chunks to read).

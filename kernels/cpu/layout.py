@@ -35,11 +35,12 @@ SLOTS = 10
 # are converted on the way in (exactly) and on the way out (round to nearest even, or stochastically).
 NATIVE, FLOAT32, BFLOAT16, FLOAT16, BFLOAT16_STOCHASTIC = range(5)
 # STATE_FORMAT is the format of the states that are not 8-bit; STATE_CODES says which are (fastopt.quantization's
-# format: uint8 codes and a float32 absmax per CODE_BLOCK elements): bit k (CODES_8BIT << k) for slot k, and bit
-# SIGNED_CODES << k where its code map is the signed one.
+# format: uint8 codes and a float32 absmax per CODE_BLOCK elements): bit k (CODES_8BIT << k) for slot k, bit
+# SIGNED_CODES << k where its code map is the signed one, and bit STOCHASTIC_CODES << k where its codes are rounded
+# stochastically (keyed by (seed, step, (k + 1) << 62 | tensor << 40 + element)).
 PARAM_FORMAT, GRAD_FORMAT, STATE_FORMAT, STATE_CODES = range(4)
 FORMAT_COLUMNS = 4
-CODES_8BIT, SIGNED_CODES = 1, 1 << 3  # shifted left by the slot (three slots at most: STATE_SLOTS)
+CODES_8BIT, SIGNED_CODES, STOCHASTIC_CODES = 1, 1 << 3, 1 << 6  # shifted left by the slot (three slots at most)
 CODE_BLOCK = 256  # elements per block scale; chunk starts (and shard cuts) are multiples of it
 
 # grad_control entries: the grads are multiplied by GRAD_UNSCALE (1 / loss scale) and then by GRAD_CLIP (the

@@ -14,7 +14,9 @@
 //   code 0: every element decodes to NaN); below SMALLEST_NORMAL_BITS it is a **zero block** (scale 0, every code 0).
 //   A float max would not do: fmaxf drops NaN.
 // - encode (any other block): r = 1 / scale correctly rounded, once per block (__frcp_rn), x = value * r
-//   (__fmul_rn), then integer operations on the bits of x give the nearest code, ties to the larger magnitude.
+//   (__fmul_rn), then integer operations on the bits of x give the nearest code, ties to the larger magnitude; or,
+//   for a state whose codes round stochastically, one of the two codes around x, unbiased, from 32 random bits
+//   (encode_stochastic: fastopt.quantization.encode_float_codes with noise).
 //
 // No -ftz and no fast math anywhere: decoded values may be subnormal, and the reciprocal of a large scale is.
 #pragma once
@@ -89,6 +91,40 @@ FASTOPT_HOST_DEVICE uint32 encode(float x, bool is_signed) {
     return (bits >> 31) != 0 ? 0 : uint32(magnitude);
 }
 
+// The code of ``x`` (as for encode) rounded stochastically with the random bits ``noise``: with r its top
+// MANTISSA_SHIFT bits, from the smallest nonzero magnitude c1 up the magnitude bits plus r, truncated (the values
+// between two codes are linear in their bits), clamped to the largest; below c1, code 1 where |x| >= (2^MANTISSA_SHIFT -
+// r) * 2^-MANTISSA_SHIFT * c1 (each product exact), else 0. A value on a code keeps it.
+FASTOPT_HOST_DEVICE uint32 encode_stochastic(float x, bool is_signed, uint32 noise) {
+    const uint32 bits = float32_bits(x);
+    const uint32 magnitude_bits = bits & MAGNITUDE_MASK;
+    const uint32 r = noise >> (32 - MANTISSA_SHIFT);
+    const int offset = is_signed ? SIGNED_OFFSET : UNSIGNED_OFFSET;
+    const int largest = is_signed ? SIGNED_LARGEST : UNSIGNED_LARGEST;
+    const uint32 smallest_bits = uint32(1 + offset) << MANTISSA_SHIFT;
+    int magnitude;
+    if (magnitude_bits >= smallest_bits) {
+        magnitude = int((magnitude_bits + r) >> MANTISSA_SHIFT) - offset;
+        magnitude = magnitude > largest ? largest : magnitude;
+    } else {
+        const float noise_step = float32_from_bits(uint32(127 - MANTISSA_SHIFT) << 23);  // 2^-MANTISSA_SHIFT
+        const float threshold = rounded_product(rounded_product(float((1u << MANTISSA_SHIFT) - r), noise_step),
+                                                float32_from_bits(smallest_bits));
+        magnitude = float32_from_bits(magnitude_bits) >= threshold ? 1 : 0;
+    }
+    if (is_signed) {
+        return ((bits >> 24) & 0x80) | uint32(magnitude);
+    }
+    return (bits >> 31) != 0 ? 0 : uint32(magnitude);
+}
+
+// The key of element ``element`` of state slot ``slot``'s stochastically rounded codes in the tensor whose param's
+// stochastic rounding counts from ``first_element`` ((tensor << 40) + chunk start): (slot + 1) << 62 on top of the
+// param's, so the streams never meet (fastopt.backends.layout.Layout.stochastic_code_key).
+FASTOPT_HOST_DEVICE int64 stochastic_code_key(int slot, int64 element) {
+    return int64((uint64(slot + 1) << 62) | uint64(element));
+}
+
 // What a block's absmax is found from: the magnitude bits of one value (NaN above INFINITY_BITS). Their largest over
 // the block (an integer max: absmax_bits) says whether the block is marked, zero, or coded, and gives its absmax.
 FASTOPT_HOST_DEVICE uint32 magnitude_bits(float value) { return float32_bits(value) & MAGNITUDE_MASK; }
@@ -121,6 +157,12 @@ FASTOPT_HOST_DEVICE float scale_reciprocal(float scale) {
 // ``reciprocal``: 0 in a marked or zero block.
 FASTOPT_HOST_DEVICE uint32 encode_in_block(float value, float reciprocal, uint32 absmax_bits, bool is_signed) {
     return is_coded_block(absmax_bits) ? encode(rounded_product(value, reciprocal), is_signed) : 0;
+}
+
+// encode_in_block, rounded stochastically with the random bits ``noise``.
+FASTOPT_HOST_DEVICE uint32 encode_in_block_stochastic(float value, float reciprocal, uint32 absmax_bits,
+                                                      bool is_signed, uint32 noise) {
+    return is_coded_block(absmax_bits) ? encode_stochastic(rounded_product(value, reciprocal), is_signed, noise) : 0;
 }
 
 }  // namespace fastopt

@@ -62,12 +62,13 @@ constexpr int PARAM_FORMAT = FASTOPT_PARAM_FORMAT;
 constexpr int GRAD_FORMAT = FASTOPT_GRAD_FORMAT;
 constexpr int STATE_FORMAT = FASTOPT_STATE_FORMAT;  // the format of the states that are not 8-bit
 // Which states are stored in 8 bits (fastopt.quantization's format: uint8 codes, a float32 absmax per CODE_BLOCK
-// elements): bit CODES_8BIT << k where state slot k is, and SIGNED_CODES << k where its code map is the signed one.
-// 8-bit states exist under float math only.
+// elements): bit CODES_8BIT << k where state slot k is, SIGNED_CODES << k where its code map is the signed one, and
+// STOCHASTIC_CODES << k where its codes are rounded stochastically. 8-bit states exist under float math only.
 constexpr int STATE_CODES = FASTOPT_STATE_CODES;
 constexpr int FORMAT_COLUMNS = FASTOPT_FORMAT_COLUMNS;
 constexpr int CODES_8BIT = FASTOPT_CODES_8BIT;
 constexpr int SIGNED_CODES = FASTOPT_SIGNED_CODES;
+constexpr int STOCHASTIC_CODES = FASTOPT_STOCHASTIC_CODES;
 constexpr int CODE_BLOCK = FASTOPT_CODE_BLOCK;  // elements per block scale; chunk starts are multiples of it
 
 // grad_control entries: the grads are multiplied by GRAD_UNSCALE (1 / loss scale), then by GRAD_CLIP (the
@@ -98,7 +99,8 @@ constexpr int GROUP_COLUMNS = FASTOPT_GROUP_COLUMNS;
 constexpr int STATE_SLOTS = FASTOPT_STATE_SLOTS;
 static_assert(STATE1 == STATE0 + 1 && STATE2 == STATE0 + 2 && STATE_SLOTS == 3, "state slot k is STATE0 + k");
 static_assert(SCALES1 == SCALES0 + 1 && SCALES2 == SCALES0 + 2, "the scales of state slot k are SCALES0 + k");
-static_assert((CODES_8BIT << (STATE_SLOTS - 1)) < SIGNED_CODES, "STATE_CODES' two bit fields do not overlap");
+static_assert((CODES_8BIT << (STATE_SLOTS - 1)) < SIGNED_CODES && (SIGNED_CODES << (STATE_SLOTS - 1)) < STOCHASTIC_CODES,
+              "STATE_CODES' three bit fields do not overlap");
 
 // A tensor's coefficients (the CPU kernel's coefficient row): the rule's step scalars (RULE_COEFFICIENTS at most,
 // written by Rule::coefficients), then the two grad factors of grad_control rounded to the math dtype.

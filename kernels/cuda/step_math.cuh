@@ -483,7 +483,13 @@ FASTOPT_HOST_DEVICE void code_thread_store(const ChunkStreams<float>& s, const C
             uint32 word = 0;
             FASTOPT_UNROLL
             for (int i = 0; i < QUAD; ++i) {
-                const uint32 code = encode_in_block(held.state[k][i], reciprocal, absmax_bits[k], slot_signed<Rule>(k));
+                const uint32 code =
+                    codes.stochastic[k]
+                        ? encode_in_block_stochastic(
+                              held.state[k][i], reciprocal, absmax_bits[k], slot_signed<Rule>(k),
+                              counter_hash_keyed(s.rounding.key,
+                                                 stochastic_code_key(k, s.rounding.first_element + j + i * STRIDE)))
+                        : encode_in_block(held.state[k][i], reciprocal, absmax_bits[k], slot_signed<Rule>(k));
                 word |= code << (8 * i);
                 if constexpr (PASS == NORMS) {
                     held.state[k][i] = decode(code, scale, slot_signed<Rule>(k));

@@ -441,9 +441,11 @@ FASTOPT_HOST_DEVICE void store_param_access(const ChunkStreams<T>& s, int j, con
 // Whether a tensor has a state stored in 8 bits (its chunks run step_math.cuh's 8-bit loop).
 FASTOPT_HOST_DEVICE bool has_codes(const int64* format_row) { return format_row[STATE_CODES] != 0; }
 
-// The scales of a chunk's 8-bit states, from the chunk's first block on (nullptr: the slot is not 8-bit).
+// The scales of a chunk's 8-bit states, from the chunk's first block on (nullptr: the slot is not 8-bit), and whether
+// each slot's codes round stochastically.
 struct CodeStreams {
     float* scales[STATE_SLOTS];
+    bool stochastic[STATE_SLOTS];
 };
 
 // The 8-bit streams of the chunk starting at element ``start`` (a multiple of CODE_BLOCK: the host's chunks are) of
@@ -457,6 +459,7 @@ FASTOPT_HOST_DEVICE CodeStreams code_streams(ChunkStreams<float>& s, const int64
     for (int k = 0; k < STATE_SLOTS; ++k) {
         const bool coded = ((bits >> k) & CODES_8BIT) != 0;
         codes.scales[k] = coded ? reinterpret_cast<float*>(address_row[SCALES0 + k]) + start / CODE_BLOCK : nullptr;
+        codes.stochastic[k] = coded && ((bits >> k) & STOCHASTIC_CODES) != 0;
     }
     s.state0 = codes.scales[0] != nullptr ? reinterpret_cast<void*>(address_row[STATE0] + start) : s.state0;
     s.state1 = codes.scales[1] != nullptr ? reinterpret_cast<void*>(address_row[STATE1] + start) : s.state1;
