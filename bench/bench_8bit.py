@@ -8,6 +8,7 @@ memory, and what they do to the step time, beside bitsandbytes' and torchao's 8-
     python bench/bench_8bit.py --task memory    # about 1 min: state bytes per param
     python bench/bench_8bit.py --task speed     # about 5 min and 10 GB of memory (2 threads; --runs 3)
     python bench/bench_8bit.py --task speed --threads 1 --no-gpt2
+    python bench/bench_8bit.py --task speed --baseline-tree /tmp/before   # + an earlier checkout's 8-bit steps
     python bench/bench_8bit.py --task report    # only print the tables from --out (default bench/8bit.json)
 
 Each task replaces its own section of ``--out`` (``--arms`` only those arms; an earlier speed section moves to
@@ -50,15 +51,23 @@ measurement repeated ``--runs`` times in the process, each run's ratios reported
 - Per-element compute cost: one thread, the step on a tensor of 64K elements (in L2: 1.8 MB with float32 states,
   0.66 MB with 8-bit ones), less the step on 256 elements (the per-step host cost), over the 65280 elements between:
   ns per element of the kernel's loop with no DRAM traffic, beside the same ceilings.
+
+``--baseline-tree DIR`` (a checkout of another commit, e.g. ``git clone --shared . /tmp/before`` and a checkout of
+the commit there) adds that tree's fastopt, imported as a package of its own (``fastopt_baseline``, its own kernels and
+kernel cache), as the variants ``baseline_8bit`` and ``baseline_bf16_8bit`` to all three measurements: a change to the
+kernels timed before and after in the same rounds. Use a checkout for nothing else: Numba's cache entries name the
+package they were compiled under, and entries written under another name fail to load.
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 
@@ -71,7 +80,8 @@ sys.path.insert(0, os.path.dirname(BENCH))  # this tree's fastopt
 sys.path.insert(0, BENCH)  # lm.py, self_tuning.py
 
 import fastopt as fo  # noqa: E402
-from fastopt import benchmark  # noqa: E402
+import fastopt.torch  # noqa: E402
+from fastopt import benchmark, quantization  # noqa: E402
 from fastopt.kernels.cpu.codes import decode, encode_block  # noqa: E402
 from fastopt.kernels.cpu.jit import jit, parallel_jit, serial_twin  # noqa: E402
 from self_tuning import finite_or_none, source_tree  # noqa: E402  (the run's commit; JSON without inf)
@@ -82,6 +92,7 @@ CODE_BLOCK = 256
 LM_LR = 10 ** (-11 / 4)  # self_tuning's tuned AdamW rate on the LM (warmup + cosine, batch 32)
 DIGITS_LR = 0.1  # and on digits
 WEIGHT_DECAY = 0.01
+BASELINE = None  # --baseline-tree's fastopt (a module), or None
 
 
 # ---------------------------------------------------------------------------------------------- the optimizers
@@ -106,6 +117,10 @@ def arm_factories(lr, with_min_zero, lr_factors=()):
         "fastopt 8bit": (lambda params: fastopt.torch.AdamW(params, **common, state_dtype="8bit"),
                          "fastopt.torch.AdamW(state_dtype='8bit')"),
     }
+    for label, stochastic in EMULATED_ARMS.items():
+        arms[label] = (lambda params, stochastic=stochastic: RoundTrippedAdamW(params, stochastic, **common),
+                       f"RoundTrippedAdamW(stochastic={stochastic!r}): fastopt.torch.AdamW, float32 states "
+                       "round-tripped through quantization.quantize after each step")
     for factor in lr_factors:
         arms[f"fastopt float32, lr x{factor:g}"] = (
             lambda params, factor=factor: fastopt.torch.AdamW(params, **dict(common, lr=lr * factor)),
@@ -133,6 +148,43 @@ def arm_factories(lr, with_min_zero, lr_factors=()):
         arms["torchao AdamW8bit"] = (lambda params: torchao.AdamW8bit(params, **common),
                                      f"torchao.optim.AdamW8bit {version}")
     return arms
+
+
+# The stretch question of issue 16: does stochastic rounding of the codes remove the second moment's drift? Asked of
+# an emulation before any kernel: "nearest" must reproduce the "fastopt 8bit" arm's losses exactly (the emulation's
+# check), the others differ from it only in how codes round.
+EMULATED_ARMS = {"emulated 8bit, nearest": (), "emulated 8bit, stochastic codes": ("exp_avg", "exp_avg_sq"),
+                 "emulated 8bit, stochastic exp_avg_sq": ("exp_avg_sq",)}
+
+
+class RoundTrippedAdamW(fastopt.torch.AdamW):
+    """fastopt.torch.AdamW with float32 states, each moment of a param of at least ``min_8bit_size`` elements
+    replaced after every step by its 8-bit round trip (``quantization.quantize`` then ``dequantize``): the values
+    ``state_dtype="8bit"`` stores, the next step's decoded states. The states named in ``stochastic`` are coded with
+    stochastic rounding (``quantize(noise=)``, noise from a generator seeded by ``seed``)."""
+
+    round_trips = True  # for decoded_states: the states are decoded 8-bit values
+
+    def __init__(self, params, stochastic=(), seed=0, min_8bit_size=quantization.MIN_8BIT_SIZE, **options):
+        super().__init__(params, **options)
+        self.stochastic, self.min_8bit_size = tuple(stochastic), min_8bit_size
+        self.noise = np.random.default_rng(seed)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state or param.numel() < self.min_8bit_size:
+                    continue
+                for name in ("exp_avg", "exp_avg_sq"):
+                    values, signed = state[name].numpy(), quantization.STATE_SIGNED[name]
+                    noise = (self.noise.integers(0, 2 ** 32, values.size, dtype=np.uint32)
+                             if name in self.stochastic else None)
+                    codes, scales = quantization.quantize(values, signed, noise=noise)
+                    values[...] = quantization.dequantize(codes, scales, signed).reshape(values.shape)
+        return loss
 
 
 class WarmupCosine:
@@ -336,6 +388,7 @@ def decoded_states(optimizer, param):
             coded = True
         else:
             out.append(value.reshape(-1).numpy().copy())
+            coded = coded or (getattr(optimizer, "round_trips", False) and param.numel() >= optimizer.min_8bit_size)
     return out[0], out[1], coded
 
 
@@ -647,7 +700,30 @@ def bf16_dtype():
 BYTES_PER_PARAM = {"fastopt_f32": 28, "fastopt_8bit": 16 + 16 / CODE_BLOCK, "fastopt_bf16_8bit": 10 + 16 / CODE_BLOCK,
                    "torch_fused": 28, "ceiling_f32": 28, "ceiling_8bit": 16 + 16 / CODE_BLOCK,
                    "ceiling_bf16_8bit": 10 + 16 / CODE_BLOCK, "bnb_8bit": 16 + 16 / CODE_BLOCK,
-                   "torchao_8bit": 16 + 16 / CODE_BLOCK, "single_purpose_8bit": 16 + 16 / CODE_BLOCK}
+                   "torchao_8bit": 16 + 16 / CODE_BLOCK, "single_purpose_8bit": 16 + 16 / CODE_BLOCK,
+                   "baseline_8bit": 16 + 16 / CODE_BLOCK, "baseline_bf16_8bit": 10 + 16 / CODE_BLOCK}
+
+
+def tree_commit(path):
+    """``path`` and, where it is a git checkout, its commit (``--baseline-tree``'s record)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return f"{path} ({commit})" if commit else path
+
+
+def import_tree(path, name="fastopt_baseline"):
+    """The fastopt package of the checkout at ``path``, imported as ``name`` beside this tree's (its modules import
+    each other relatively, and it finds its kernels beside it, as in a checkout)."""
+    package = os.path.join(os.path.abspath(path), "fastopt")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(package, "__init__.py"),
+                                                  submodule_search_locations=[package])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_fill(arrays, rng, scale=1.0):
@@ -665,10 +741,10 @@ def variants_one_tensor(size, anchors):
     gradbf = staggered(size, 1, bf16)
     gradbf[...] = grad32.astype(bf16)
 
-    def fastopt_variant(name, dtype, grad, ordinal, **options):
+    def fastopt_variant(name, dtype, grad, ordinal, package=fo, **options):
         param = staggered(size, ordinal, dtype)
         random_fill([param], rng)
-        optimizer = fo.AdamW([param], lr=1e-3, weight_decay=WEIGHT_DECAY, **options)
+        optimizer = package.AdamW([param], lr=1e-3, weight_decay=WEIGHT_DECAY, **options)
         steps[name] = lambda: optimizer.step([grad])
         steps[name]()  # allocate the state before the next variant's buffers
         memory[name] = state_memory([optimizer.state[0]], [size])
@@ -676,6 +752,9 @@ def variants_one_tensor(size, anchors):
     fastopt_variant("fastopt_f32", np.float32, grad32, 2)
     fastopt_variant("fastopt_8bit", np.float32, grad32, 3, state_dtype="8bit")
     fastopt_variant("fastopt_bf16_8bit", bf16, gradbf, 4, state_dtype="8bit")
+    if BASELINE is not None:
+        fastopt_variant("baseline_8bit", np.float32, grad32, 15, BASELINE, state_dtype="8bit")
+        fastopt_variant("baseline_bf16_8bit", bf16, gradbf, 0, BASELINE, state_dtype="8bit")
 
     def torch_variant(name, ordinal, make):
         param = staggered(size, ordinal)
@@ -731,10 +810,10 @@ def variants_gpt2():
     gradsbf = [grad.astype(bf16) for grad in grads32]
     steps, memory = {}, {}
 
-    def fastopt_variant(name, dtype, grads, **options):
+    def fastopt_variant(name, dtype, grads, package=fo, **options):
         params = [rng.standard_normal(size, dtype=np.float32).astype(dtype).reshape(shape) for size, shape in
                   zip(sizes, shapes)]
-        optimizer = fo.AdamW(params, lr=1e-3, weight_decay=WEIGHT_DECAY, **options)
+        optimizer = package.AdamW(params, lr=1e-3, weight_decay=WEIGHT_DECAY, **options)
         steps[name] = lambda: optimizer.step(grads)
         steps[name]()
         memory[name] = state_memory([optimizer.state[index] for index in range(len(params))], sizes)
@@ -742,6 +821,9 @@ def variants_gpt2():
     fastopt_variant("fastopt_f32", np.float32, grads32)
     fastopt_variant("fastopt_8bit", np.float32, grads32, state_dtype="8bit")
     fastopt_variant("fastopt_bf16_8bit", bf16, gradsbf, state_dtype="8bit")
+    if BASELINE is not None:
+        fastopt_variant("baseline_8bit", np.float32, grads32, BASELINE, state_dtype="8bit")
+        fastopt_variant("baseline_bf16_8bit", bf16, gradsbf, BASELINE, state_dtype="8bit")
     tensors = [torch.from_numpy(rng.standard_normal(size, dtype=np.float32).reshape(shape)).requires_grad_()
                for size, shape in zip(sizes, shapes)]
     for tensor, grad in zip(tensors, grads32):
@@ -820,12 +902,16 @@ def serial_cost(sizes, rounds, log):
         grad32 = staggered(size, 1)
         random_fill([grad32], rng, 1e-2)
         gradbf = grad32.astype(bf16)
-        for name, dtype, grad, options in (("fastopt_f32", np.float32, grad32, {}),
-                                           ("fastopt_8bit", np.float32, grad32, dict(state_dtype="8bit")),
-                                           ("fastopt_bf16_8bit", bf16, gradbf, dict(state_dtype="8bit"))):
+        packages = [("", fo)] + ([("baseline", BASELINE)] if BASELINE is not None else [])
+        for name, dtype, grad, options, package in (
+                [("fastopt_f32", np.float32, grad32, {}, fo)]
+                + [(f"{prefix or 'fastopt'}_8bit", np.float32, grad32, dict(state_dtype="8bit"), package)
+                   for prefix, package in packages]
+                + [(f"{prefix or 'fastopt'}_bf16_8bit", bf16, gradbf, dict(state_dtype="8bit"), package)
+                   for prefix, package in packages]):
             param = staggered(size, 2, dtype)
             random_fill([param], rng)
-            optimizer = fo.AdamW([param], lr=1e-3, weight_decay=WEIGHT_DECAY, min_8bit_size=0, **options)
+            optimizer = package.AdamW([param], lr=1e-3, weight_decay=WEIGHT_DECAY, min_8bit_size=0, **options)
             steps[name, size] = (lambda optimizer, grad: lambda: optimizer.step([grad]))(optimizer, grad)
         param = staggered(size, 3)
         random_fill([param], rng)
@@ -946,8 +1032,9 @@ def accuracy_markdown(name, task):
     return lines
 
 
-SPEED_ORDER = ("fastopt_f32", "fastopt_8bit", "fastopt_bf16_8bit", "torch_fused", "ceiling_f32", "ceiling_8bit",
-               "ceiling_bf16_8bit", "single_purpose_8bit", "bnb_8bit", "torchao_8bit")
+SPEED_ORDER = ("fastopt_f32", "fastopt_8bit", "fastopt_bf16_8bit", "baseline_8bit", "baseline_bf16_8bit",
+               "torch_fused", "ceiling_f32", "ceiling_8bit", "ceiling_bf16_8bit", "single_purpose_8bit", "bnb_8bit",
+               "torchao_8bit")
 
 
 def round_ratios(run, numerator, denominator):
@@ -990,6 +1077,9 @@ def speed_markdown(group):
               ("ceiling 10 B / ceiling 28 B speed-up", "ceiling_f32", "ceiling_bf16_8bit"),
               ("single-purpose 8-bit kernel speed-up over fastopt 8-bit (same bytes out)", "fastopt_8bit",
                "single_purpose_8bit"),
+              ("fastopt 8-bit speed-up over the baseline tree's 8-bit (--baseline-tree)", "baseline_8bit",
+               "fastopt_8bit"),
+              ("fastopt bf16 + 8-bit speed-up over the baseline tree's", "baseline_bf16_8bit", "fastopt_bf16_8bit"),
               ("fastopt 8-bit speed-up over bitsandbytes AdamW8bit", "bnb_8bit", "fastopt_8bit"),
               ("fastopt 8-bit speed-up over torchao AdamW8bit", "torchao_8bit", "fastopt_8bit")]
     lines += ["", "Ratios, time of the first variant named / time of the second: per run, the median over rounds of "
@@ -1017,6 +1107,8 @@ SUMMARY_RATIOS = (("8-bit / f32 speed-up (>= 1.5)", "fastopt_f32", "fastopt_8bit
                   ("ceiling 16 B / 28 B", "ceiling_f32", "ceiling_8bit"),
                   ("ceiling 10 B / 28 B", "ceiling_f32", "ceiling_bf16_8bit"),
                   ("single-purpose / fastopt 8-bit", "fastopt_8bit", "single_purpose_8bit"),
+                  ("8-bit / baseline tree's 8-bit", "baseline_8bit", "fastopt_8bit"),
+                  ("bf16+8-bit / baseline tree's", "baseline_bf16_8bit", "fastopt_bf16_8bit"),
                   ("8-bit / bitsandbytes", "bnb_8bit", "fastopt_8bit"),
                   ("8-bit / torchao", "torchao_8bit", "fastopt_8bit"))
 
@@ -1092,6 +1184,8 @@ def markdown(results):
         speed_result = results[key]
         lines += [f"## Speed (`{speed_result['command']}`, {speed_result['date']}, {speed_result['threads']} threads)",
                   ""]
+        if "baseline_tree" in speed_result:
+            lines += [f"baseline_* variants: the fastopt of {speed_result['baseline_tree']}.", ""]
         for key in ("one_tensor", "gpt2"):
             if key in speed_result:
                 lines += speed_markdown(speed_result[key]) + [""]
@@ -1137,10 +1231,15 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="speed: whole interleaved measurements, reported apart")
     parser.add_argument("--sample-seconds", type=float, default=0.15)
     parser.add_argument("--no-gpt2", action="store_true")
+    parser.add_argument("--baseline-tree", help="speed: also time the 8-bit steps of the fastopt in this checkout "
+                        "(another commit's), in the same rounds")
     parser.add_argument("--lr-factors", help="lm: also fastopt float32 at these multiples of the rate, e.g. 1.25,1.5")
     parser.add_argument("--arms", help="lm/digits: only the arms whose label contains one of these comma-separated "
                         "strings (their results replace those arms' in --out), e.g. 'fastopt 8bit'")
     arguments = parser.parse_args()
+    global BASELINE
+    if arguments.baseline_tree:
+        BASELINE = import_tree(arguments.baseline_tree)
 
     def log(line):
         print(line, file=sys.stderr, flush=True)
@@ -1153,6 +1252,8 @@ def main():
         command = shlex.join(["python", "bench/bench_8bit.py", *sys.argv[1:]])
         stamp = dict(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"),
                      load=os.getloadavg()[0])
+        if arguments.baseline_tree:
+            stamp["baseline_tree"] = tree_commit(arguments.baseline_tree)
         results["machine"] = machine()
         if arguments.task in ("digits", "all", "lm", "drift", "memory"):
             numba.set_num_threads(1)  # the models' steps are serial (< 256K params); torch on one thread as
