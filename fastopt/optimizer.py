@@ -69,6 +69,13 @@ class Optimizer:
         others stay float32. :meth:`float32_state_dict` exports them as torch's float32 states).
       - ``rounding``: how 16-bit params without a master copy are rounded: "nearest" (even) or "stochastic"
         (bfloat16 only; unbiased, keyed by (``seed``, step, element) so that runs are reproducible).
+      - ``state_rounding``: how 8-bit states are encoded: "nearest" (the default), "stochastic" (every 8-bit state)
+        or a tuple of the state names to round stochastically, e.g. ``("exp_avg_sq",)``: to one of the two codes
+        around the value, unbiased (``quantization.encode_float_codes``), keyed by (``seed``, step, state slot,
+        element). Rounding to nearest drops the per-step changes of a slow running average that are below half a
+        code spacing (1/32 to 1/16 of the value), so AdamW's second moment drifts; stochastic rounding keeps them
+        in expectation, at the cost of noise (``bench/RESULTS_8BIT.md``: on the LM, ``("exp_avg_sq",)`` matched
+        float32's loss; rounding ``exp_avg`` too added noise).
       - ``max_grad_norm``: clip the grads by their global L2 norm inside the step (see :meth:`step`).
 
     ``grad_reduction`` (an attribute, None by default): for params that are shards of larger tensors held by other
@@ -104,7 +111,8 @@ class Optimizer:
             raise TypeError(f"{cls.__name__}: a rule keeps at most {kernel_layout.TENSOR_SCALARS} SCALARS")
 
     def __init__(self, params, defaults, *, backend="auto", guard=None, master_weights=False, state_dtype="float32",
-                 rounding="nearest", seed=0, max_grad_norm=None, min_8bit_size=quantization.MIN_8BIT_SIZE):
+                 rounding="nearest", seed=0, max_grad_norm=None, min_8bit_size=quantization.MIN_8BIT_SIZE,
+                 state_rounding="nearest"):
         if guard is not None and not isinstance(guard, Guard):
             raise TypeError(f"guard must be a fastopt.Guard or None, got {type(guard).__name__}")
         self.check_flag(master_weights, "master_weights", type(self).__name__)
@@ -122,6 +130,7 @@ class Optimizer:
                                               low_open=True)
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, numbers.Integral) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be a non-negative integer, got {min_8bit_size!r}")
+        self.stochastic_states = self._check_state_rounding(state_rounding, state_dtype)
         self.guard = guard
         self.master_weights = bool(master_weights)
         self.state_dtype = state_dtype
@@ -153,6 +162,30 @@ class Optimizer:
         self._backend = self._engine(self._layout())
         self._group_snapshot = None
         self._missing_state = {}  # param index -> state buffers its group needs that it does not have yet
+
+    @classmethod
+    def _check_state_rounding(cls, state_rounding, state_dtype):
+        """The states whose 8-bit codes are rounded stochastically (a frozenset of names) for ``state_rounding``."""
+        if isinstance(state_rounding, str):
+            if state_rounding not in ROUNDINGS:
+                raise ValueError(f"unknown state_rounding {state_rounding!r}; choose one of {ROUNDINGS} or a tuple of "
+                                 f"state names (of {cls.STATE_SLOTS})")
+            names = frozenset(cls.STATE_SLOTS if state_rounding == "stochastic" else ())
+        else:
+            try:
+                names = frozenset(state_rounding)
+            except TypeError:
+                raise TypeError(f"state_rounding must be 'nearest', 'stochastic' or a tuple of state names, got "
+                                f"{state_rounding!r}") from None
+            unknown = sorted(map(str, names - set(cls.STATE_SLOTS)))
+            if unknown:
+                raise ValueError(f"state_rounding names {unknown}, which {cls.__name__} does not keep (its states: "
+                                 f"{cls.STATE_SLOTS})")
+        names = frozenset(name for name in names if quantization.STATE_SIGNED.get(name) is not None)
+        if names and state_dtype != "8bit":
+            raise ValueError("state_rounding rounds the codes of 8-bit states stochastically: it needs "
+                             f"state_dtype='8bit', got state_dtype={state_dtype!r}")
+        return names
 
     # ---------------------------------------------------------------- groups
     @staticmethod
@@ -332,7 +365,8 @@ class Optimizer:
                       master=[state.get(MASTER) for state in states],
                       param_storage=[self.param_storage(index) for index in range(len(self._params))],
                       state_storage=[self.state_storage(index) for index in range(len(self._params))],
-                      stochastic=self.rounding == "stochastic", seed=self.seed, address_of=self._engine.address)
+                      stochastic=self.rounding == "stochastic", seed=self.seed, address_of=self._engine.address,
+                      stochastic_codes=self.stochastic_states)
 
     def _replacement_check(self, index):
         """The check ``state[index]`` runs on ``state[index][name] = array`` (see :class:`~fastopt.state.ParamState`):

@@ -1039,6 +1039,22 @@ def test_8bit_states_bitwise_equal_to_cpu_kernels(cp, config, rng):
         assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
 
 
+@pytest.mark.parametrize("config", [RULES_8BIT[1], RULES_8BIT[3], RULES_8BIT[5]], ids=optimizer_id)
+def test_stochastic_codes_bitwise_equal_to_cpu_kernels(cp, config, rng):
+    """``state_rounding="stochastic"``: each block's codes rounded with the random bits of (seed, step, slot,
+    element) (codes.cuh's encode_stochastic, keyed per tensor at run time) give the CPU kernels' params, codes and
+    scales bit for bit: RMSprop's three states (signed and not), AMSGrad's and Adagrad's."""
+    cls, kwargs = config
+    storage = ("f32-8bit-sr", "float32", "float32", dict(FLOAT32_8BIT[3], state_rounding="stochastic", seed=9))
+    cpu, cpu_params, gpu, gpu_params, _ = run_mixed_twins(cp, cls, kwargs, storage, np.random.default_rng(8))
+    assert cpu.stochastic_states and coded_states(cpu) == coded_states(gpu)
+    assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
+    # The same problem with codes rounded to nearest: other codes (the noise was drawn and used).
+    nearest = run_mixed_twins(cp, cls, kwargs, FLOAT32_8BIT, np.random.default_rng(8))[0]
+    assert any(not np.array_equal(cpu.state[index][name], nearest.state[index][name])
+               for index, name in coded_states(cpu))
+
+
 @pytest.mark.parametrize("storage", [MIXED_STORAGE[1], MIXED_STORAGE[5]], ids=storage_id)
 def test_8bit_states_of_bfloat16_params_with_a_loss_scale(cp, storage, rng):
     """bfloat16 params (with float32 masters, or rounded stochastically) and 8-bit states of every size, 0 and 1

@@ -89,6 +89,99 @@ def test_step_is_the_float32_step_of_the_decoded_states(cls, kwargs, rng):
             np.testing.assert_array_equal(param, copies[index], err_msg=f"step {step} param {index}")
 
 
+def stochastic_codes(optimizer, index, name, values, step_count):
+    """``quantization.quantize`` of ``values`` (param ``index``'s state ``name``) with the random bits the kernels
+    draw for its codes at optimizer step ``step_count``: ``counter_hash(seed, step, Layout.stochastic_code_key(...))``
+    (every param here is float32: its position in the kernel bucket is its index)."""
+    from fastopt import reference
+    from fastopt.backends.layout import Layout
+
+    slot = optimizer.STATE_SLOTS.index(name)
+    key = Layout.stochastic_code_key(slot, index, np.arange(np.size(values)))
+    noise = reference.counter_hash(optimizer.seed, step_count, key)
+    return quantization.quantize(values, quantization.STATE_SIGNED[name], noise=noise)
+
+
+@pytest.mark.parametrize("cls, kwargs", RULES_8BIT, ids=RULE_IDS)
+@pytest.mark.parametrize("state_rounding", ["stochastic", "second"], ids=["all", "one"])
+def test_stochastic_codes_are_the_references_rounding_of_the_float32_step(cls, kwargs, state_rounding, rng):
+    """``state_rounding``: the params still the float32 step of the decoded states, bit for bit; the codes of the
+    states it names ``quantization.quantize`` of that step's states with the kernels' random bits (the reference's
+    arithmetic, keyed by seed, step, state slot and element), the others rounded to nearest; the scales unchanged.
+    "second": only the last 8-bit state the configuration uses (AdamW's exp_avg_sq)."""
+    params = make_params(SIZES_8BIT, rng)
+    used = cls.state_names(dict(cls.DEFAULTS, **kwargs))
+    coded = [name for name in cls.STATE_SLOTS if quantization.STATE_SIGNED.get(name) is not None and name in used]
+    stochastic = tuple(coded) if state_rounding == "stochastic" else tuple(coded[-1:])
+    options = dict(kwargs, lr=lr_changing(cls, kwargs["lr"]), state_dtype="8bit", min_8bit_size=0, seed=11)
+    optimizer = cls(params, **options, state_rounding=state_rounding if state_rounding == "stochastic" else stochastic)
+    assert optimizer.stochastic_states & set(used) == set(stochastic)
+    rounded_up = 0
+    for step in range(STEPS):
+        grads = make_grads(params, rng, step)
+        twin, copies = float32_twin(optimizer, params, cls, kwargs)
+        step_count = optimizer.step_count
+        optimizer.step(grads)
+        twin.step(grads)
+        for index, param in enumerate(params):
+            for name in coded_names(optimizer, index):
+                values = twin.state[index][name]
+                if name in stochastic:
+                    codes, scales = stochastic_codes(optimizer, index, name, values, step_count)
+                    nearest, _ = quantization.quantize(values, quantization.STATE_SIGNED[name])
+                    rounded_up += np.count_nonzero(codes != nearest)
+                else:
+                    codes, scales = quantization.quantize(values, quantization.STATE_SIGNED[name])
+                np.testing.assert_array_equal(optimizer.state[index][name].reshape(-1), codes,
+                                              err_msg=f"step {step} param {index} {name} codes")
+                np.testing.assert_array_equal(optimizer.state[index][name + "_absmax"], scales,
+                                              err_msg=f"step {step} param {index} {name} scales")
+            if cls is not fo.LAMB:  # LAMB: as in test_step_is_the_float32_step_of_the_decoded_states
+                np.testing.assert_array_equal(param, copies[index], err_msg=f"step {step} param {index}")
+    assert rounded_up > 100  # the noise moved codes away from the nearest
+
+
+def test_stochastic_codes_in_the_reference_engine_and_fastopt_torch(rng):
+    """The reference engine draws the kernels' random bits: its codes equal the kernel's except where float32 and
+    float64 put a value on either side of a threshold (one code apart, rare); fastopt.torch takes the option; a run
+    is reproducible for a seed and differs for another."""
+    import torch
+
+    import fastopt.torch as ft
+
+    params = make_params((5000, 300), rng)
+    options = dict(lr=0.01, state_dtype="8bit", min_8bit_size=0, state_rounding=("exp_avg_sq",), seed=5)
+    expected = [p.copy() for p in params]
+    optimizer, reference = fo.AdamW(params, **options), fo.AdamW(expected, **options, backend="reference")
+    grads = make_grads(params, rng, 0)
+    optimizer.step(grads)
+    reference.step(grads)
+    for index in range(2):
+        gap = np.abs(optimizer.state[index]["exp_avg_sq"].astype(int) - reference.state[index]["exp_avg_sq"])
+        assert gap.max() <= 1 and np.count_nonzero(gap) <= max(2, gap.size // 1000)
+    runs = []
+    for seed in (5, 5, 6):
+        weight = torch.nn.Parameter(torch.from_numpy(make_params((5000,), np.random.default_rng(0))[0]))
+        torch_optimizer = ft.AdamW([weight], **dict(options, seed=seed))
+        for step in range(3):
+            weight.grad = torch.from_numpy(make_grads([weight.detach().numpy()], np.random.default_rng(step), step)[0])
+            torch_optimizer.step()
+        runs.append(torch_optimizer.state[weight]["exp_avg_sq"].clone())
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_bad_state_rounding_is_refused(rng):
+    params = make_params((10,), rng)
+    with pytest.raises(ValueError, match="needs state_dtype='8bit'"):
+        fo.AdamW(params, state_rounding="stochastic")
+    with pytest.raises(ValueError, match="choose one of"):
+        fo.AdamW(params, state_dtype="8bit", state_rounding="up")
+    with pytest.raises(ValueError, match=r"\['exp_avg_sqq'\], which AdamW does not keep"):
+        fo.AdamW(params, state_dtype="8bit", state_rounding=("exp_avg_sqq",))
+    with pytest.raises(TypeError, match="state_rounding must be"):
+        fo.AdamW(params, state_dtype="8bit", state_rounding=3)
+
+
 def code_magnitude(codes, signed):
     codes = codes.astype(np.int64)
     return np.where(codes & 0x80, -(codes & 0x7F), codes & 0x7F) if signed else codes

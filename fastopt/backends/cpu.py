@@ -139,6 +139,9 @@ class CpuBackend(HostArrays):
         self._refresh_tables(layout)
         values = self.plain_control if control is None else control.values
         seed = np.int64(layout.seed)
+        # The state slots whose 8-bit codes round stochastically (a kernel without them is built when there are none).
+        code_slots = sum(1 << slot for slot, name in enumerate(layout.state_slots) if name in layout.stochastic_codes)
+        code_seed = seed if code_slots else None
         for bucket in self.buckets:
             for kind, addresses in self._kinds(bucket, grads):
                 param_dtype, state_dtypes, has_master, stochastic, grad_dtype = kind
@@ -148,7 +151,8 @@ class CpuBackend(HostArrays):
                               np.float64(lr_factor), values, bucket.coefficients, bucket.chunk_norms, bucket.scratch,
                               bucket.like(param_dtype), bucket.like(grad_dtype),
                               self._state_likes(bucket, state_dtypes),
-                              bucket.scratch if has_master else None, seed if stochastic else None)
+                              bucket.scratch if has_master else None, seed if stochastic else None, code_seed,
+                              np.int64(code_slots))
 
     def blend(self, layout, slot, weights):
         """``p = lerp(p, state, weights[i])`` for each param ``i`` that has a buffer in state slot ``slot`` (see

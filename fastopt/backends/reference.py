@@ -71,10 +71,17 @@ class ReferenceBackend(HostArrays):
                             1.0 if scale is None else scale.astype(np.float64),
                             state_dtype="8bit" if coded else dtypes.numpy_dtype(layout.state_storage[index]))
         self._store_param(layout, index, work, layout.stochastic)
-        for name, buffer in buffers.items():
+        for slot, (name, buffer) in enumerate(zip(layout.state_slots, layout.states[index])):
+            if name not in buffers:
+                continue
             if name in coded:
                 scales, signed = coded[name]
-                codes, scales[...] = quantization.quantize(reference.round_to_storage(state[name], np.float32), signed)
+                noise = None
+                if layout.rounds_codes_stochastically(index, slot):
+                    key = layout.stochastic_code_key(slot, self.positions[index], np.arange(buffer.size))
+                    noise = reference.counter_hash(layout.seed, self.step_count, key)
+                codes, scales[...] = quantization.quantize(reference.round_to_storage(state[name], np.float32), signed,
+                                                           noise=noise)
                 buffer[...] = codes.reshape(buffer.shape)
             elif name in state:
                 buffer[...] = reference.round_to_storage(state[name], buffer.dtype)

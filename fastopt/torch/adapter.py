@@ -65,7 +65,8 @@ def decoded_entry(entry):
     return entry
 
 
-CORE_OPTIONS = ("master_weights", "state_dtype", "rounding", "seed", "max_grad_norm", "min_8bit_size")
+CORE_OPTIONS = ("master_weights", "state_dtype", "rounding", "seed", "max_grad_norm", "min_8bit_size",
+                "state_rounding")
 
 
 def _plain(value):
@@ -219,7 +220,8 @@ class TorchOptimizer(torch.optim.Optimizer):
       param learns at ``lr * lr_scale[j]``.
     - Params may be float32, float64, bfloat16 or float16 (grads: the param's dtype or float32), contiguous, all on
       one device (the CPU or one CUDA device). The core's mixed-precision options are keywords of every class:
-      ``master_weights``, ``state_dtype``, ``rounding``, ``seed``, ``max_grad_norm`` and ``min_8bit_size`` (see
+      ``master_weights``, ``state_dtype``, ``rounding``, ``seed``, ``max_grad_norm``, ``min_8bit_size`` and
+      ``state_rounding`` (see
       :class:`fastopt.Optimizer`); ``state[p]`` then shows ``master_param`` and the states in their storage dtype
       (8-bit states: uint8 codes, and their block scales as ``<name>_absmax``). Their ``state_dict`` keeps that
       form (a quarter of float32's size); :meth:`float32_state_dict` exports float32 states that ``torch.optim``

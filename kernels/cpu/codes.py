@@ -6,12 +6,14 @@ mantissa bits, built from the bits rather than looked up. The kernels see a slot
 signed and ``uint8`` where it is unsigned (the same bytes; the element type picks the map when compiled, as uint16
 picks bfloat16 in conversions.load).
 """
+import warnings
+
 import numba
 import numpy as np
 from numba import types
 from numba.extending import overload
 
-from .conversions import float32_bits, float32_from_bits, load, store
+from .conversions import counter_hash, float32_bits, float32_from_bits, load, store
 from .jit import jit
 from .layout import CODE_BLOCK
 from .views import window
@@ -21,6 +23,10 @@ from .views import window
 # calls, the loop's vector registers reloaded after each block), and the 8-bit AdamW step took 1.72 ns per element
 # instead of 1.31 (one thread, in L2; bench/RESULTS_8BIT.md).
 block_jit = numba.njit(cache=True, error_model="numpy", nogil=True, inline="always")
+# Inlined into the loops, the finish functions' variables leave Numba's scope bookkeeping (debug information only)
+# behind, and its pedantic check warns once per compiled loop, asking for a bug report; the loops' bits are tested.
+warnings.filterwarnings("ignore", message=r".*variable '_finish_state__locals__finish_coded",
+                        category=numba.core.errors.NumbaIRAssumptionWarning)
 
 MANTISSA_SHIFT = np.uint32(20)  # 23 - M
 ROUNDING_BIAS = np.uint32(1 << 19)  # half a code's mantissa step: ties round away from zero
@@ -34,6 +40,11 @@ UNSIGNED_OFFSET, UNSIGNED_LARGEST = 761, 255
 SIGNED_HALF = np.uint32(((1 + SIGNED_OFFSET) << 20) - (1 << 23))  # halving a normal float takes 1 off its exponent
 UNSIGNED_HALF = np.uint32(((1 + UNSIGNED_OFFSET) << 20) - (1 << 23))
 MARKED_SCALE = np.float32(np.nan)
+NOISE_SHIFT = np.uint32(32 - 20)  # stochastic rounding adds the top 23 - M bits of 32 random ones
+NOISE_LEVELS = np.uint32(1 << 20)
+NOISE_STEP = np.float32(2.0 ** -20)
+SIGNED_SMALLEST_BITS = np.uint32((1 + SIGNED_OFFSET) << 20)  # the bits of the smallest nonzero magnitude
+UNSIGNED_SMALLEST_BITS = np.uint32((1 + UNSIGNED_OFFSET) << 20)
 
 
 def is_signed(codes):
@@ -93,6 +104,50 @@ def encode(x, signed):
 
 
 @jit
+def encode_stochastic(x, signed, noise):
+    """The code of ``x`` (as for ``encode``) rounded stochastically with the 32 random bits ``noise``
+    (fastopt.quantization.encode_float_codes with noise): with r their top 20 bits, from the smallest nonzero magnitude
+    c1 up, the magnitude bits plus r, truncated and clamped to the largest code; below c1, code 1 where |x| >= (2^20 -
+    r) * 2^-20 * c1 (exact products), else 0."""
+    bits = float32_bits(x)
+    magnitude_bits = np.uint32(bits & MAGNITUDE_MASK)
+    r = np.uint32(noise >> NOISE_SHIFT)
+    if signed:
+        smallest_bits, highest = SIGNED_SMALLEST_BITS, np.uint32(SIGNED_OFFSET + SIGNED_LARGEST)
+    else:
+        smallest_bits, highest = UNSIGNED_SMALLEST_BITS, np.uint32(UNSIGNED_OFFSET + UNSIGNED_LARGEST)
+    rounded = np.uint32(np.uint32(magnitude_bits + r) >> MANTISSA_SHIFT)
+    rounded = rounded if rounded < highest else highest
+    above = np.uint32(rounded - (np.uint32(smallest_bits >> MANTISSA_SHIFT) - np.uint32(1)))
+    threshold = np.float32(np.float32(np.float32(NOISE_LEVELS - r) * NOISE_STEP) * float32_from_bits(smallest_bits))
+    below = np.uint32(1) if float32_from_bits(magnitude_bits) >= threshold else np.uint32(0)
+    magnitude = above if magnitude_bits >= smallest_bits else below
+    if signed:
+        return np.uint32(np.uint32(np.uint32(bits >> np.uint32(24)) & np.uint32(0x80)) | magnitude)
+    return np.uint32(0) if np.int32(bits) < 0 else magnitude
+
+
+def encode_code(x, signed, rounding, i):
+    """Element ``i``'s code of ``x``: ``encode`` (``rounding`` None), or with ``rounding`` = (seed, step, key of the
+    block's first element, stochastic) ``encode_stochastic`` with the random bits counter_hash(seed, step, key + i)
+    where ``stochastic`` (a block's constant: LLVM takes the test out of the loop)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(encode_code, jit_options=dict(cache=True), inline="always")
+def _encode_code(x, signed, rounding, i):
+    if rounding is None or isinstance(rounding, (types.NoneType, types.Omitted)):
+        return lambda x, signed, rounding, i: encode(x, signed)
+
+    def maybe_stochastic(x, signed, rounding, i):
+        seed, step, key, stochastic = rounding
+        if stochastic:
+            return encode_stochastic(x, signed, counter_hash(seed, step, key + np.uint64(i)))
+        return encode(x, signed)
+    return maybe_stochastic
+
+
+@jit
 def absmax_bits(values):
     """The largest ``bits & 0x7FFFFFFF`` over float32 ``values``: the bits of the absmax, and at least those of
     infinity where any value is NaN or infinite (an integer max, unlike a float max, cannot drop a NaN)."""
@@ -104,10 +159,11 @@ def absmax_bits(values):
 
 
 @block_jit
-def encode_block(values, codes):
+def encode_block(values, codes, rounding=None):
     """Encode float32 ``values`` (one block) into ``codes`` (int8/uint8, as long) and return the block's scale: NaN
     for a marked block (a NaN or infinity among the values; codes 0), 0 for a zero block (absmax below 2^-126; codes
-    0), else the absmax."""
+    0), else the absmax. ``rounding``: None, or the block's (seed, step, key of its first element, whether its codes
+    round stochastically) (``encode_code``)."""
     signed = is_signed(codes)
     largest = absmax_bits(values)
     if largest >= INFINITY_BITS or largest < SMALLEST_NORMAL_BITS:
@@ -117,17 +173,19 @@ def encode_block(values, codes):
     scale = float32_from_bits(largest)
     reciprocal = np.float32(1) / scale
     for i in range(codes.shape[0]):
-        codes[i] = encode(values[i] * reciprocal, signed)  # truncated to the codes' 8 bits
+        codes[i] = encode_code(values[i] * reciprocal, signed, rounding, i)  # truncated to the codes' 8 bits
     return scale
 
 
 # ---------------------------------------------------------------- state streams of the fused loops
 # A state slot's stream in a chunk is either its buffer (a float or 16-bit array, read and written through
-# conversions.load/store) or, stored in 8 bits, the tuple (codes, scales, strip): the chunk's codes, the scales of its
-# blocks and a float32 strip of one block, where the loop writes the block's new values before they are encoded. The
-# loops walk a chunk in blocks (one block for plain states) and see each block of a stream through a *view*: a window
-# of the buffer, or (codes window, the block's scale, strip window, the one-element window of the scales where the
-# block's new scale goes): finishing a block needs only its view. The functions below are resolved per type when
+# conversions.load/store) or, stored in 8 bits, the tuple (codes, scales, strip, rounding): the chunk's codes, the
+# scales of its blocks, a float32 strip of one block, where the loop writes the block's new values before they are
+# encoded, and None (codes rounded to nearest, in a kernel built without stochastic codes) or (seed, step, key of the
+# chunk's first element, whether this slot's codes round stochastically). The loops walk a chunk in blocks (one block
+# for plain states) and see each block of a stream through a *view*: a window of the buffer, or (codes window, the
+# block's scale, strip window, the one-element window of the scales where the block's new scale goes, the block's
+# rounding): finishing a block needs only its view. The functions below are resolved per type when
 # compiled: the loops have no per-element branch on the format. (The helpers at the end live here, with what they call,
 # rather than in fused.py: Numba's cache checks only the time stamp of a function's own file.) Decoding each block into
 # the strip before the element loop instead, so that the loop is exactly the float32 states' one, was slower: 2.2-2.4
@@ -157,9 +215,10 @@ def state_view(state, offset, length):
 def _state_view(state, offset, length):
     if is_coded(state):
         def coded_view(state, offset, length):
-            codes, scales, strip = state
+            codes, scales, strip, rounding = state
             block = offset // CODE_BLOCK
-            return window(codes, offset, length), scales[block], window(strip, 0, length), window(scales, block, 1)
+            return (window(codes, offset, length), scales[block], window(strip, 0, length), window(scales, block, 1),
+                    block_rounding(rounding, offset))
         return coded_view
     return lambda state, offset, length: window(state, offset, length)
 
@@ -201,9 +260,45 @@ def finish_state(view):
 def _finish_state(view):
     if is_coded(view):
         def finish_coded(view):
-            view[3][0] = encode_block(view[2], view[0])
+            view[3][0] = encode_block(view[2], view[0], view[4])
         return finish_coded
     return lambda view: None
+
+
+def slot_rounding(rounding, slot):
+    """The rounding of state slot ``slot``'s codes in a chunk: None (``rounding`` None: a kernel without stochastic
+    codes), else from ``rounding`` = (seed, step, mask of the slots whose codes round stochastically, the chunk's
+    first element as a param's stochastic rounding keys it: (tensor << 40) + start): (seed, step, the key of the
+    slot's first element, (slot + 1) << 62 on top of it, whether the slot's codes round stochastically)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(slot_rounding, jit_options=dict(cache=True))
+def _slot_rounding(rounding, slot):
+    if isinstance(rounding, types.NoneType):
+        return lambda rounding, slot: None
+
+    def rounding_of_slot(rounding, slot):
+        seed, step, mask, first_element = rounding
+        key = np.uint64(np.uint64(slot + 1) << np.uint64(62)) | np.uint64(first_element)
+        return seed, step, key, (mask >> slot) & 1 != 0
+    return rounding_of_slot
+
+
+def block_rounding(rounding, offset):
+    """A chunk's slot rounding (``slot_rounding``) for its block at ``offset``: its key moved on by ``offset``."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(block_rounding, jit_options=dict(cache=True))
+def _block_rounding(rounding, offset):
+    if isinstance(rounding, types.NoneType):
+        return lambda rounding, offset: None
+
+    def rounding_of_block(rounding, offset):
+        seed, step, key, stochastic = rounding
+        return seed, step, key + np.uint64(offset), stochastic
+    return rounding_of_block
 
 
 @jit

@@ -43,7 +43,7 @@ from numba import prange
 from numba import types as numba_types
 from numba.extending import overload
 
-from .codes import block_length, block_views, finish_states, load_state, store_state
+from .codes import block_length, block_views, finish_states, load_state, slot_rounding, store_state
 from .conversions import float32_to_bfloat16_stochastic, load, store, widen_bits
 from .jit import jit, parallel_jit, reduction_jit, serial_twin
 from .schedule_math import schedule_value
@@ -81,26 +81,40 @@ def storage_stream(addresses, tensor, slot, start, length, like):
     return numba.carray(address_as_pointer(address, like), length)
 
 
-def state_stream(addresses, tensor, slot, start, length, like, scales_like):
+def state_stream(addresses, tensor, slot, start, length, like, scales_like, rounding):
     """Elements [start, start + length) of state slot ``slot``'s stream (see codes.py): its buffer typed as ``like``'s
     elements, or for a slot stored in 8 bits (``like`` int8 or uint8 codes) the tuple (codes, the scales of the
-    chunk's blocks, a float32 strip of one block). The chunk starts at a multiple of CODE_BLOCK."""
+    chunk's blocks, a float32 strip of one block, the slot's rounding of codes: codes.slot_rounding of ``rounding``).
+    The chunk starts at a multiple of CODE_BLOCK."""
     raise NotImplementedError("fastopt.kernels.cpu.fused.state_stream is compiled only")
 
 
 @overload(state_stream, jit_options=dict(cache=True))
-def _state_stream(addresses, tensor, slot, start, length, like, scales_like):
+def _state_stream(addresses, tensor, slot, start, length, like, scales_like, rounding):
     if like.dtype in (numba_types.int8, numba_types.uint8):
-        def coded(addresses, tensor, slot, start, length, like, scales_like):
+        def coded(addresses, tensor, slot, start, length, like, scales_like, rounding):
             blocks = (length + CODE_BLOCK - 1) // CODE_BLOCK
             return (stream(addresses, tensor, STATE0 + slot, start, length, like),
                     stream(addresses, tensor, SCALES0 + slot, start // CODE_BLOCK, blocks, scales_like),
-                    np.empty(CODE_BLOCK, dtype=np.float32))
+                    np.empty(CODE_BLOCK, dtype=np.float32), slot_rounding(rounding, slot))
         return coded
 
-    def plain(addresses, tensor, slot, start, length, like, scales_like):
+    def plain(addresses, tensor, slot, start, length, like, scales_like, rounding):
         return stream(addresses, tensor, STATE0 + slot, start, length, like)
     return plain
+
+
+def code_rounding(code_seed, step, code_slots, first_element):
+    """None (``code_seed`` None: no state's codes round stochastically), else (seed, step, the mask of the state slots
+    whose codes do, the chunk's first element): what codes.slot_rounding takes."""
+    raise NotImplementedError("fastopt.kernels.cpu.fused.code_rounding is compiled only")
+
+
+@overload(code_rounding, jit_options=dict(cache=True))
+def _code_rounding(code_seed, step, code_slots, first_element):
+    if isinstance(code_seed, numba_types.NoneType):
+        return lambda code_seed, step, code_slots, first_element: None
+    return lambda code_seed, step, code_slots, first_element: (code_seed, step, code_slots, first_element)
 
 
 def part_of(stream, offset, length):
@@ -423,7 +437,7 @@ def run_chunk(has_lr_scale, live, streams):
 
 def one_chunk(chunk, addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, group_hyper, optimizer_step,
               coefficients, chunk_norms, scratch, param_like, grad_like, state_like0, state_like1, state_like2, scales_like,
-              master_like, seed):
+              master_like, seed, code_seed, code_slots):
     """Chunk ``chunk`` of the pass, if its tensor has a grad; the NORMS pass writes the chunk's sums into
     ``chunk_norms``."""
     tensor = chunk_tensor[chunk]
@@ -434,12 +448,14 @@ def one_chunk(chunk, addresses, chunk_tensor, chunk_start, chunk_length, tensor_
     hyper = group_hyper[tensor_group[tensor]]
     param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
     live = np.int64(hyper[LIVE_STATES])
+    first_element = (np.int64(tensor) << np.int64(40)) + start
+    rounding = code_rounding(code_seed, optimizer_step, code_slots, first_element)
     streams = (param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
                stream(addresses, tensor, LR_SCALE, start, length, scratch),
-               state_stream(addresses, tensor, 0, start, length, state_like0, scales_like),
-               state_stream(addresses, tensor, 1, start, length, state_like1, scales_like),
-               state_stream(addresses, tensor, 2, start, length, state_like2, scales_like), coefficients[tensor],
-               hyper[MAXIMIZE] != 0, seed, optimizer_step, (np.int64(tensor) << np.int64(40)) + start)
+               state_stream(addresses, tensor, 0, start, length, state_like0, scales_like, rounding),
+               state_stream(addresses, tensor, 1, start, length, state_like1, scales_like, rounding),
+               state_stream(addresses, tensor, 2, start, length, state_like2, scales_like, rounding), coefficients[tensor],
+               hyper[MAXIMIZE] != 0, seed, optimizer_step, first_element)
     if addresses[tensor, LR_SCALE] != 0:
         sums = run_chunk_of_phase(True, live, streams)
     else:
@@ -451,11 +467,13 @@ def one_chunk(chunk, addresses, chunk_tensor, chunk_start, chunk_length, tensor_
 
 def rule_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, tensor_step, tensor_scalars,
               group_hyper, schedule_program, schedule_base, optimizer_step, lr_factor, grad_control, coefficients,
-              chunk_norms, scratch, param_like, grad_like, state_likes, master_like, seed):
+              chunk_norms, scratch, param_like, grad_like, state_likes, master_like, seed, code_seed, code_slots):
     """One step of the rule over every tensor of one math dtype (state slots STATE0..STATE2: the rule's
     ``STATE_SLOTS``): one parallel pass, or for a rule with per-tensor norms two, with the norms added up between
     them chunk by chunk in order (the same totals for any thread count). A tensor's step count advances where its
-    group's COUNTS_STEP is set; the rule's running scalars and coefficients see the count including this step."""
+    group's COUNTS_STEP is set; the rule's running scalars and coefficients see the count including this step.
+    ``seed``: bfloat16 params round stochastically (None: to nearest); ``code_seed``: the 8-bit codes of the state
+    slots in the mask ``code_slots`` do (None: all to nearest)."""
     if grad_control[SKIP] != 0:
         return
     learning_rates = group_learning_rates(schedule_program, schedule_base, optimizer_step, lr_factor)
@@ -473,7 +491,7 @@ def rule_step(addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, 
     state_like0, state_like1, state_like2, scales_like = state_likes
     tables = (addresses, chunk_tensor, chunk_start, chunk_length, tensor_group, group_hyper, optimizer_step,
               coefficients, chunk_norms, scratch, param_like, grad_like, state_like0, state_like1, state_like2,
-              scales_like, master_like, seed)
+              scales_like, master_like, seed, code_seed, code_slots)
     if RULE_NORMS:
         for chunk in prange(chunk_tensor.shape[0]):
             norm_chunk(chunk, *tables)
