@@ -26,6 +26,31 @@ def counter_hash(seed, step, element):
     return (state >> np.uint64(32)).astype(np.uint32)
 
 
+CODE_NOISE_STRIDE = np.uint32(0x9E3779B9)  # 2^32 / golden ratio: a block's elements' counters, far apart
+
+
+def mix32(x):
+    """A 32-bit integer hash (lowbias32: two multiplications between xor-shifts), in uint32 arithmetic: the kernels'
+    per-element mixing of a block's random bits for stochastically rounded codes."""
+    x = np.asarray(x, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def code_noise(seed, step, block_keys, block=256):
+    """The random bits of stochastically rounded 8-bit codes, ``block`` per key: for the block whose first element has
+    the key ``block_keys[b]`` (``Layout.stochastic_code_key``), ``counter_hash(seed, step, key)`` once, then for its
+    element i ``mix32(that + i * CODE_NOISE_STRIDE)`` (one 64-bit hash per block, a cheap 32-bit one per element)."""
+    bases = counter_hash(seed, step, np.asarray(block_keys, dtype=np.uint64).reshape(-1, 1))
+    with np.errstate(over="ignore"):
+        counters = bases + np.arange(block, dtype=np.uint32) * CODE_NOISE_STRIDE
+    return mix32(counters).reshape(-1)
+
+
 def round_to_storage(values, dtype, *, seed=None, step=0, elements=None):
     """float64 ``values`` rounded to the storage ``dtype`` as the kernels round their math results: to float32
     (nearest even) first, then to a 16-bit dtype, to nearest even, or with ``seed`` stochastically: up with

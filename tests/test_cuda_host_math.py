@@ -272,7 +272,11 @@ extern "C" void host_encode_stochastic(const float* x, int64 size, int64 is_sign
 extern "C" void host_stochastic_noise(int64 seed, int64 step, int64 slot, int64 first_element, int64 size,
                                       uint32* noise) {
     const uint64 key = counter_key(seed, step);
-    for (int64 i = 0; i < size; ++i) noise[i] = counter_hash_keyed(key, stochastic_code_key(int(slot), first_element + i));
+    for (int64 i = 0; i < size; ++i) {
+        const int64 block_start = i - i % CODE_BLOCK;
+        const uint32 bits = counter_hash_keyed(key, stochastic_code_key(int(slot), first_element + block_start));
+        noise[i] = code_noise(bits, int(i - block_start));
+    }
 }
 extern "C" void host_widen_double(const void* stream, int64 format, int64 size, double* out) {
     for (int i = 0; i < int(size); ++i) {
@@ -766,14 +770,16 @@ def test_stochastic_encode_is_the_reference(shim, signed):
 
 @pytest.mark.parametrize("seed,step,slot,first_element", [(0, 0, 0, 0), (7, 3, 2, (2 << 40) + 4096)])
 def test_stochastic_code_noise_is_the_reference_key(shim, seed, step, slot, first_element):
-    """The random bits of a state slot's codes: counter_hash(seed, step, Layout.stochastic_code_key(...))."""
+    """The random bits of a state slot's codes: fastopt.reference.code_noise of its blocks' keys
+    (Layout.stochastic_code_key)."""
     from fastopt import reference
     from fastopt.backends.layout import Layout
 
     noise = np.empty(1000, np.uint32)
     shim.host_stochastic_noise(seed, step, slot, first_element, noise.size, pointer(noise))
-    key = Layout.stochastic_code_key(slot, first_element >> 40, (first_element & ((1 << 40) - 1)) + np.arange(1000))
-    np.testing.assert_array_equal(noise, reference.counter_hash(seed, step, key))
+    starts = (first_element & ((1 << 40) - 1)) + np.arange(0, 1000, quantization.BLOCK)
+    keys = Layout.stochastic_code_key(slot, first_element >> 40, starts)
+    np.testing.assert_array_equal(noise, reference.code_noise(seed, step, keys)[:1000])
 
 
 @pytest.mark.parametrize("size", [1, 255, 256, 257, 509, 2311, 4099])

@@ -91,14 +91,14 @@ def test_step_is_the_float32_step_of_the_decoded_states(cls, kwargs, rng):
 
 def stochastic_codes(optimizer, index, name, values, step_count):
     """``quantization.quantize`` of ``values`` (param ``index``'s state ``name``) with the random bits the kernels
-    draw for its codes at optimizer step ``step_count``: ``counter_hash(seed, step, Layout.stochastic_code_key(...))``
-    (every param here is float32: its position in the kernel bucket is its index)."""
+    draw for its codes at optimizer step ``step_count``: ``reference.code_noise`` of the keys of its blocks
+    (``Layout.stochastic_code_key``; every param here is float32: its position in the kernel bucket is its index)."""
     from fastopt import reference
     from fastopt.backends.layout import Layout
 
     slot = optimizer.STATE_SLOTS.index(name)
-    key = Layout.stochastic_code_key(slot, index, np.arange(np.size(values)))
-    noise = reference.counter_hash(optimizer.seed, step_count, key)
+    keys = Layout.stochastic_code_key(slot, index, np.arange(0, np.size(values), quantization.BLOCK))
+    noise = reference.code_noise(optimizer.seed, step_count, keys)[:np.size(values)]
     return quantization.quantize(values, quantization.STATE_SIGNED[name], noise=noise)
 
 

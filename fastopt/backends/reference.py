@@ -78,8 +78,9 @@ class ReferenceBackend(HostArrays):
                 scales, signed = coded[name]
                 noise = None
                 if layout.rounds_codes_stochastically(index, slot):
-                    key = layout.stochastic_code_key(slot, self.positions[index], np.arange(buffer.size))
-                    noise = reference.counter_hash(layout.seed, self.step_count, key)
+                    block_starts = np.arange(0, buffer.size, quantization.BLOCK)
+                    keys = layout.stochastic_code_key(slot, self.positions[index], block_starts)
+                    noise = reference.code_noise(layout.seed, self.step_count, keys)[:buffer.size]
                 codes, scales[...] = quantization.quantize(reference.round_to_storage(state[name], np.float32), signed,
                                                            noise=noise)
                 buffer[...] = codes.reshape(buffer.shape)

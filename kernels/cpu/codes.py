@@ -43,6 +43,7 @@ MARKED_SCALE = np.float32(np.nan)
 NOISE_SHIFT = np.uint32(32 - 20)  # stochastic rounding adds the top 23 - M bits of 32 random ones
 NOISE_LEVELS = np.uint32(1 << 20)
 NOISE_STEP = np.float32(2.0 ** -20)
+NOISE_STRIDE = np.uint32(0x9E3779B9)  # fastopt.reference.CODE_NOISE_STRIDE
 SIGNED_SMALLEST_BITS = np.uint32((1 + SIGNED_OFFSET) << 20)  # the bits of the smallest nonzero magnitude
 UNSIGNED_SMALLEST_BITS = np.uint32((1 + UNSIGNED_OFFSET) << 20)
 
@@ -127,22 +128,50 @@ def encode_stochastic(x, signed, noise):
     return np.uint32(0) if np.int32(bits) < 0 else magnitude
 
 
-def encode_code(x, signed, rounding, i):
-    """Element ``i``'s code of ``x``: ``encode`` (``rounding`` None), or with ``rounding`` = (seed, step, key of the
-    block's first element, stochastic) ``encode_stochastic`` with the random bits counter_hash(seed, step, key + i)
-    where ``stochastic`` (a block's constant: LLVM takes the test out of the loop)."""
+@jit
+def mix32(x):
+    """fastopt.reference.mix32: lowbias32, in uint32 arithmetic (16 lanes of AVX-512)."""
+    x = np.uint32(x ^ np.uint32(x >> np.uint32(16)))
+    x = np.uint32(x * np.uint32(0x7FEB352D))
+    x = np.uint32(x ^ np.uint32(x >> np.uint32(15)))
+    x = np.uint32(x * np.uint32(0x846CA68B))
+    return np.uint32(x ^ np.uint32(x >> np.uint32(16)))
+
+
+def block_noise(rounding):
+    """What a block's codes draw their random bits from (fastopt.reference.code_noise): None (``rounding`` None), or
+    for ``rounding`` = (seed, step, key of the block's first element, stochastic) the block's 32 bits,
+    counter_hash(seed, step, key), and ``stochastic``."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(block_noise, jit_options=dict(cache=True), inline="always")
+def _block_noise(rounding):
+    if rounding is None or isinstance(rounding, (types.NoneType, types.Omitted)):
+        return lambda rounding: None
+
+    def of_block(rounding):
+        seed, step, key, stochastic = rounding
+        return counter_hash(seed, step, key), stochastic
+    return of_block
+
+
+def encode_code(x, signed, noise, i):
+    """Element ``i``'s code of ``x`` in its block: ``encode`` (``noise`` None), or with ``noise`` = (the block's random
+    bits, stochastic) ``encode_stochastic`` with mix32(bits + i * NOISE_STRIDE) where ``stochastic`` (a block's
+    constant)."""
     raise NotImplementedError("compiled only")
 
 
 @overload(encode_code, jit_options=dict(cache=True), inline="always")
-def _encode_code(x, signed, rounding, i):
-    if rounding is None or isinstance(rounding, (types.NoneType, types.Omitted)):
-        return lambda x, signed, rounding, i: encode(x, signed)
+def _encode_code(x, signed, noise, i):
+    if isinstance(noise, types.NoneType):
+        return lambda x, signed, noise, i: encode(x, signed)
 
-    def maybe_stochastic(x, signed, rounding, i):
-        seed, step, key, stochastic = rounding
+    def maybe_stochastic(x, signed, noise, i):
+        bits, stochastic = noise
         if stochastic:
-            return encode_stochastic(x, signed, counter_hash(seed, step, key + np.uint64(i)))
+            return encode_stochastic(x, signed, mix32(np.uint32(bits + np.uint32(np.uint32(i) * NOISE_STRIDE))))
         return encode(x, signed)
     return maybe_stochastic
 
@@ -172,8 +201,9 @@ def encode_block(values, codes, rounding=None):
         return MARKED_SCALE if largest >= INFINITY_BITS else np.float32(0)
     scale = float32_from_bits(largest)
     reciprocal = np.float32(1) / scale
+    noise = block_noise(rounding)
     for i in range(codes.shape[0]):
-        codes[i] = encode_code(values[i] * reciprocal, signed, rounding, i)  # truncated to the codes' 8 bits
+        codes[i] = encode_code(values[i] * reciprocal, signed, noise, i)  # truncated to the codes' 8 bits
     return scale
 
 

@@ -125,6 +125,20 @@ FASTOPT_HOST_DEVICE int64 stochastic_code_key(int slot, int64 element) {
     return int64((uint64(slot + 1) << 62) | uint64(element));
 }
 
+// lowbias32: a 32-bit integer hash (fastopt.reference.mix32).
+FASTOPT_HOST_DEVICE uint32 mix32(uint32 x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+// The random bits of element ``i`` of a code block whose own bits are ``block_bits`` (counter_hash of the key of its
+// first element): one 64-bit hash per block, a 32-bit one per element (fastopt.reference.code_noise).
+constexpr uint32 CODE_NOISE_STRIDE = 0x9E3779B9u;
+FASTOPT_HOST_DEVICE uint32 code_noise(uint32 block_bits, int i) { return mix32(block_bits + uint32(i) * CODE_NOISE_STRIDE); }
+
 // What a block's absmax is found from: the magnitude bits of one value (NaN above INFINITY_BITS). Their largest over
 // the block (an integer max: absmax_bits) says whether the block is marked, zero, or coded, and gives its absmax.
 FASTOPT_HOST_DEVICE uint32 magnitude_bits(float value) { return float32_bits(value) & MAGNITUDE_MASK; }

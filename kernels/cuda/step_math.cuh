@@ -480,15 +480,19 @@ FASTOPT_HOST_DEVICE void code_thread_store(const ChunkStreams<float>& s, const C
             if (thread % CODE_THREADS == 0) {
                 codes.scales[k][block] = scale;
             }
+            // The block's random bits, where its codes round stochastically (the thread's quad lies in one block).
+            const uint32 block_bits =
+                codes.stochastic[k]
+                    ? counter_hash_keyed(s.rounding.key,
+                                         stochastic_code_key(k, s.rounding.first_element + int64(block) * CODE_BLOCK))
+                    : 0;
             uint32 word = 0;
             FASTOPT_UNROLL
             for (int i = 0; i < QUAD; ++i) {
                 const uint32 code =
                     codes.stochastic[k]
-                        ? encode_in_block_stochastic(
-                              held.state[k][i], reciprocal, absmax_bits[k], slot_signed<Rule>(k),
-                              counter_hash_keyed(s.rounding.key,
-                                                 stochastic_code_key(k, s.rounding.first_element + j + i * STRIDE)))
+                        ? encode_in_block_stochastic(held.state[k][i], reciprocal, absmax_bits[k], slot_signed<Rule>(k),
+                                                     code_noise(block_bits, j + i * STRIDE - block * CODE_BLOCK))
                         : encode_in_block(held.state[k][i], reciprocal, absmax_bits[k], slot_signed<Rule>(k));
                 word |= code << (8 * i);
                 if constexpr (PASS == NORMS) {
