@@ -156,23 +156,38 @@ def _block_noise(rounding):
     return of_block
 
 
-def encode_code(x, signed, noise, i):
-    """Element ``i``'s code of ``x`` in its block: ``encode`` (``noise`` None), or with ``noise`` = (the block's random
-    bits, stochastic) ``encode_stochastic`` with mix32(bits + i * NOISE_STRIDE) where ``stochastic`` (a block's
-    constant)."""
+@block_jit
+def encode_values(values, reciprocal, codes, signed):
+    """codes[i] = encode(values[i] * reciprocal) over a block (truncated to the codes' 8 bits)."""
+    for i in range(codes.shape[0]):
+        codes[i] = encode(values[i] * reciprocal, signed)
+
+
+@block_jit
+def encode_values_stochastic(values, reciprocal, codes, signed, bits):
+    """encode_values with stochastic rounding: element i's random bits mix32(bits + i * NOISE_STRIDE)."""
+    for i in range(codes.shape[0]):
+        noise = mix32(np.uint32(bits + np.uint32(np.uint32(i) * NOISE_STRIDE)))
+        codes[i] = encode_stochastic(values[i] * reciprocal, signed, noise)
+
+
+def encode_codes(values, reciprocal, codes, signed, noise):
+    """A block's codes: ``encode_values`` (``noise`` None), or with ``noise`` = (the block's random bits,
+    stochastic) ``encode_values_stochastic`` where ``stochastic``: one loop each, with no test inside."""
     raise NotImplementedError("compiled only")
 
 
-@overload(encode_code, jit_options=dict(cache=True), inline="always")
-def _encode_code(x, signed, noise, i):
+@overload(encode_codes, jit_options=dict(cache=True), inline="always")
+def _encode_codes(values, reciprocal, codes, signed, noise):
     if isinstance(noise, types.NoneType):
-        return lambda x, signed, noise, i: encode(x, signed)
+        return lambda values, reciprocal, codes, signed, noise: encode_values(values, reciprocal, codes, signed)
 
-    def maybe_stochastic(x, signed, noise, i):
+    def maybe_stochastic(values, reciprocal, codes, signed, noise):
         bits, stochastic = noise
         if stochastic:
-            return encode_stochastic(x, signed, mix32(np.uint32(bits + np.uint32(np.uint32(i) * NOISE_STRIDE))))
-        return encode(x, signed)
+            encode_values_stochastic(values, reciprocal, codes, signed, bits)
+        else:
+            encode_values(values, reciprocal, codes, signed)
     return maybe_stochastic
 
 
@@ -192,7 +207,7 @@ def encode_block(values, codes, rounding=None):
     """Encode float32 ``values`` (one block) into ``codes`` (int8/uint8, as long) and return the block's scale: NaN
     for a marked block (a NaN or infinity among the values; codes 0), 0 for a zero block (absmax below 2^-126; codes
     0), else the absmax. ``rounding``: None, or the block's (seed, step, key of its first element, whether its codes
-    round stochastically) (``encode_code``)."""
+    round stochastically) (``encode_codes``)."""
     signed = is_signed(codes)
     largest = absmax_bits(values)
     if largest >= INFINITY_BITS or largest < SMALLEST_NORMAL_BITS:
@@ -201,9 +216,7 @@ def encode_block(values, codes, rounding=None):
         return MARKED_SCALE if largest >= INFINITY_BITS else np.float32(0)
     scale = float32_from_bits(largest)
     reciprocal = np.float32(1) / scale
-    noise = block_noise(rounding)
-    for i in range(codes.shape[0]):
-        codes[i] = encode_code(values[i] * reciprocal, signed, noise, i)  # truncated to the codes' 8 bits
+    encode_codes(values, reciprocal, codes, signed, block_noise(rounding))
     return scale
 
 
