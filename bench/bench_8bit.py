@@ -116,6 +116,9 @@ def arm_factories(lr, with_min_zero, lr_factors=()):
                             "fastopt.torch.AdamW(state_dtype='float32')"),
         "fastopt 8bit": (lambda params: fastopt.torch.AdamW(params, **common, state_dtype="8bit"),
                          "fastopt.torch.AdamW(state_dtype='8bit')"),
+        "fastopt 8bit, state_rounding exp_avg_sq": (
+            lambda params: fastopt.torch.AdamW(params, **common, state_dtype="8bit", state_rounding=("exp_avg_sq",)),
+            "fastopt.torch.AdamW(state_dtype='8bit', state_rounding=('exp_avg_sq',))"),
     }
     for label, stochastic in EMULATED_ARMS.items():
         arms[label] = (lambda params, stochastic=stochastic: RoundTrippedAdamW(params, stochastic, **common),
@@ -701,7 +704,10 @@ BYTES_PER_PARAM = {"fastopt_f32": 28, "fastopt_8bit": 16 + 16 / CODE_BLOCK, "fas
                    "torch_fused": 28, "ceiling_f32": 28, "ceiling_8bit": 16 + 16 / CODE_BLOCK,
                    "ceiling_bf16_8bit": 10 + 16 / CODE_BLOCK, "bnb_8bit": 16 + 16 / CODE_BLOCK,
                    "torchao_8bit": 16 + 16 / CODE_BLOCK, "single_purpose_8bit": 16 + 16 / CODE_BLOCK,
-                   "baseline_8bit": 16 + 16 / CODE_BLOCK, "baseline_bf16_8bit": 10 + 16 / CODE_BLOCK}
+                   "baseline_8bit": 16 + 16 / CODE_BLOCK, "baseline_bf16_8bit": 10 + 16 / CODE_BLOCK,
+                   "fastopt_8bit_sr": 16 + 16 / CODE_BLOCK}
+# The 8-bit step with exp_avg_sq's codes rounded stochastically (state_rounding=("exp_avg_sq",)): the same bytes.
+STOCHASTIC_CODES = dict(state_dtype="8bit", state_rounding=("exp_avg_sq",))
 
 
 def tree_commit(path):
@@ -752,6 +758,7 @@ def variants_one_tensor(size, anchors):
     fastopt_variant("fastopt_f32", np.float32, grad32, 2)
     fastopt_variant("fastopt_8bit", np.float32, grad32, 3, state_dtype="8bit")
     fastopt_variant("fastopt_bf16_8bit", bf16, gradbf, 4, state_dtype="8bit")
+    fastopt_variant("fastopt_8bit_sr", np.float32, grad32, 13, **STOCHASTIC_CODES)
     if BASELINE is not None:
         fastopt_variant("baseline_8bit", np.float32, grad32, 15, BASELINE, state_dtype="8bit")
         fastopt_variant("baseline_bf16_8bit", bf16, gradbf, 0, BASELINE, state_dtype="8bit")
@@ -908,7 +915,8 @@ def serial_cost(sizes, rounds, log):
                 + [(f"{prefix or 'fastopt'}_8bit", np.float32, grad32, dict(state_dtype="8bit"), package)
                    for prefix, package in packages]
                 + [(f"{prefix or 'fastopt'}_bf16_8bit", bf16, gradbf, dict(state_dtype="8bit"), package)
-                   for prefix, package in packages]):
+                   for prefix, package in packages]
+                + [("fastopt_8bit_sr", np.float32, grad32, STOCHASTIC_CODES, fo)]):
             param = staggered(size, 2, dtype)
             random_fill([param], rng)
             optimizer = package.AdamW([param], lr=1e-3, weight_decay=WEIGHT_DECAY, min_8bit_size=0, **options)
@@ -1032,7 +1040,8 @@ def accuracy_markdown(name, task):
     return lines
 
 
-SPEED_ORDER = ("fastopt_f32", "fastopt_8bit", "fastopt_bf16_8bit", "baseline_8bit", "baseline_bf16_8bit",
+SPEED_ORDER = ("fastopt_f32", "fastopt_8bit", "fastopt_bf16_8bit", "fastopt_8bit_sr", "baseline_8bit",
+               "baseline_bf16_8bit",
                "torch_fused", "ceiling_f32", "ceiling_8bit", "ceiling_bf16_8bit", "single_purpose_8bit", "bnb_8bit",
                "torchao_8bit")
 
@@ -1081,7 +1090,9 @@ def speed_markdown(group):
                "fastopt_8bit"),
               ("fastopt bf16 + 8-bit speed-up over the baseline tree's", "baseline_bf16_8bit", "fastopt_bf16_8bit"),
               ("fastopt 8-bit speed-up over bitsandbytes AdamW8bit", "bnb_8bit", "fastopt_8bit"),
-              ("fastopt 8-bit speed-up over torchao AdamW8bit", "torchao_8bit", "fastopt_8bit")]
+              ("fastopt 8-bit speed-up over torchao AdamW8bit", "torchao_8bit", "fastopt_8bit"),
+              ("fastopt 8-bit, stochastic exp_avg_sq codes: speed relative to rounding to nearest", "fastopt_8bit",
+               "fastopt_8bit_sr")]
     lines += ["", "Ratios, time of the first variant named / time of the second: per run, the median over rounds of "
               "each round's ratio (the two ran seconds apart), and in brackets the ratio of the two variants' fastest "
               "rounds (the least disturbed by the other jobs on the machine):", "",
