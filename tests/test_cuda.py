@@ -1039,11 +1039,11 @@ def test_8bit_states_bitwise_equal_to_cpu_kernels(cp, config, rng):
         assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
 
 
-@pytest.mark.parametrize("config", [RULES_8BIT[1], RULES_8BIT[3], RULES_8BIT[5]], ids=optimizer_id)
+@pytest.mark.parametrize("config", [RULES_8BIT[3]], ids=optimizer_id)
 def test_stochastic_codes_bitwise_equal_to_cpu_kernels(cp, config, rng):
     """``state_rounding="stochastic"``: each block's codes rounded with the random bits of (seed, step, slot,
     element) (codes.cuh's encode_stochastic, keyed per tensor at run time) give the CPU kernels' params, codes and
-    scales bit for bit: RMSprop's three states (signed and not), AMSGrad's and Adagrad's."""
+    scales bit for bit: AMSGrad's three states, on both maps."""
     cls, kwargs = config
     storage = ("f32-8bit-sr", "float32", "float32", dict(FLOAT32_8BIT[3], state_rounding="stochastic", seed=9))
     cpu, cpu_params, gpu, gpu_params, _ = run_mixed_twins(cp, cls, kwargs, storage, np.random.default_rng(8))

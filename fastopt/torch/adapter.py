@@ -50,8 +50,9 @@ def whole_size(param):
 def decoded_states(state_dict):
     """``state_dict`` (torch's format) with every 8-bit state decoded into a float32 tensor on its codes' device and
     its ``_absmax`` scales dropped; the entries are new dicts, the other values shared."""
-    # New dicts: torch's state_dict shares the entries of self.state.
-    return dict(state_dict, state={key: decoded_entry(entry) for key, entry in state_dict["state"].items()})
+    # New dicts: torch's state_dict shares the entries of self.state. What is not a param's entry (a hook's) as it is.
+    return dict(state_dict, state={key: decoded_entry(entry) if isinstance(entry, dict) else entry
+                                   for key, entry in state_dict["state"].items()})
 
 
 def decoded_entry(entry):
@@ -585,7 +586,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         ``torch.load(weights_only=True)`` and, into ``torch.optim``, continues at a constant lr."""
         state_dict = super().state_dict()
         for key, entry in state_dict["state"].items():
-            if dtensor.LAYOUT_KEY in entry:  # a new dict: a DCP load writes the checkpoint's layout into it, not here
+            if isinstance(entry, dict) and dtensor.LAYOUT_KEY in entry:  # a new dict: a DCP load writes the checkpoint's layout into it, not here
                 state_dict["state"][key] = dict(entry)
         step_count = self._step_count()
         # The core's step count (schedules and stochastic rounding are keyed by it); torch's loaders ignore it.

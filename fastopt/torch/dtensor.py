@@ -205,7 +205,7 @@ def decoded_states(state_dict):
 
     state = dict(state_dict["state"])
     for key, entry in state.items():
-        if LAYOUT_KEY not in entry:
+        if not isinstance(entry, dict) or LAYOUT_KEY not in entry:
             continue
         entry = state[key] = {name: value for name, value in entry.items() if name != LAYOUT_KEY}
         for name in [name for name in entry if name + SCALES_SUFFIX in entry]:
