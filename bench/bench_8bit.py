@@ -21,7 +21,8 @@ Each task replaces its own section of ``--out`` (``--arms`` only those arms; an 
 ``torchao.optim.AdamW8bit`` (torch.compile'd per param shape; quantizes tensors of >= 4096 elements that are a
 multiple of its block of 256). Every arm: the same lr, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 and a warmup
 (5% of the steps) + cosine-to-zero schedule (:class:`WarmupCosine`: ``self_tuning.warmup_cosine``'s factor, but it
-writes a tensor lr in place, as torchao requires).
+writes a tensor lr in place, as torchao requires). The stochastic-rounding study adds ``fastopt.torch.AdamW`` with
+``state_rounding=("exp_avg_sq",)`` and :class:`RoundTrippedAdamW`'s emulated arms (``EMULATED_ARMS``).
 
 - ``lm``: ``bench/lm.py``'s byte-level transformer (137k params), batch 32, ``--lm-steps`` steps (default 1500: 3x
   self_tuning's 500, so that the comparison is of trained models, not of the first plateau), lr 1.78e-3

@@ -284,9 +284,10 @@ def scenario_schedule_free(ctx):
 
 
 # 8-bit states of the tensors of at least MIN_8BIT (the float64 one excepted): in the float32 space they start on
-# 256-element boundaries (0, 768, 2048), and the shard cuts (1280 on 2 ranks; 1024 and 2048 on 3) cut the (29, 41)
-# tensor, on 3 ranks into pieces of 256 and 933 elements: the first is below MIN_8BIT and 8-bit all the same.
-MIN_8BIT = 300
+# 256-element boundaries (0 and 768), and the cut of 2 ranks (1280) cuts the (29, 41) tensor into pieces of 512 and
+# 677 elements: the first is below MIN_8BIT and 8-bit all the same. (2 ranks only: each rank compiles its 8-bit
+# kernels, the most expensive ones, and 3 ranks cut no other way that matters here.)
+MIN_8BIT = 600
 PARAMS_8BIT = [((700,), torch.float32, "all"), ((13,), torch.float32, "all"), ((29, 41), torch.float32, "all"),
                ((5, 7), torch.float32, "aux"), ((37, 11), torch.float32, "all"), ((29,), torch.float64, "all"),
                ((3, 3), torch.float32, "frozen")]
@@ -329,13 +330,13 @@ def scenario_8bit_states(ctx):
             small += coded and piece.stop - piece.start < MIN_8BIT
     everyone = [None] * ctx.world
     dist.all_gather_object(everyone, small)
-    ctx.check(ctx.world != 3 or sum(everyone) > 0, "no 8-bit piece below MIN_8BIT: the layout changed")
+    ctx.check(sum(everyone) > 0, "no 8-bit piece below MIN_8BIT: the layout changed")
     full = compare(ctx, "8bit", sharded, params, reference, reference_params, 4, exact=True)
     checkpoint = [full]
     dist.broadcast_object_list(checkpoint, src=0)
     checkpoint = checkpoint[0]
-    ctx.check(checkpoint["state"][2]["exp_avg"].dtype == torch.uint8 and
-              checkpoint["state"][2]["exp_avg_absmax"].shape == (5,), "the consolidated state is not 8-bit")
+    ctx.check(checkpoint["state"][2]["exp_avg"].dtype == torch.uint8 and checkpoint["state"][2]["exp_avg_absmax"].shape
+              == (5,) and checkpoint["state"][4]["exp_avg"].dtype == torch.float32, "the consolidated state's storage")
     if ctx.rank == 0:
         exported, expected = sharded.float32_state_dict(), reference.float32_state_dict()
         for index, entry in expected["state"].items():
@@ -351,9 +352,9 @@ def scenario_8bit_states(ctx):
             param.copy_(theirs)
     resumed = ShardedOptimizer(groups(fresh), ft.AdamW, lr=0.5, **options)
     bad = dict(checkpoint, state={index: dict(entry) for index, entry in checkpoint["state"].items()})
-    bad["state"][4]["exp_avg_sq_absmax"] = bad["state"][4]["exp_avg_sq_absmax"][:-1]
+    bad["state"][2]["exp_avg_sq_absmax"] = bad["state"][2]["exp_avg_sq_absmax"][:-1]
     before = resumed.optim.state_dict()
-    ctx.raises(ValueError, "'exp_avg_sq_absmax' of shape (1,)", lambda: resumed.load_state_dict(bad),
+    ctx.raises(ValueError, "'exp_avg_sq_absmax' of shape (4,)", lambda: resumed.load_state_dict(bad),
                "block scales of the wrong length")
     ctx.check(resumed.optim.state_dict()["state"] == before["state"], "refused scales changed the state")
     resumed.load_state_dict(checkpoint)
@@ -816,7 +817,7 @@ def scenario_timeout(ctx):
 
 SCENARIOS = {name.removeprefix("scenario_"): function for name, function in globals().items()
              if name.startswith("scenario_")}
-TWO_RANKS_ONLY = {"timeout"}  # sleeps; one world size shows it
+TWO_RANKS_ONLY = {"timeout", "8bit_states"}  # sleeps; compiles 8-bit kernels on every rank: one world size shows it
 
 
 def _worker(rank, world, port, directory, module, names):

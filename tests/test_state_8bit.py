@@ -103,12 +103,11 @@ def stochastic_codes(optimizer, index, name, values, step_count):
 
 
 # Stochastic codes are the generic loop's (codes.encode_block), not a rule's: the rules that reach every path of it,
-# each compiled once more (CI time): RMSprop's three states on both maps, Adam's AMSGrad max, LAMB's norm pass (its
-# direction from the codes as stored), schedule-free's float32 z beside them.
-RULES_STOCHASTIC = [(cls, kwargs) for cls, kwargs in RULES_8BIT
-                    if cls in (fo.RMSprop, fo.Adam, fo.LAMB, fo.AdamWScheduleFree)]
+# each compiled once more (CI time: an 8-bit kernel is the slowest to compile): RMSprop's three states on both maps
+# (the update pass), LAMB's norm pass (its direction from the codes as stored).
+RULES_STOCHASTIC = [(cls, kwargs) for cls, kwargs in RULES_8BIT if cls in (fo.RMSprop, fo.LAMB)]
 STOCHASTIC_CASES = [(cls, kwargs, "stochastic") for cls, kwargs in RULES_STOCHASTIC] + [
-    (fo.Adam, dict(RULES_8BIT[2][1]), "second")]
+    (fo.RMSprop, dict(RULES_8BIT[1][1]), "second")]
 
 
 @pytest.mark.parametrize("cls, kwargs, state_rounding", STOCHASTIC_CASES,
@@ -159,23 +158,23 @@ def test_stochastic_codes_in_the_reference_engine_and_fastopt_torch(rng):
     import fastopt.torch as ft
 
     params = make_params((5000, 300), rng)
-    options = dict(lr=0.01, state_dtype="8bit", min_8bit_size=0, state_rounding=("exp_avg_sq",), seed=5)
+    options = dict(RULES_8BIT[1][1], state_dtype="8bit", min_8bit_size=0, state_rounding=("square_avg",), seed=5)
     expected = [p.copy() for p in params]
-    optimizer, reference = fo.AdamW(params, **options), fo.AdamW(expected, **options, backend="reference")
+    optimizer, reference = fo.RMSprop(params, **options), fo.RMSprop(expected, **options, backend="reference")
     grads = make_grads(params, rng, 0)
     optimizer.step(grads)
     reference.step(grads)
     for index in range(2):
-        gap = np.abs(optimizer.state[index]["exp_avg_sq"].astype(int) - reference.state[index]["exp_avg_sq"])
+        gap = np.abs(optimizer.state[index]["square_avg"].astype(int) - reference.state[index]["square_avg"])
         assert gap.max() <= 1 and np.count_nonzero(gap) <= max(2, gap.size // 1000)
     runs = []
     for seed in (5, 5, 6):
         weight = torch.nn.Parameter(torch.from_numpy(make_params((5000,), np.random.default_rng(0))[0]))
-        torch_optimizer = ft.AdamW([weight], **dict(options, seed=seed))
+        torch_optimizer = ft.RMSprop([weight], **dict(options, seed=seed))
         for step in range(3):
             weight.grad = torch.from_numpy(make_grads([weight.detach().numpy()], np.random.default_rng(step), step)[0])
             torch_optimizer.step()
-        runs.append(torch_optimizer.state[weight]["exp_avg_sq"].clone())
+        runs.append(torch_optimizer.state[weight]["square_avg"].clone())
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
