@@ -37,7 +37,8 @@ NATIVE, FLOAT32, BFLOAT16, FLOAT16, BFLOAT16_STOCHASTIC = range(5)
 # STATE_FORMAT is the format of the states that are not 8-bit; STATE_CODES says which are (fastopt.quantization's
 # format: uint8 codes and a float32 absmax per CODE_BLOCK elements): bit k (CODES_8BIT << k) for slot k, bit
 # SIGNED_CODES << k where its code map is the signed one, and bit STOCHASTIC_CODES << k where its codes are rounded
-# stochastically (keyed by (seed, step, (k + 1) << 62 | tensor << 40 + element)).
+# stochastically (random bits: fastopt.reference.code_noise, one hash of (seed, step, (k + 1) << 62 | tensor << 40 +
+# the block's first element) per block of CODE_BLOCK, mixed per element).
 PARAM_FORMAT, GRAD_FORMAT, STATE_FORMAT, STATE_CODES = range(4)
 FORMAT_COLUMNS = 4
 CODES_8BIT, SIGNED_CODES, STOCHASTIC_CODES = 1, 1 << 3, 1 << 6  # shifted left by the slot (three slots at most)
