@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from conftest import SIZES, assert_close, tolerance
+from conftest import KERNELS_8BIT, MIXED_PRECISION_KERNELS, PLAIN_KERNELS, SIZES, assert_close, tolerance
 from fastopt import dtypes
 from fastopt.backends import cuda
 from fastopt.kernels.cpu import layout as kernel_layout
@@ -120,6 +120,12 @@ def cp(request, monkeypatch):
     return stand_in
 
 
+# Tests that run the CPU kernels beside the stand-in join the group of the test file that compiles those kernels
+# (tests/conftest.py), so that each compiles once.
+WITH_PLAIN_KERNELS = pytest.mark.xdist_group(PLAIN_KERNELS)
+WITH_MIXED_PRECISION_KERNELS = pytest.mark.xdist_group(MIXED_PRECISION_KERNELS)
+WITH_8BIT_KERNELS = pytest.mark.xdist_group(KERNELS_8BIT)
+
 # For the tests that need the real thing (streams, graphs, torch on CUDA, device-only math).
 GPU_ONLY = pytest.mark.parametrize("cp", ["gpu"], indirect=True)
 
@@ -184,6 +190,7 @@ def run_with_float_lrs(cp, cls, kwargs, params0, params1, scales1, grads, backen
     return optimizer, params
 
 
+@WITH_PLAIN_KERNELS
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cls,kwargs", ONE_PASS, ids=config_ids(ONE_PASS))
 def test_bitwise_equal_to_cpu_kernels(cp, cls, kwargs, dtype, rng):
@@ -208,6 +215,7 @@ def test_bitwise_equal_to_cpu_kernels(cp, cls, kwargs, dtype, rng):
     np.testing.assert_array_equal(gpu._backend.tensor_scalars(), cpu._backend.tensor_scalars())
 
 
+@WITH_PLAIN_KERNELS
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cls,kwargs", NORMS, ids=config_ids(NORMS))
 def test_norms_rule_matches_cpu_kernels(cp, cls, kwargs, dtype, rng):
@@ -695,6 +703,7 @@ def assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params):
     np.testing.assert_array_equal(gpu._backend.tensor_steps(), cpu._backend.tensor_steps())
 
 
+@WITH_MIXED_PRECISION_KERNELS
 @pytest.mark.parametrize("storage", MIXED_STORAGE, ids=storage_id)
 @pytest.mark.parametrize("config", MIXED_OPTIMIZERS, ids=optimizer_id)
 def test_mixed_precision_bitwise_equal_to_cpu_kernels(cp, config, storage, rng):
@@ -716,6 +725,7 @@ def test_mixed_precision_bitwise_equal_to_cpu_kernels(cp, config, storage, rng):
         assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
 
 
+@WITH_MIXED_PRECISION_KERNELS
 @pytest.mark.parametrize("storage", MIXED_STORAGE, ids=storage_id)
 def test_norms_rule_mixed_precision_matches_cpu_kernels(cp, storage, rng):
     """LAMB over every storage: the moments (they depend on the grads alone) are the CPU kernels' bits, the params and
@@ -1011,6 +1021,7 @@ def coded_states(optimizer):
             if name in optimizer.state[index] and optimizer.coded(index, name) is not None]
 
 
+@WITH_8BIT_KERNELS
 @pytest.mark.parametrize("config", RULES_8BIT, ids=optimizer_id)
 def test_8bit_states_bitwise_equal_to_cpu_kernels(cp, config, rng):
     """Every rule's 8-bit step (codes decoded in registers, the float32 math, each block's absmax across its threads,
@@ -1039,6 +1050,7 @@ def test_8bit_states_bitwise_equal_to_cpu_kernels(cp, config, rng):
         assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
 
 
+@WITH_8BIT_KERNELS
 @pytest.mark.parametrize("config", [RULES_8BIT[3]], ids=optimizer_id)
 def test_stochastic_codes_bitwise_equal_to_cpu_kernels(cp, config, rng):
     """``state_rounding="stochastic"``: each block's codes rounded with the random bits of (seed, step, slot,
@@ -1055,6 +1067,7 @@ def test_stochastic_codes_bitwise_equal_to_cpu_kernels(cp, config, rng):
                for index, name in coded_states(cpu))
 
 
+@WITH_8BIT_KERNELS
 @pytest.mark.parametrize("storage", [MIXED_STORAGE[1], MIXED_STORAGE[5]], ids=storage_id)
 def test_8bit_states_of_bfloat16_params_with_a_loss_scale(cp, storage, rng):
     """bfloat16 params (with float32 masters, or rounded stochastically) and 8-bit states of every size, 0 and 1
@@ -1077,6 +1090,7 @@ def test_8bit_states_of_bfloat16_params_with_a_loss_scale(cp, storage, rng):
     assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
 
 
+@WITH_8BIT_KERNELS
 def test_8bit_steps_skipped_on_the_device_and_marked_blocks(cp, rng):
     """A step the device skips (an inf grad under a loss scale) leaves codes, scales and params as they were, and the
     run continues as if it had never come. A NaN let through (a guard that does not skip) marks its block: scale NaN,
@@ -1118,6 +1132,7 @@ def test_8bit_steps_skipped_on_the_device_and_marked_blocks(cp, rng):
     assert np.isnan(cp.asnumpy(gpu_params[1])).tolist() == [256 <= i < 512 for i in range(2000)]
 
 
+@WITH_8BIT_KERNELS
 def test_8bit_states_of_misaligned_params(cp, rng):
     """Params and grads one float32 past a 16-byte boundary (views into larger buffers) cannot be read a quad at a
     time: the 8-bit loop reads and writes them element by element, the same bits."""
@@ -1135,6 +1150,7 @@ def test_8bit_states_of_misaligned_params(cp, rng):
     assert_runs_bitwise_equal(cp, gpu, gpu_params, cpu, cpu_params)
 
 
+@WITH_8BIT_KERNELS
 def test_8bit_state_dict_round_trip(cp, rng):
     """A GPU run with 8-bit states saved halfway (codes and scales as NumPy arrays) and loaded into a GPU and a CPU
     optimizer: both continue bit for bit."""
@@ -1163,6 +1179,7 @@ def test_8bit_state_dict_round_trip(cp, rng):
     assert_runs_bitwise_equal(cp, fourth, resumed, third, on_the_cpu)
 
 
+@WITH_8BIT_KERNELS
 def test_8bit_buckets_launch_the_8bit_kernels(cp, rng):
     """A float bucket with 8-bit states launches <pass>_float_8bit, or _8bit_mixed with other storage formats (a
     float64 bucket keeps float64 states: no 8-bit kernel); a tensor whose 8-bit states are not the ones the kernels

@@ -327,7 +327,8 @@ def build_host_library(tmp_path_factory, name, source, defines=()):
     return ctypes.CDLL(str(library))
 
 
-@pytest.fixture(scope="module")
+# Per session: tests/test_cuda.py's tests run in more than one group (tests/conftest.py), a worker may come back to it.
+@pytest.fixture(scope="session")
 def shim(tmp_path_factory):
     defines = [f"-D{name}={value}" for name, value in cuda.compile_defines().items()]
     loaded = build_host_library(tmp_path_factory, "cuda_host_math", shim_source(), defines)

@@ -12,9 +12,12 @@ import pytest
 
 import fastopt as fo
 from configs import anchor_optimizer, lr_schedule
-from conftest import assert_close, sign_flips
+from conftest import MIXED_PRECISION_KERNELS, assert_close, sign_flips
 from fastopt import dtypes
+from fastopt.backends.processes import ParallelKernel
 from fastopt.kernels.cpu import fused, layout as tables
+
+pytestmark = pytest.mark.xdist_group(MIXED_PRECISION_KERNELS)  # tests/conftest.py
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -63,7 +66,10 @@ def make_problem(param_dtype, grad_dtype, rng):
     lr_scale (in the params' math dtype)."""
     math = dtypes.math_dtype(dtypes.storage_name(param_dtype))
     params0 = [rng.standard_normal(size).astype(param_dtype) for size in SIZES]
-    params1 = [rng.standard_normal((3, 5)).astype(param_dtype), rng.standard_normal(SIZES[-1]).astype(param_dtype)]
+    # Over a chunk, and the whole problem below SERIAL_BELOW: the one-thread kernels, which tests/test_cuda.py's
+    # stand-in compares with too (one compile for both files); the parallel ones are checked against them below.
+    params1 = [rng.standard_normal((3, 5)).astype(param_dtype), rng.standard_normal(tables.CHUNK + 5).astype(param_dtype)]
+    assert sum(p.size for p in params0 + params1) < tables.SERIAL_BELOW
     scales1 = [rng.uniform(0.0, 2.0, p.shape).astype(math) for p in params1]
     grads = [[rng.standard_normal(p.shape).astype(grad_dtype) for p in params0 + params1] for _ in range(STEPS)]
     return params0, params1, scales1, grads
@@ -137,6 +143,23 @@ def test_kernel_matches_reference(config, storage, rng):
             assert master.dtype == F32
             assert np.array_equal(param.view(np.uint16), master.astype(param_dtype).view(np.uint16)), \
                 f"param {index} is not round(master)"
+
+
+@pytest.mark.parametrize("storage", [STORAGE[2], STORAGE[4]], ids=storage_id)
+def test_parallel_kernels_equal_the_one_thread_kernels(storage, rng, monkeypatch):
+    """The parallel twin of a mixed-precision kernel (master copies, float32 grads of bfloat16 params; stochastic
+    rounding, keyed by element) stores the bits of the one-thread kernel that test_kernel_matches_reference checks."""
+    _, param_dtype, grad_dtype, options = storage
+    problem = make_problem(param_dtype, grad_dtype, rng)
+    one_thread = run(fo.Adam, dict(amsgrad=True, weight_decay=0.01), options, problem, "cpu")
+    monkeypatch.setattr(tables, "SERIAL_BELOW", 0)
+    parallel = run(fo.Adam, dict(amsgrad=True, weight_decay=0.01), options, problem, "cpu")
+    assert not any(isinstance(bucket.kernel, ParallelKernel) for bucket in one_thread._backend.buckets)
+    assert all(isinstance(bucket.kernel, ParallelKernel) for bucket in parallel._backend.buckets)
+    for index, (ours, theirs) in enumerate(zip(parallel.params, one_thread.params)):
+        np.testing.assert_array_equal(ours.view(np.uint16), theirs.view(np.uint16), f"param {index}")
+        for name, buffer in one_thread.state[index].items():
+            np.testing.assert_array_equal(parallel.state[index][name], buffer, f"param {index} {name}")
 
 
 @pytest.mark.parametrize("storage", STORAGE, ids=storage_id)

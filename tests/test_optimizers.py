@@ -6,8 +6,10 @@ import pytest
 import fastopt as fo
 from configs import (CONFIG_IDS, CONFIGS, STEPS, assert_matches_reference, lr_schedule, make_problem,  # noqa: F401
                      run_reference)
-from conftest import assert_close, tolerance
+from conftest import PLAIN_KERNELS, assert_close, tolerance
 from fastopt.kernels.cpu import layout
+
+pytestmark = pytest.mark.xdist_group(PLAIN_KERNELS)  # tests/conftest.py
 
 @pytest.mark.parametrize("backend", ["cpu-parallel", "cpu-serial", "reference"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from conftest import assert_close, tolerance
+from conftest import KERNELS_8BIT, assert_close, tolerance
 from fastopt import quantization
 from fastopt.kernels.cpu.layout import CHUNK, SERIAL_BELOW
+
+pytestmark = pytest.mark.xdist_group(KERNELS_8BIT)  # tests/conftest.py
 
 # One configuration per rule, each using every state slot its kernel can have in 8 bits.
 RULES_8BIT = [
