@@ -6,8 +6,8 @@ from fastopt.kernels.cpu.layout import CHUNK
 # pytest-xdist's loadgroup schedules one group per worker: each test file is a group of its own (its module-scoped
 # fixtures, compiled shims and CUDA compiles, are built once), except that tests which compile the same CPU kernels as
 # another file join that file's group (``pytest.mark.xdist_group``), so that each kernel compiles once: most of the
-# suite's time is compiling Numba kernels, 5-40 s each, and a kernel in a worker's memory or in Numba's disk cache
-# costs nothing. The groups: tests/test_optimizers.py's (float32 and float64 kernels), test_mixed_precision.py's
+# suite's time is compiling Numba kernels, 5-40 s each, while a kernel in a worker's memory or in Numba's disk cache
+# costs milliseconds. The groups: tests/test_optimizers.py's (float32 and float64 kernels), test_mixed_precision.py's
 # (16-bit storage, master weights) and test_state_8bit.py's (8-bit states).
 PLAIN_KERNELS, MIXED_PRECISION_KERNELS, KERNELS_8BIT = "plain kernels", "mixed-precision kernels", "8-bit kernels"
 
