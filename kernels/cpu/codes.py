@@ -308,23 +308,22 @@ def _finish_state(view):
     return lambda view: None
 
 
-def slot_rounding(rounding, slot):
-    """The rounding of state slot ``slot``'s codes in a chunk: None (``rounding`` None: a kernel without stochastic
-    codes), else from ``rounding`` = (seed, step, mask of the slots whose codes round stochastically, the chunk's
-    first element as a param's stochastic rounding keys it: (tensor << 40) + start): (seed, step, the key of the
-    slot's first element, (slot + 1) << 62 on top of it, whether the slot's codes round stochastically)."""
+def slot_rounding(code_seed, step, code_slots, first_element, slot):
+    """The rounding of state slot ``slot``'s codes in a chunk: None (``code_seed`` None: a kernel without stochastic
+    codes), else (seed, step, the key of the slot's first element: the chunk's first element as a param's stochastic
+    rounding keys it, (tensor << 40) + start, with (slot + 1) << 62 on top, whether the slot's codes round
+    stochastically: its bit in the mask ``code_slots``)."""
     raise NotImplementedError("compiled only")
 
 
 @overload(slot_rounding, jit_options=dict(cache=True))
-def _slot_rounding(rounding, slot):
-    if isinstance(rounding, types.NoneType):
-        return lambda rounding, slot: None
+def _slot_rounding(code_seed, step, code_slots, first_element, slot):
+    if isinstance(code_seed, types.NoneType):
+        return lambda code_seed, step, code_slots, first_element, slot: None
 
-    def rounding_of_slot(rounding, slot):
-        seed, step, mask, first_element = rounding
+    def rounding_of_slot(code_seed, step, code_slots, first_element, slot):
         key = np.uint64(np.uint64(slot + 1) << np.uint64(62)) | np.uint64(first_element)
-        return seed, step, key, (mask >> slot) & 1 != 0
+        return code_seed, step, key, (code_slots >> slot) & 1 != 0
     return rounding_of_slot
 
 

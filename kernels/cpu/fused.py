@@ -84,7 +84,7 @@ def storage_stream(addresses, tensor, slot, start, length, like):
 def state_stream(addresses, tensor, slot, start, length, like, scales_like, rounding):
     """Elements [start, start + length) of state slot ``slot``'s stream (see codes.py): its buffer typed as ``like``'s
     elements, or for a slot stored in 8 bits (``like`` int8 or uint8 codes) the tuple (codes, the scales of the
-    chunk's blocks, a float32 strip of one block, the slot's rounding of codes: codes.slot_rounding of ``rounding``).
+    chunk's blocks, a float32 strip of one block, ``rounding``: the slot's rounding of codes, codes.slot_rounding).
     The chunk starts at a multiple of CODE_BLOCK."""
     raise NotImplementedError("fastopt.kernels.cpu.fused.state_stream is compiled only")
 
@@ -96,25 +96,12 @@ def _state_stream(addresses, tensor, slot, start, length, like, scales_like, rou
             blocks = (length + CODE_BLOCK - 1) // CODE_BLOCK
             return (stream(addresses, tensor, STATE0 + slot, start, length, like),
                     stream(addresses, tensor, SCALES0 + slot, start // CODE_BLOCK, blocks, scales_like),
-                    np.empty(CODE_BLOCK, dtype=np.float32), slot_rounding(rounding, slot))
+                    np.empty(CODE_BLOCK, dtype=np.float32), rounding)
         return coded
 
     def plain(addresses, tensor, slot, start, length, like, scales_like, rounding):
         return stream(addresses, tensor, STATE0 + slot, start, length, like)
     return plain
-
-
-def code_rounding(code_seed, step, code_slots, first_element):
-    """None (``code_seed`` None: no state's codes round stochastically), else (seed, step, the mask of the state slots
-    whose codes do, the chunk's first element): what codes.slot_rounding takes."""
-    raise NotImplementedError("fastopt.kernels.cpu.fused.code_rounding is compiled only")
-
-
-@overload(code_rounding, jit_options=dict(cache=True))
-def _code_rounding(code_seed, step, code_slots, first_element):
-    if isinstance(code_seed, numba_types.NoneType):
-        return lambda code_seed, step, code_slots, first_element: None
-    return lambda code_seed, step, code_slots, first_element: (code_seed, step, code_slots, first_element)
 
 
 def part_of(stream, offset, length):
@@ -449,12 +436,13 @@ def one_chunk(chunk, addresses, chunk_tensor, chunk_start, chunk_length, tensor_
     param, param_out = param_streams(addresses, tensor, start, length, param_like, master_like)
     live = np.int64(hyper[LIVE_STATES])
     first_element = (np.int64(tensor) << np.int64(40)) + start
-    rounding = code_rounding(code_seed, optimizer_step, code_slots, first_element)
+    rounding = (code_seed, optimizer_step, code_slots, first_element)  # codes.slot_rounding's arguments, less the slot
     streams = (param, param_out, stream(addresses, tensor, GRAD, start, length, grad_like),
                stream(addresses, tensor, LR_SCALE, start, length, scratch),
-               state_stream(addresses, tensor, 0, start, length, state_like0, scales_like, rounding),
-               state_stream(addresses, tensor, 1, start, length, state_like1, scales_like, rounding),
-               state_stream(addresses, tensor, 2, start, length, state_like2, scales_like, rounding), coefficients[tensor],
+               state_stream(addresses, tensor, 0, start, length, state_like0, scales_like, slot_rounding(*rounding, 0)),
+               state_stream(addresses, tensor, 1, start, length, state_like1, scales_like, slot_rounding(*rounding, 1)),
+               state_stream(addresses, tensor, 2, start, length, state_like2, scales_like, slot_rounding(*rounding, 2)),
+               coefficients[tensor],
                hyper[MAXIMIZE] != 0, seed, optimizer_step, first_element)
     if addresses[tensor, LR_SCALE] != 0:
         sums = run_chunk_of_phase(True, live, streams)
